@@ -1,0 +1,56 @@
+"""The rollout-engine interface: what the trainer and the evaluator need from a generator.
+
+Two real implementations speak the same SGLang HTTP API behind it: SGLang servers (GPU clusters)
+and the embedded server (``popo-rollout-server``; CPU machines and tests). Prompts and responses
+are token ids; text is the caller's business (it owns the tokenizer and the template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang ``sampling_params`` subset used here (names as SGLang spells them)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled response to one prompt.
+
+    output_ids:       [L] sampled token ids (the stop token included when generation stopped on it)
+    output_logprobs:  [L] log-prob of each sampled token under the engine's weights at sampling time,
+                      as SGLang returns them in ``meta_info.output_token_logprobs``
+    finish_reason:    "stop" or "length" (SGLang's ``finish_reason.type``)
+    weight_version:   the engine's weight version when the response was sampled
+    """
+
+    output_ids: list[int]
+    output_logprobs: list[float]
+    finish_reason: str
+    weight_version: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, n: int = 1) -> list[list[Completion]]:
+        """Sample ``n`` responses per prompt; result[i][j] is the j-th response to prompts[i]."""
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+        """Replace the engine's weights by HF-named tensors and set its weight version."""
+
+    def weight_version(self) -> str | None:
+        """The version of the weights the engine serves now."""
+
+    def close(self) -> None:
+        """Stop what this engine launched (servers it attached to are left running)."""
