@@ -13,26 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from popo_mega.algorithms.packing import segment_ids
+
 __all__ = ["masked_mean_pool", "cosine_penalty", "COSINE_EPS"]
 
 #: A vector whose L2 norm is below this is treated as the zero vector by ``cosine_penalty``.
 COSINE_EPS = 1e-8
-
-
-def _segment_ids(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"masked_mean_pool: cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"masked_mean_pool: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    cu = cu_seqlens.to(torch.int64)
-    if int(cu[0]) != 0 or int(cu[-1]) != num_tokens:
-        raise ValueError(
-            f"masked_mean_pool: cu_seqlens must start at 0 and end at T={num_tokens}, "
-            f"got first={int(cu[0])} last={int(cu[-1])}")
-    lengths = cu[1:] - cu[:-1]
-    if bool((lengths < 0).any()):
-        raise ValueError("masked_mean_pool: cu_seqlens must be non-decreasing")
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
 
 
 def masked_mean_pool(hidden: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor:
@@ -53,7 +39,7 @@ def masked_mean_pool(hidden: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor
         raise ValueError(f"masked_mean_pool: hidden must be [T, H], got shape {tuple(hidden.shape)}")
     if mask.shape != hidden.shape[:1]:
         raise ValueError(f"masked_mean_pool: mask must be [T]={hidden.shape[0]}, got shape {tuple(mask.shape)}")
-    seg = _segment_ids(cu_seqlens, hidden.shape[0]).to(hidden.device)
+    seg = segment_ids(cu_seqlens, hidden.shape[0], "masked_mean_pool").to(hidden.device)
     num_seqs = cu_seqlens.numel() - 1
     m = mask.to(torch.float32)
     weighted = hidden.to(torch.float32) * m[:, None]
