@@ -1,0 +1,329 @@
+"""Math answer grading with math-verify, in a process pool with a per-item deadline.
+
+Public API
+    score(response, gold) -> float                    one item, 1.0 or 0.0
+    score_batch(responses, golds, ...) -> list[float] many items through a pool of worker processes
+    score_batch_with_stats(...) -> (scores, ScoreStats)
+    MathVerifier(num_workers, deadline_s)             a reusable pool (the trainer keeps one per run)
+
+How one item is graded (``grade``): the gold is normalised (GSM8K ``####`` answer, unboxed,
+thousands separators removed) and parsed as ``\\boxed{gold}``; the response's final answer is found
+by ``rewards/extract.py`` (last ``\\boxed{}``, ``####``, a short bare answer), else by math-verify on
+the whole text, else the last number; then ``math_verify.verify(gold, prediction)``. Both sides are
+always parsed: ``verify("3", "3.0")`` on raw strings is False (environment.md).
+
+Why processes and not threads: math-verify's timeouts use ``signal.alarm``, which only works in a
+process's main thread, and an alarm cannot interrupt one long C-level computation (a big-integer
+power inside sympy). So each worker grades on its own main thread with math-verify's timeouts set
+inside the item's deadline, and the parent kills and replaces a worker whose item passes the deadline
+(``9^{9^{9^9}}`` and malformed LaTeX score 0 and are counted; nothing hangs the batch).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+from multiprocessing.connection import wait as wait_connections
+from typing import Callable, Sequence
+
+from popo_mega.rewards.extract import extract_answer, last_number, normalize_gold
+
+DEFAULT_DEADLINE_S = 10.0
+
+# statuses returned by grade(); "timeout" and "crash" are set by the pool
+OK, NO_ANSWER, BAD_GOLD, ERROR, TIMEOUT, CRASH = "ok", "no_answer", "bad_gold", "error", "timeout", "crash"
+
+
+@dataclass
+class ScoreStats:
+    """Counts over graded items. ``timeouts``: items killed at the deadline; ``no_answer``: responses
+    with no extractable answer (malformed, truncated, empty box); ``bad_gold``: golds math-verify
+    cannot parse; ``errors``: exceptions inside the grader; ``crashes``: workers that died otherwise."""
+
+    n: int = 0
+    correct: int = 0
+    timeouts: int = 0
+    no_answer: int = 0
+    bad_gold: int = 0
+    errors: int = 0
+    crashes: int = 0
+
+    def count(self, score: float, status: str) -> None:
+        self.n += 1
+        self.correct += int(score > 0)
+        key = {TIMEOUT: "timeouts", NO_ANSWER: "no_answer", BAD_GOLD: "bad_gold", ERROR: "errors", CRASH: "crashes"}.get(status)
+        if key:
+            setattr(self, key, getattr(self, key) + 1)
+
+    def merge(self, other: "ScoreStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError as e:  # pragma: no cover - declared in setup.py
+        raise ImportError("popo_mega.rewards.math needs math-verify: pip install math-verify") from e
+    return math_verify
+
+
+def _inner_timeout(deadline_s: float) -> int:
+    """math-verify's own (integer, signal.alarm) timeouts: up to five phases (parse gold, parse the
+    response two ways, verify twice) should fit inside the item's deadline; the pool's kill is the
+    backstop when they do not."""
+    return max(1, int(deadline_s // 5))
+
+
+def grade(response: str, gold: str, deadline_s: float = DEFAULT_DEADLINE_S, _gold_cache: dict | None = None) -> tuple[float, str]:
+    """(score, status) for one item, in the calling process. Must run on a main thread (signal.alarm)."""
+    mv = _math_verify()
+    t = _inner_timeout(deadline_s)
+    gold_text = normalize_gold(gold)
+    gold_parsed = None if _gold_cache is None else _gold_cache.get(gold_text)
+    if gold_parsed is None:
+        gold_parsed = mv.parse("\\boxed{" + gold_text + "}", parsing_timeout=t) if gold_text else []
+        if _gold_cache is not None:
+            if len(_gold_cache) > 4096:
+                _gold_cache.clear()
+            _gold_cache[gold_text] = gold_parsed
+    if not gold_parsed:
+        return 0.0, BAD_GOLD
+    answer, how = extract_answer(response)
+    if how == "boxed" and answer is None:  # an empty \boxed{}
+        return 0.0, NO_ANSWER
+    candidates = []  # parsed predictions, tried in order; the first that verifies wins
+    if answer is not None:
+        candidates.append(mv.parse("\\boxed{" + answer + "}", parsing_timeout=t))
+    if how in ("none", "short"):  # a short line may be prose ("the answer is 4"): let math-verify read it too
+        free = mv.parse(response, parsing_timeout=t)
+        if not free and how == "none":
+            num = last_number(response)
+            free = mv.parse("\\boxed{" + num + "}", parsing_timeout=t) if num else []
+        candidates.append(free)
+    candidates = [c for c in candidates if c]
+    if not candidates:
+        return 0.0, NO_ANSWER
+    for pred in candidates:
+        if mv.verify(gold_parsed, pred, timeout_seconds=t):
+            return 1.0, OK
+    return 0.0, OK
+
+
+def score(response: str, gold: str, *, deadline_s: float = DEFAULT_DEADLINE_S) -> float:
+    """1.0 when the response's final answer equals ``gold`` by math-verify, else 0.0.
+
+    On the main thread it grades in this process (math-verify's alarms bound parse and verify);
+    from any other thread it uses a one-worker ``MathVerifier`` (slow: prefer ``score_batch`` there).
+    """
+    if threading.current_thread() is threading.main_thread():
+        try:
+            return grade(response, gold, deadline_s)[0]
+        except Exception:
+            return 0.0
+    with MathVerifier(num_workers=1, deadline_s=deadline_s) as v:
+        return v.score_batch([response], [gold])[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the pool
+
+
+def _worker_main(conn, grade_fn: Callable, deadline_s: float) -> None:
+    """Worker loop: announce readiness, then answer (idx, response, gold) with (idx, score, status)."""
+    cache: dict = {}
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        idx, response, gold = msg
+        try:
+            if grade_fn is grade:
+                s, status = grade(response, gold, deadline_s, cache)
+            else:
+                s, status = grade_fn(response, gold, deadline_s)
+        except Exception:
+            s, status = 0.0, ERROR
+        conn.send((idx, float(s), status))
+
+
+class _Worker:
+    def __init__(self, ctx, grade_fn, deadline_s):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, grade_fn, deadline_s), daemon=True,
+                                name="popo-math-verify")
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.job: int | None = None
+        self.started = 0.0
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        finally:
+            self.proc.join(timeout=5)
+            self.conn.close()
+
+
+class MathVerifier:
+    """A pool of grading processes; ``score_batch`` grades many (response, gold) pairs.
+
+    num_workers:   worker processes (each grades on its own main thread)
+    deadline_s:    wall-clock budget per item from when a worker takes it; past it the worker is
+                   killed, replaced, and the item scores 0 and counts as a timeout
+    start_method:  multiprocessing start method. "fork" (default, as torch's DataLoader workers):
+                   cheap replacements and no re-import of the caller's ``__main__`` (scripts without a
+                   main guard, stdin, notebooks work); "forkserver" / "spawn" keep workers apart from
+                   the parent's threads but need an importable ``__main__`` behind a main guard
+    grade_fn:      (response, gold, deadline_s) -> (score, status); a module-level function
+                   (defaults to ``grade``; tests inject a hanging one)
+    ``stats`` accumulates ScoreStats over the verifier's life. Use as a context manager or call close().
+    """
+
+    def __init__(self, num_workers: int = 2, deadline_s: float = DEFAULT_DEADLINE_S,
+                 start_method: str = "fork", grade_fn: Callable = grade):
+        if num_workers < 1:
+            raise ValueError(f"MathVerifier: num_workers must be >= 1, got {num_workers}")
+        if deadline_s <= 0:
+            raise ValueError(f"MathVerifier: deadline_s must be > 0, got {deadline_s}")
+        if start_method not in mp.get_all_start_methods():
+            raise ValueError(f"MathVerifier: start_method {start_method!r} not available here "
+                             f"(have {mp.get_all_start_methods()})")
+        self._ctx = mp.get_context(start_method)
+        self.deadline_s = float(deadline_s)
+        self.grade_fn = grade_fn
+        self.stats = ScoreStats()
+        self.restarts = 0
+        self._boot_failures = 0  # consecutive workers that died before becoming ready
+        self._workers = [self._spawn() for _ in range(num_workers)]
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self.grade_fn, self.deadline_s)
+
+    def _replace(self, i: int) -> None:
+        self._workers[i].kill()
+        self._workers[i] = self._spawn()
+        self.restarts += 1
+
+    def score_batch_with_stats(self, responses: Sequence[str], golds: Sequence[str]) -> tuple[list[float], ScoreStats]:
+        """Scores [N] (1.0 / 0.0) and the counts for this batch; items are graded concurrently."""
+        if len(responses) != len(golds):
+            raise ValueError(f"score_batch: {len(responses)} responses but {len(golds)} golds")
+        if self._workers is None:
+            raise RuntimeError("MathVerifier is closed")
+        n = len(responses)
+        scores = [0.0] * n
+        batch = ScoreStats()
+        todo = deque(range(n))
+        done = 0
+        # a worker that never becomes ready (broken interpreter) must not hang us either
+        boot_s = max(60.0, 3 * self.deadline_s)
+        boot_deadline = time.monotonic() + boot_s
+        while done < n:
+            now = time.monotonic()
+            for w in self._workers:
+                if w.ready and w.job is None and todo:
+                    w.job = todo.popleft()
+                    w.started = now
+                    w.conn.send((w.job, str(responses[w.job]), str(golds[w.job])))
+            conns = {w.conn: i for i, w in enumerate(self._workers)}
+            waits = [w.started + self.deadline_s - now for w in self._workers if w.job is not None]
+            timeout = max(0.0, min(waits)) if waits else 1.0
+            for conn in wait_connections(list(conns), timeout=timeout):
+                i = conns[conn]
+                w = self._workers[i]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    if not w.ready:
+                        self._boot_failures += 1
+                        if self._boot_failures > 3 * len(self._workers):
+                            self.close()
+                            raise RuntimeError(
+                                f"MathVerifier: {self._boot_failures} grading workers died while starting "
+                                f"(start method {self._ctx.get_start_method()!r}); is math-verify importable, "
+                                "and is the caller's __main__ importable (spawn/forkserver need a main guard)?")
+                    if w.job is not None:
+                        batch.count(0.0, CRASH)
+                        done += 1
+                    self._replace(i)
+                    continue
+                if msg[0] == "ready":
+                    w.ready = True
+                    self._boot_failures = 0
+                    continue
+                idx, s, status = msg
+                scores[idx] = s
+                batch.count(s, status)
+                done += 1
+                w.job = None
+            now = time.monotonic()
+            for i, w in enumerate(self._workers):
+                if w.job is not None and now - w.started > self.deadline_s:
+                    batch.count(0.0, TIMEOUT)
+                    done += 1
+                    self._replace(i)
+            if not any(w.ready for w in self._workers) and now > boot_deadline:
+                self.close()
+                raise RuntimeError(f"MathVerifier: no grading worker became ready within {boot_s:.0f} s; "
+                                   "is math-verify importable in a fresh process?")
+        self.stats.merge(batch)
+        return scores, batch
+
+    def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+        return self.score_batch_with_stats(responses, golds)[0]
+
+    def close(self) -> None:
+        if self._workers is None:
+            return
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=1)
+            if w.proc.is_alive():
+                w.kill()
+            else:
+                w.conn.close()
+        self._workers = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def score_batch_with_stats(responses: Sequence[str], golds: Sequence[str], *, verifier: MathVerifier | None = None,
+                           num_workers: int = 2, deadline_s: float = DEFAULT_DEADLINE_S) -> tuple[list[float], ScoreStats]:
+    """Scores [N] and ScoreStats; uses ``verifier`` when given, else a temporary pool."""
+    if verifier is not None:
+        return verifier.score_batch_with_stats(responses, golds)
+    with MathVerifier(num_workers=num_workers, deadline_s=deadline_s) as v:
+        return v.score_batch_with_stats(responses, golds)
+
+
+def score_batch(responses: Sequence[str], golds: Sequence[str], *, verifier: MathVerifier | None = None,
+                num_workers: int = 2, deadline_s: float = DEFAULT_DEADLINE_S) -> list[float]:
+    """Scores [N] (1.0 / 0.0) of responses against golds, graded in a process pool (see MathVerifier)."""
+    return score_batch_with_stats(responses, golds, verifier=verifier, num_workers=num_workers,
+                                  deadline_s=deadline_s)[0]
