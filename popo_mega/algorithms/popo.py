@@ -188,7 +188,7 @@ def popo_loss(
         beta:       weight of L_ent (default 0.01).
 
     Returns:
-        total: 0-dim float32 loss with grad (this micro-batch's share of the full-batch loss).
+        total: 0-dim float32 (float64 for float64 logp) loss with grad (this micro-batch's share of the full-batch loss).
         parts: "pg", "sim", "ent" (0-dim, with grad, already normalised; sim/ent are 0 when
             skipped), and detached SUMS for logging (P7) that add across micro-batches/ranks:
             "positive_token_count", "clip_low_count", "clip_high_count", "rho_sum",
@@ -208,28 +208,29 @@ def popo_loss(
     if positive.dtype != torch.bool:
         raise ValueError(f"popo_loss: positive must be a bool tensor, got {positive.dtype}")
 
+    acc = torch.promote_types(logp.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     valid = mask != 0
     pos_tok = broadcast_to_tokens(positive, cu, num_tokens, "popo_loss")
     pos_valid = valid & pos_tok
-    w_seq = torch.where(positive, weights.detach().to(torch.float32), torch.zeros_like(weights, dtype=torch.float32))
+    w_seq = torch.where(positive, weights.detach().to(acc), torch.zeros_like(weights, dtype=acc))
     w_tok = broadcast_to_tokens(w_seq, cu, num_tokens, "popo_loss")
-    m_pos = torch.where(pos_valid, mask.to(torch.float32), torch.zeros_like(w_tok))
-    logp32 = logp.to(torch.float32)
-    zero = logp32.sum() * 0.0  # a 0-dim zero on logp's device that keeps the graph connected
+    m_pos = torch.where(pos_valid, mask.to(acc), torch.zeros_like(w_tok))
+    logpf = logp.to(acc)
+    zero = logpf.new_zeros(())  # the value of a skipped term
 
     # P2: policy term.
     if is_correction == "none":
-        per_tok = torch.where(pos_valid, -w_tok * logp32 * m_pos, torch.zeros_like(logp32))
+        per_tok = torch.where(pos_valid, -w_tok * logpf * m_pos, torch.zeros_like(logpf))
         stats = {"clip_low_count": zero.detach(), "clip_high_count": zero.detach(),
                  "rho_sum": m_pos.sum().detach()}  # rho == 1 by definition
     else:
         if old_logp is None or old_logp.shape != logp.shape:
             raise ValueError("popo_loss: is_correction='token' needs old_logp [T] (log-probs of the sampling policy)")
         # m_pos is 0 off the positive set; clipped_surrogate zeroes the log-ratio there.
-        per_tok, sur_stats = clipped_surrogate(logp32, old_logp.to(torch.float32), w_tok, m_pos, eps_low, eps_high)
+        per_tok, sur_stats = clipped_surrogate(logpf, old_logp.to(acc), w_tok, m_pos, eps_low, eps_high)
         per_tok = torch.where(pos_valid, per_tok, torch.zeros_like(per_tok))
         stats = {k: sur_stats[k] for k in ("clip_low_count", "clip_high_count", "rho_sum")}
-    pg = per_tok.sum() / _as_denominator(num_positive_tokens, "num_positive_tokens", logp32)
+    pg = per_tok.sum() / _as_denominator(num_positive_tokens, "num_positive_tokens", logpf)
 
     # P3: similarity term.
     if pred is not None:
@@ -239,7 +240,7 @@ def popo_loss(
             raise ValueError(f"popo_loss: pred must be [B={num_seqs}, H], got {tuple(pred.shape)}")
         sim = cosine_penalty(pred, target, w_seq, weight_sum)
         with torch.no_grad():
-            weighted_cos_sum = -sim.detach() * _as_denominator(weight_sum, "weight_sum", logp32)
+            weighted_cos_sum = -sim.detach() * _as_denominator(weight_sum, "weight_sum", logpf)
     else:
         sim = zero
         weighted_cos_sum = zero.detach()
@@ -251,9 +252,9 @@ def popo_loss(
         if entropy_token_count is None:
             raise ValueError("popo_loss: entropy needs entropy_token_count (global count of averaged tokens)")
         ent_set = valid if entropy_on == "all" else pos_valid
-        m_ent = torch.where(ent_set, mask.to(torch.float32), torch.zeros_like(logp32))
-        ent_sum = torch.where(ent_set, entropy.to(torch.float32) * m_ent, torch.zeros_like(logp32)).sum()
-        ent = -ent_sum / _as_denominator(entropy_token_count, "entropy_token_count", logp32)
+        m_ent = torch.where(ent_set, mask.to(acc), torch.zeros_like(logpf))
+        ent_sum = torch.where(ent_set, entropy.to(acc) * m_ent, torch.zeros_like(logpf)).sum()
+        ent = -ent_sum / _as_denominator(entropy_token_count, "entropy_token_count", logpf)
         entropy_sum = ent_sum.detach()
     else:
         ent = zero
@@ -267,15 +268,15 @@ def popo_loss(
 
 
 def _as_denominator(value, name: str, like: Tensor) -> Tensor:
-    """A global normaliser as a float32 0-dim tensor; 0 (nothing to average) becomes 1 since the
+    """A global normaliser as a 0-dim tensor of like's dtype; 0 (nothing to average) becomes 1 since the
     matching numerator is then 0 as well."""
     if value is None:
         raise ValueError(f"popo_loss: {name} is required")
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"popo_loss: {name} must be a scalar, got shape {tuple(value.shape)}")
-        v = value.detach().to(device=like.device, dtype=torch.float32).reshape(())
+        v = value.detach().to(device=like.device, dtype=like.dtype).reshape(())
         return torch.where(v > 0, v, torch.ones_like(v))
     if value < 0:
         raise ValueError(f"popo_loss: {name} must be >= 0, got {value}")
-    return torch.tensor(float(value) if value > 0 else 1.0, dtype=torch.float32, device=like.device)
+    return torch.tensor(float(value) if value > 0 else 1.0, dtype=like.dtype, device=like.device)

@@ -31,7 +31,8 @@ def masked_mean_pool(hidden: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor
                     A float mask acts as a per-token weight (the mean is then a weighted mean).
 
     Returns:
-        [B, H] in hidden's dtype: for each sequence, sum_t m_t h_t / sum_t m_t, accumulated in fp32.
+        [B, H] in hidden's dtype: for each sequence, sum_t m_t h_t / sum_t m_t, accumulated in fp32
+        (fp64 for fp64 input).
         A sequence with no masked token (sum of mask 0) gives a row of zeros, never NaN, and no
         gradient flows to its hidden states.
     """
@@ -41,10 +42,11 @@ def masked_mean_pool(hidden: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor
         raise ValueError(f"masked_mean_pool: mask must be [T]={hidden.shape[0]}, got shape {tuple(mask.shape)}")
     seg = segment_ids(cu_seqlens, hidden.shape[0], "masked_mean_pool").to(hidden.device)
     num_seqs = cu_seqlens.numel() - 1
-    m = mask.to(torch.float32)
-    weighted = hidden.to(torch.float32) * m[:, None]
-    sums = torch.zeros(num_seqs, hidden.shape[1], dtype=torch.float32, device=hidden.device).index_add(0, seg, weighted)
-    counts = torch.zeros(num_seqs, dtype=torch.float32, device=hidden.device).index_add(0, seg, m)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(acc)
+    weighted = hidden.to(acc) * m[:, None]
+    sums = torch.zeros(num_seqs, hidden.shape[1], dtype=acc, device=hidden.device).index_add(0, seg, weighted)
+    counts = torch.zeros(num_seqs, dtype=acc, device=hidden.device).index_add(0, seg, m)
     pooled = sums / counts.clamp_min(1e-30)[:, None]
     pooled = torch.where((counts > 0)[:, None], pooled, torch.zeros_like(pooled))
     return pooled.to(hidden.dtype)
@@ -68,9 +70,9 @@ def cosine_penalty(pred: Tensor, target: Tensor, weights: Tensor, normaliser) ->
                     positive anywhere, every weight is 0 and the result is 0.
 
     Returns:
-        0-dim float32 tensor: -(sum_b w_b cos(pred_b, target_b)) / normaliser.
+        0-dim float32 tensor (float64 for float64 pred): -(sum_b w_b cos(pred_b, target_b)) / normaliser.
 
-    Cosine, epsilon handling: cos(p, t) = <p, t> / (||p|| * ||t||) computed in fp32. If either
+    Cosine, epsilon handling: cos(p, t) = <p, t> / (||p|| * ||t||) computed in fp32 (or fp64). If either
     vector has L2 norm below COSINE_EPS (1e-8), e.g. an all-zero pooled feature of a sequence
     without response tokens, that pair's cosine is defined as exactly 0 and it contributes no
     gradient (no NaN, no 1/eps blow-up). Otherwise the value is the exact cosine in [-1, 1].
@@ -82,16 +84,17 @@ def cosine_penalty(pred: Tensor, target: Tensor, weights: Tensor, normaliser) ->
         raise ValueError(f"cosine_penalty: weights must be [B]={pred.shape[0]}, got {tuple(weights.shape)}")
     if not isinstance(normaliser, Tensor) and normaliser < 0:
         raise ValueError(f"cosine_penalty: normaliser (global sum of weights) must be >= 0, got {normaliser}")
-    p = pred.to(torch.float32)
-    t = target.detach().to(torch.float32)
-    w = weights.detach().to(torch.float32)
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    p = pred.to(acc)
+    t = target.detach().to(acc)
+    w = weights.detach().to(acc)
     pn, tn = _safe_norm(p), _safe_norm(t)
     valid = (pn > COSINE_EPS) & (tn > COSINE_EPS)
     cos = (p * t).sum(dim=-1) / (pn * tn)
     cos = torch.where(valid, cos, torch.zeros_like(cos))
     numerator = (w * cos).sum()
     if isinstance(normaliser, Tensor):
-        denom = normaliser.detach().to(torch.float32).clamp_min(1e-30)
+        denom = normaliser.detach().to(acc).clamp_min(1e-30)
     else:
         denom = max(float(normaliser), 1e-30)
     return -numerator / denom
