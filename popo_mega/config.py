@@ -1,0 +1,358 @@
+"""Run configuration: YAML -> frozen, typed dataclasses, one per component.
+
+    cfg = load_config("configs/quickstart_cpu.yaml", ["train.lr=1e-5", "parallel.tensor=2"])
+
+Every key is checked against the dataclass it lands in: an unknown key (with a "did you mean"),
+a value of the wrong type or outside its choices, and an impossible parallel layout are a
+:class:`ConfigError` that names the key and the file (or the command-line override it came from).
+No value is ever read from environment variables: what a run does is what its YAML and its
+overrides say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+_cfg = dataclass(frozen=True, kw_only=True, slots=True)
+
+
+@_cfg
+class ModelConfig:
+    """The policy: a Megatron GPT model built from an HF ``config.json`` (Qwen2/Qwen2.5/Llama-3)."""
+
+    hf_path: str = ""                       # HF directory: config.json, tokenizer, optional safetensors
+    load_weights: bool = True               # False: random init from the config (tests, quickstart base)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+    make_vocab_size_divisible_by: int = 128  # megatron pads the vocabulary to a multiple of this x TP
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+
+
+@_cfg
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+
+@_cfg
+class PopoConfig:
+    """Eq. P1-P6 of docs/algorithms.md; defaults are the authors'."""
+
+    alpha: float = 0.1                      # similarity weight (P5)
+    beta: float = 0.01                      # entropy weight (P5)
+    weight_mode: Literal["softmax", "uniform"] = "softmax"
+    weight_temperature: float = 1.0         # T_w (P1)
+    length_normalize: bool = False
+    is_correction: Literal["none", "token"] = "token"
+    entropy_on: Literal["all", "positive"] = "positive"
+    tau: float = 0.995                      # EMA momentum (P6); 1.0 freezes the target
+    tau_schedule: Literal["constant", "cosine"] = "constant"
+    predictor_hidden: int = 1024
+    predictor_layers: int = 2
+    noise_std: float = 0.02
+    reward_threshold: float = 0.0           # tau_r: positive iff reward > this
+
+
+@_cfg
+class GrpoConfig:
+    std_normalize: bool = True
+    beta_kl: float = 0.0
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    dynamic_sampling: bool = False
+
+
+@_cfg
+class A3poConfig:
+    ratio: float = 0.2
+    rho: float = 2.0
+    alpha: float = 0.005
+
+
+@_cfg
+class AlgorithmConfig:
+    name: Literal["popo", "grpo", "a3po"] = "popo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    popo: PopoConfig = field(default_factory=PopoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    a3po: A3poConfig = field(default_factory=A3poConfig)
+
+
+@_cfg
+class RolloutConfig:
+    backend: Literal["embedded", "sglang"] = "embedded"
+    weights: Literal["ema", "online"] = "ema"
+    group_size: int = 8                     # G rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    urls: tuple[str, ...] = ()              # attach to running servers instead of launching
+    num_servers: int = 1
+    server_tp: int = 1
+    mem_fraction: float = 0.8
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    request_timeout_s: float = 600.0
+    retries: int = 2
+    on_server_failure: Literal["retry", "error"] = "retry"
+    sync: Literal["distributed", "disk"] = "distributed"
+    bucket_mb: int = 512
+    verify_sync: bool = True
+
+
+@_cfg
+class DataConfig:
+    train: tuple[str, ...] = ()             # dataset names (e.g. math_train) or file paths
+    template: Literal["qwen_math", "plain", "chat", "synthetic"] = "qwen_math"
+    prompt_key: Optional[str] = None
+    answer_key: Optional[str] = None
+    bad_records: Literal["skip", "error"] = "skip"
+    prompts_per_step: int = 64
+    max_prompt_tokens: int = 1024
+    shuffle_seed: int = 0
+
+
+@_cfg
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 8192          # packed tokens per micro-batch
+    updates_per_rollout: int = 1            # optimizer steps per rollout batch
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    save_interval: int = 50
+    keep_last: int = 2
+    log_interval: int = 1
+    kernels: Literal["auto", "extension", "reference"] = "auto"
+    tensorboard: bool = True
+
+
+@_cfg
+class EvalConfig:
+    interval: int = 0                       # 0 disables periodic evaluation
+    benchmarks: tuple[str, ...] = ()
+    n: int = 1                              # samples per problem
+    temperature: float = 0.0
+    max_new_tokens: int = 1024
+    limit: Optional[int] = None
+
+
+@_cfg
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = "<defaults>"              # the YAML file this came from (for error messages)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where}: key '{key}' has value {value!r}, expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: key '{key}' has value {value!r}, expected one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r} ({type(value).__name__}), expected a list")
+        item = args[0] if args else typing.Any
+        return tuple(_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, where)
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r} ({type(value).__name__}), expected bool")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r} ({type(value).__name__}), expected int")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r} ({type(value).__name__}), expected float")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}' has value {value!r} ({type(value).__name__}), expected str")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
+
+
+def _build(cls, raw: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{full}'{hint}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full, where)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"command-line override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"command-line override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command-line override '{text}': cannot parse value: {e}") from None
+    return parts, value
+
+
+def _merge(raw: dict, parts: list[str], value, origin: str) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a mapping plus ``key.sub=value`` overrides (applied in order)."""
+    raw = json.loads(json.dumps(raw)) if raw else {}
+    for text in overrides:
+        parts, value = _parse_override(text)
+        probe: dict = {}
+        _merge(probe, parts, value, f"command-line override '{text}'")
+        # Check the override alone first, so that its error names the override rather than the file.
+        _build(Config, probe, "", f"command-line override '{text}' (config {source})")
+        _merge(raw, parts, value, source)
+    return dataclasses.replace(_build(Config, raw, "", source), source=source)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file and apply ``key.sub=value`` overrides."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, source=path, overrides=overrides)
+
+
+def read_hf_config(hf_path: str, where: str = "model.hf_path") -> dict:
+    """The ``config.json`` of an HF model directory, with a clear error naming the key if missing."""
+    cfg_file = os.path.join(hf_path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ConfigError(f"{where}: no config.json in '{hf_path}'")
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | None = None) -> None:
+    """Reject a parallel layout the model or the launch cannot have; errors name the key and file.
+
+    heads (and KV groups) must divide by ``parallel.tensor``; layers by ``parallel.pipeline``; the
+    world size by ``parallel.tensor * parallel.pipeline``.
+    """
+    where = cfg.source
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if tp < 1:
+        raise ConfigError(f"{where}: key 'parallel.tensor' must be >= 1, got {tp}")
+    if pp < 1:
+        raise ConfigError(f"{where}: key 'parallel.pipeline' must be >= 1, got {pp}")
+    if hf_config is None and cfg.model.hf_path:
+        hf_config = read_hf_config(cfg.model.hf_path)
+    if hf_config is not None:
+        heads = hf_config["num_attention_heads"]
+        groups = hf_config.get("num_key_value_heads") or heads
+        layers = hf_config["num_hidden_layers"]
+        if heads % tp:
+            raise ConfigError(f"{where}: key 'parallel.tensor' = {tp} does not divide the model's "
+                              f"{heads} attention heads ({cfg.model.hf_path}/config.json)")
+        if groups % tp:
+            raise ConfigError(f"{where}: key 'parallel.tensor' = {tp} does not divide the model's "
+                              f"{groups} key/value heads ({cfg.model.hf_path}/config.json)")
+        if layers % pp:
+            raise ConfigError(f"{where}: key 'parallel.pipeline' = {pp} does not divide the model's "
+                              f"{layers} layers ({cfg.model.hf_path}/config.json)")
+    if world_size is not None and world_size % (tp * pp):
+        raise ConfigError(f"{where}: world size {world_size} is not divisible by parallel.tensor x "
+                          f"parallel.pipeline = {tp} x {pp}")
+    if cfg.model.fp8 is not None and cfg.model.transformer_impl == "local":
+        raise ConfigError(f"{where}: key 'model.fp8' needs model.transformer_impl: transformer_engine or auto")

@@ -1,0 +1,214 @@
+"""``popo-convert``: HF <-> Megatron checkpoints, and a parity check users can run on real models.
+
+    popo-convert hf-to-mcore HF_DIR OUT_DIR [--tp N] [--pp M]
+    popo-convert mcore-to-hf MCORE_DIR OUT_DIR [--tp N] [--pp M]
+    popo-convert verify HF_DIR [--tp N] [--pp M] [--dtype float32] [--tol 1e-4]
+
+A Megatron checkpoint is a megatron-core ``dist_checkpointing`` directory (loadable at any TP/PP
+layout) plus ``popo_mega_checkpoint.json`` and the HF config/tokenizer files under ``hf/``.
+Run under torchrun, or let the command start TP x PP local processes itself (gloo on CPU, NCCL on
+GPU). ``verify`` prints the max abs logits difference as its last line and exits 1 above ``--tol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from popo_mega.config import ModelConfig
+
+CHECKPOINT_META = "popo_mega_checkpoint.json"
+FIXED_PROMPT = "Janet has 3 apples and buys 5 more. How many apples does she have? The answer is"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="popo-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, src in (("hf-to-mcore", "HF_DIR"), ("mcore-to-hf", "MCORE_DIR"), ("verify", "HF_DIR")):
+        s = sub.add_parser(name)
+        s.add_argument("src", metavar=src)
+        if name != "verify":
+            s.add_argument("out", metavar="OUT_DIR")
+        s.add_argument("--tp", type=int, default=1)
+        s.add_argument("--pp", type=int, default=1)
+        s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="model dtype (default: float32 for verify, the checkpoint's torch_dtype otherwise)")
+        if name == "verify":
+            s.add_argument("--tol", type=float, default=None,
+                           help="max abs logits difference allowed (default 1e-4 in float32, 0.1 in 16-bit)")
+    return p
+
+
+def _hf_dtype(hf_dir: str) -> str:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise SystemExit(f"popo-convert: {what} '{path}' is not a directory")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    _check_dir(args.src, "source")
+    if args.command == "mcore-to-hf" and not os.path.isfile(os.path.join(args.src, CHECKPOINT_META)):
+        raise SystemExit(f"popo-convert: '{args.src}' has no {CHECKPOINT_META}: not a popo-convert Megatron checkpoint")
+    if args.command != "mcore-to-hf":
+        from popo_mega.config import ConfigError, read_hf_config
+        from popo_mega.model.builder import Architecture
+
+        try:
+            arch = Architecture.from_hf(read_hf_config(args.src, where="HF_DIR"), source=f"{args.src}/config.json")
+        except ConfigError as e:
+            raise SystemExit(f"popo-convert: {e}") from None
+        for what, n, size in (("--tp", args.tp, arch.num_kv_heads), ("--pp", args.pp, arch.num_layers)):
+            if size % n:
+                raise SystemExit(f"popo-convert: {what} {n} does not divide the model's "
+                                 f"{'key/value heads' if what == '--tp' else 'layers'} ({size})")
+    results = launch(_worker, args.tp * args.pp, args)
+    return int(results[0]) if results else 0
+
+
+def launch(fn, world_size: int, *args) -> list:
+    """Run ``fn(*args)`` on every rank: directly under torchrun, else in ``world_size`` local processes."""
+    if "WORLD_SIZE" in os.environ or world_size == 1:
+        return [fn(*args)]
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_spawned, args=(world_size, port, tmp, fn, args), nprocs=world_size,
+                           start_method="spawn", join=True)
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _spawned(rank, world_size, port, tmp, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.save(fn(*args), os.path.join(tmp, f"{rank}.pt"))
+
+
+def _worker(args) -> int:
+    from popo_mega import runtime as rt_mod
+    from popo_mega.model import hf as hfmod
+    from popo_mega.model.loader import build_from_hf
+
+    rt = rt_mod.initialize(args.tp, args.pp, seed=0, device=args.device)
+    try:
+        if args.command == "hf-to-mcore":
+            dtype = args.dtype or _hf_dtype(args.src)
+            loaded = build_from_hf(ModelConfig(hf_path=args.src, dtype=dtype, transformer_impl="local"), rt)
+            save_mcore(loaded.model, args.out, args.src, dtype, rt)
+            if rt.rank == 0:
+                print(f"wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}, {dtype}) to {args.out}")
+            return 0
+        if args.command == "mcore-to-hf":
+            meta_dir = os.path.join(args.src, "hf")
+            with open(os.path.join(args.src, CHECKPOINT_META)) as f:
+                dtype = args.dtype or json.load(f)["dtype"]
+            cfg = ModelConfig(hf_path=meta_dir, dtype=dtype, load_weights=False, transformer_impl="local")
+            loaded = build_from_hf(cfg, rt)
+            load_mcore(loaded.model, args.src)
+            from megatron.core import parallel_state as ps
+
+            hfmod.save_hf_checkpoint(loaded.model, loaded.arch, loaded.layout, args.out, meta_dir,
+                                     tp_group=ps.get_tensor_model_parallel_group(),
+                                     pp_group=ps.get_pipeline_model_parallel_group())
+            if rt.rank == 0:
+                print(f"wrote HF checkpoint to {args.out}")
+            return 0
+        return _verify(args, rt)
+    finally:
+        rt_mod.shutdown()
+
+
+def save_mcore(model, out_dir: str, hf_dir: str, dtype: str, rt) -> None:
+    """megatron-core dist_checkpointing save of ``model`` plus the metadata mcore-to-hf needs."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from popo_mega.model.hf import copy_hf_metadata
+
+    os.makedirs(out_dir, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), out_dir)
+    if rt.rank == 0:
+        copy_hf_metadata(hf_dir, os.path.join(out_dir, "hf"))
+        with open(os.path.join(out_dir, CHECKPOINT_META), "w") as f:
+            json.dump({"format": "megatron-core dist_checkpointing", "dtype": dtype,
+                       "saved_tp": rt.tp, "saved_pp": rt.pp}, f, indent=2)
+    dist.barrier()
+
+
+def load_mcore(model, ckpt_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    model.load_state_dict(state, strict=False)
+
+
+def _fixed_prompt_ids(hf_dir: str, vocab_size: int) -> torch.Tensor:
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(hf_dir)(FIXED_PROMPT)["input_ids"]
+        if ids:
+            return torch.tensor([ids])
+    except Exception:  # no tokenizer files: a fixed id pattern is just as good for parity
+        pass
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (1, 24), generator=g)
+
+
+def _verify(args, rt) -> int:
+    from megatron.core import parallel_state as ps
+
+    from popo_mega.model.forward import forward_only
+    from popo_mega.model.loader import build_from_hf, gather_vocab
+
+    dtype = args.dtype or "float32"
+    tol = args.tol if args.tol is not None else (1e-4 if dtype == "float32" else 0.1)
+    loaded = build_from_hf(ModelConfig(hf_path=args.src, dtype=dtype, transformer_impl="local"), rt)
+    ids = _fixed_prompt_ids(args.src, loaded.arch.vocab_size).to(rt.device)
+    pos = torch.arange(ids.shape[1], device=rt.device).unsqueeze(0)
+    tp_group = ps.get_tensor_model_parallel_group()
+    outs = forward_only(loaded.model, [{"tokens": ids, "position_ids": pos}],
+                        lambda out, batch: gather_vocab(out, loaded.arch.vocab_size, tp_group).float().cpu())
+    diff = torch.tensor([0.0])
+    if outs and rt.tp_rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.src, dtype=getattr(torch, dtype)).to(rt.device).eval()
+        with torch.no_grad():
+            ref = hf(ids).logits.float().cpu()
+        diff = (outs[0] - ref).abs().max().reshape(1)
+    diff = _max_over_world(diff, rt)
+    if rt.rank == 0:
+        print(f"tp={args.tp} pp={args.pp} dtype={dtype} tokens={ids.shape[1]} tolerance={tol:g}")
+        print(f"max abs logits difference: {diff:.3e}")
+    return 0 if diff <= tol else 1
+
+
+def _max_over_world(x: torch.Tensor, rt) -> float:
+    import torch.distributed as dist
+
+    t = x.to(rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The one place where megatron-core 0.16.1 is taught to run on CPU (gloo). Never applied on GPU.
+
+megatron-core assumes CUDA in a handful of places. Each item below was shown necessary on these
+machines (see ../shared/design/environment.md, "megatron-core on CPU"); the numbers match that list.
+Item 1 (``DotProductAttention`` allocates on CUDA) is not a patch: our local layer spec uses
+:class:`popo_mega.model.attention.SDPAttention`, which is also the non-TE path on GPU.
+
+  2. ``torch.cuda.current_device()`` is used as a device (rotary buffers, p2p, buffers): it returns
+     the CPU device.
+  3. ``Tensor.cuda()`` (distributed-optimizer checkpointing, ``tensor_parallel/data.py``): returns the
+     tensor on CPU.
+  4. The "CUDA" RNG tracker (``model_parallel_cuda_manual_seed``, ``CudaRNGStatesTracker``): its state
+     get/set and ``manual_seed`` are routed to the CPU generator. The tracker's fork() then logs
+     "CPU RNG state changed within GPU RNG context" on every fork, which is expected here: that
+     logger is raised to ERROR.
+  5. Tensor factories called with ``device="cuda"`` (schedules' token count, optimizer ``found_inf``,
+     grad scaler, clip_grads, checkpointing): the device is rewritten to CPU.
+  6. ``torch.cuda.synchronize()`` (p2p batch sync, checkpoint save): a no-op.
+  7. ``clip_grads`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``: ``Tensor.type()`` with no
+     argument reports CPU tensors under their CUDA type name.
+  8. Trap: ``torch.utils._device._device_constructors()`` is cached on first use and must be built
+     from the ORIGINAL factories; otherwise ``with torch.device("meta")`` (used by transformers to
+     initialise models) silently stops applying to factories and HF rotary buffers come out wrong.
+     It is therefore called before any factory is wrapped.
+
+Usage: ``popo_mega.runtime.initialize`` calls :func:`apply` when the device is CPU. :func:`apply`
+is idempotent; :func:`is_applied` tells whether it ran; nothing here is ever undone in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.utils._device
+
+_APPLIED = False
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor",
+    "empty_like", "zeros_like", "ones_like", "full_like", "eye", "linspace", "empty_strided",
+)
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):  # megatron passes integer CUDA ordinals
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+def _cpu_factory(original):
+    @functools.wraps(original)
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return original(*args, **kwargs)
+
+    factory.__popo_original__ = original
+    return factory
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def apply() -> None:
+    """Patch torch (and megatron-core's RNG helpers) so that megatron-core 0.16.1 runs on CPU."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("popo_mega.runtime.cpu_compat.apply() is for CPU-only runs; CUDA is available here")
+
+    # 8. Build the device-constructor cache from the original factories before wrapping any.
+    torch.utils._device._device_constructors()
+
+    cpu = torch.device("cpu")
+    # 2.
+    torch.cuda.current_device = lambda: cpu
+    # 3.
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, memory_format=torch.preserve_format: self
+    # 4.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, so that one stays as it is.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
+    # 5.
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    # 6.
+    torch.cuda.synchronize = lambda device=None: None
+    # 7.
+    original_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+    _APPLIED = True
