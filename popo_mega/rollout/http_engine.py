@@ -1,0 +1,244 @@
+"""``HttpEngine``: the RolloutEngine over any server speaking SGLang's native HTTP API.
+
+The same client drives real SGLang servers (or one sglang-router URL) and embedded servers:
+
+    engine = HttpEngine(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], failover=True)
+    completions = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=512), n=8)
+    engine.sync_weights(named_tensors, version="step-12")    # pause -> broadcast -> flush -> continue
+
+Requests: one ``/generate`` per prompt (n samples each), up to ``max_in_flight`` at once, spread
+round-robin over the live servers. A request that fails with a connection error, a timeout or an
+HTTP 5xx is retried on another server when ``failover`` is on (at most ``max_retries`` times; the
+failed server is taken out of rotation); with ``failover`` off, the first such failure raises
+``RolloutServerError`` naming the server. HTTP 4xx (a bad request) is never retried.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+import requests
+import torch
+
+from popo_mega.rollout.engine import Completion, SamplingParams
+from popo_mega.rollout.sglang_api import ProtocolError, completions_from_response, generate_request
+from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
+                                           WeightSyncError, sync_from_disk, verify_probes, verify_prompt_logprobs,
+                                           verify_weight_version)
+
+
+class RolloutServerError(RuntimeError):
+    """A rollout server failed (or all of them did); the message names the server and the cause."""
+
+
+class _Retryable(Exception):
+    pass
+
+
+class HttpEngine:
+    """RolloutEngine over SGLang-API servers.
+
+    urls:               server base URLs ("http://host:port"), or one sglang-router URL
+    failover:           retry a failed request on another server (True) or raise at once (False)
+    max_retries:        retries per request when ``failover`` is on
+    request_timeout_s:  per-HTTP-request read timeout; connect_timeout_s: connection timeout
+    sync_method:        "distributed" (init_weights_update_group + update_weights_from_distributed),
+                        "disk" (update_weights_from_disk), or "auto" (distributed, disk if it fails)
+    sync_backend:       "gloo" (CPU trainer tensors) or "nccl" (CUDA tensors)
+    disk_dir:           where the disk fallback writes (must be readable by the servers)
+    verify_probes:      after a sync, read back a few small tensors with /get_weights_by_name
+    servers:            ServerProcess objects this engine launched and stops on ``close()``
+    """
+
+    def __init__(self, urls: Sequence[str], *, api_key: str | None = None, max_in_flight: int = 64,
+                 connect_timeout_s: float = 10.0, request_timeout_s: float = 600.0, failover: bool = True,
+                 max_retries: int = 2, sync_method: str = "auto", sync_backend: str = "gloo",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "flattened_bucket",
+                 tp_sizes: list[int] | None = None, master_address: str = "127.0.0.1",
+                 disk_dir: str | None = None, sync_timeout_s: float = 300.0, verify_probes: bool = True,
+                 pause_mode: str = "retract", servers: list | None = None):
+        if not urls:
+            raise ValueError("HttpEngine: no server URLs")
+        if sync_method not in ("distributed", "disk", "auto"):
+            raise ValueError(f"HttpEngine: sync_method must be distributed|disk|auto, got {sync_method!r}")
+        if sync_method == "disk" and not disk_dir:
+            raise ValueError("HttpEngine: sync_method='disk' needs disk_dir")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.api_key = api_key
+        self.timeout = (connect_timeout_s, request_timeout_s)
+        self.failover, self.max_retries = failover, max_retries
+        self.max_in_flight = max_in_flight
+        self.sync_method, self.disk_dir, self.verify_probes_after_sync = sync_method, disk_dir, verify_probes
+        self.pause_mode = pause_mode
+        self.dead: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._local = threading.local()
+        self._servers = list(servers or [])
+        self._version: str | None = None
+        self.last_sync: SyncReport | None = None
+        self._sync_args = dict(group_name="popo_weight_sync", backend=sync_backend, tp_sizes=tp_sizes,
+                               bucket_bytes=bucket_bytes, load_format=load_format, timeout_s=sync_timeout_s,
+                               api_key=api_key, master_address=master_address)
+        self._sync: DistributedWeightSync | None = None
+
+    # ---- plumbing ----
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def live_urls(self) -> list[str]:
+        with self._lock:
+            return [u for u in self.urls if u not in self.dead]
+
+    def _pick(self, avoid: set[str]) -> str:
+        live = [u for u in self.live_urls() if u not in avoid] or self.live_urls()
+        if not live:
+            raise RolloutServerError("no live rollout server left: " +
+                                     "; ".join(f"{u}: {why}" for u, why in self.dead.items()))
+        return live[next(self._rr) % len(live)]
+
+    def _mark_dead(self, url: str, why: str) -> None:
+        with self._lock:
+            self.dead[url] = why
+
+    def _post_generate(self, url: str, body: dict, n: int) -> list[Completion]:
+        try:
+            r = self._session().post(f"{url}/generate", json=body, headers=self._headers(), timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        if r.status_code >= 500:
+            raise _Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
+        if r.status_code != 200:
+            raise RolloutServerError(f"{url}/generate rejected the request: HTTP {r.status_code}: {r.text[:500]}")
+        try:
+            return completions_from_response(r.json(), n, where=f"{url}/generate")
+        except (ValueError, ProtocolError) as exc:
+            raise RolloutServerError(str(exc)) from None
+
+    def _generate_one(self, prompt: Sequence[int], sampling: SamplingParams, n: int) -> list[Completion]:
+        body = generate_request(prompt, sampling, n)
+        tried: set[str] = set()
+        attempts = 1 + (self.max_retries if self.failover else 0)
+        last = ""
+        for _ in range(attempts):
+            url = self._pick(tried)
+            tried.add(url)
+            try:
+                return self._post_generate(url, body, n)
+            except _Retryable as exc:
+                last = f"{url}/generate failed: {exc}"
+                if not self.failover:
+                    raise RolloutServerError(f"{last} (failover is off)") from None
+                self._mark_dead(url, str(exc))
+        raise RolloutServerError(f"{last} (gave up after {attempts} attempts)")
+
+    # ---- RolloutEngine ----
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, n: int = 1) -> list[list[Completion]]:
+        """Sample ``n`` responses per prompt; result[i][j] is the j-th response to prompts[i]."""
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(prompts))) as pool:
+            futures = [pool.submit(self._generate_one, p, sampling, n) for p in prompts]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+        """pause_generation -> send (distributed, or disk) -> flush_cache -> continue_generation -> checks."""
+        urls = self.live_urls()
+        if not urls:
+            raise RolloutServerError("sync_weights: no live rollout server")
+        self.pause_generation()
+        try:
+            report = self._send(named_tensors, str(version), urls)
+            self.flush_cache()
+        finally:
+            self.continue_generation()
+        verify_weight_version(urls, report.version, api_key=self.api_key)
+        if self.verify_probes_after_sync and report.probes:
+            verify_probes(urls, report.probes, api_key=self.api_key)
+        self._version, self.last_sync = report.version, report
+
+    def _send(self, named_tensors, version: str, urls: list[str]) -> SyncReport:
+        if self.sync_method == "disk":
+            return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+        if self.sync_method == "auto" and self.disk_dir:
+            named_tensors = list(named_tensors)  # kept for the fallback: the iterator is single-use
+        try:
+            if self._sync is None or self._sync.urls != urls:
+                if self._sync is not None:
+                    self._sync.close()
+                self._sync = DistributedWeightSync(urls, **self._sync_args)
+                self._sync.connect()
+            return self._sync.send(named_tensors, version)
+        except WeightSyncError:
+            if self.sync_method == "auto" and self.disk_dir:
+                if self._sync is not None:
+                    self._sync.close()
+                self._sync = None
+                return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+            raise
+
+    def weight_version(self) -> str | None:
+        return self._version
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        from popo_mega.rollout.sglang_launcher import stop_servers
+
+        stop_servers(self._servers)
+        self._servers = []
+
+    # ---- control endpoints ----
+    def _post_all(self, path: str, body: dict | None = None, *, ok=(200,)) -> None:
+        errors = []
+        for url in self.live_urls():
+            try:
+                r = self._session().post(f"{url}{path}", json=body or {}, headers=self._headers(), timeout=self.timeout)
+                if r.status_code not in ok:
+                    errors.append(f"{url}{path}: HTTP {r.status_code}: {r.text[:200]}")
+            except requests.RequestException as exc:
+                errors.append(f"{url}{path}: {exc}")
+        if errors:
+            raise RolloutServerError("; ".join(errors))
+
+    def pause_generation(self) -> None:
+        self._post_all("/pause_generation", {"mode": self.pause_mode})
+
+    def continue_generation(self) -> None:
+        self._post_all("/continue_generation", {})
+
+    def flush_cache(self, retries: int = 20, wait_s: float = 0.25) -> None:
+        """``/flush_cache`` answers 400 while requests are pending: retry a few times, then raise."""
+        for _ in range(retries):
+            try:
+                self._post_all("/flush_cache")
+                return
+            except RolloutServerError as exc:
+                last = exc
+                time.sleep(wait_s)
+        raise RolloutServerError(f"flush_cache kept failing: {last}")
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._post_all("/release_memory_occupation", {"tags": tags} if tags else {})
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._post_all("/resume_memory_occupation", {"tags": tags} if tags else {})
+
+    def verify_prompt_logprobs(self, prompt_ids: list[int], expected, *, atol: float) -> float:
+        """Check every live server against the trainer's log-probs of a fixed prompt (see weight_sync)."""
+        return verify_prompt_logprobs(self.live_urls(), prompt_ids, expected, atol=atol, api_key=self.api_key)

@@ -1,0 +1,93 @@
+"""The JSON bodies of SGLang's native HTTP API, as the client sends and the embedded server answers them.
+
+Field names and shapes follow SGLang 0.5.23 (``srt/entrypoints/http_server.py``,
+``srt/managers/io_struct.py``, ``api/v1/api_types.py``); the tests validate both directions against
+SGLang's own schema module. Only what the rollout engine needs is built here:
+
+- ``/generate`` request: ``input_ids`` (one prompt), ``sampling_params`` (temperature, top_p,
+  max_new_tokens, stop_token_ids, n), ``return_logprob``; optional ``logprob_start_len``.
+- ``/generate`` response: one object (n == 1) or a list of n objects, each with ``output_ids`` and
+  ``meta_info`` = {id, prompt_tokens, completion_tokens, finish_reason: {"type": "stop"|"length"|
+  "abort", ...}, output_token_logprobs: [[logprob, token_id, text|None], ...], weight_version}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from popo_mega.rollout.engine import Completion, SamplingParams
+
+
+class ProtocolError(ValueError):
+    """A server answered with a body that does not follow SGLang's /generate contract."""
+
+
+def generate_request(prompt_ids: Sequence[int], sampling: SamplingParams, n: int = 1, *,
+                     return_logprob: bool = True, logprob_start_len: int | None = None,
+                     rid: str | None = None) -> dict:
+    """The ``/generate`` body for ``n`` samples of one tokenised prompt.
+
+    prompt_ids: [P] token ids (P >= 1). ``n`` goes into ``sampling_params.n`` as SGLang expects.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("generate_request: empty prompt (input_ids needs at least one token)")
+    if n < 1:
+        raise ValueError(f"generate_request: n must be >= 1, got {n}")
+    params: dict[str, Any] = {
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "max_new_tokens": int(sampling.max_new_tokens),
+        "n": int(n),
+    }
+    if sampling.stop_token_ids:
+        params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
+    body: dict[str, Any] = {"input_ids": [int(t) for t in prompt_ids], "sampling_params": params,
+                            "return_logprob": bool(return_logprob)}
+    if logprob_start_len is not None:
+        body["logprob_start_len"] = int(logprob_start_len)
+    if rid is not None:
+        body["rid"] = rid
+    return body
+
+
+def _one_completion(obj: Any, where: str) -> Completion:
+    if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
+        raise ProtocolError(f"{where}: expected an object with 'meta_info', got {type(obj).__name__}")
+    meta = obj["meta_info"]
+    entries = meta.get("output_token_logprobs")
+    if not isinstance(entries, list):
+        raise ProtocolError(f"{where}: meta_info.output_token_logprobs is missing (was return_logprob sent?)")
+    try:
+        logprobs = [float(e[0]) for e in entries]
+        ids = [int(e[1]) for e in entries]
+    except (TypeError, IndexError, ValueError) as exc:
+        raise ProtocolError(f"{where}: output_token_logprobs entries must be [logprob, token_id, text]: {exc}") from None
+    output_ids = obj.get("output_ids")
+    if output_ids is not None and [int(t) for t in output_ids] != ids:
+        raise ProtocolError(f"{where}: output_ids disagree with the token ids in output_token_logprobs")
+    finish = meta.get("finish_reason")
+    kind = finish.get("type") if isinstance(finish, dict) else None
+    if kind not in ("stop", "length", "abort"):
+        raise ProtocolError(f"{where}: meta_info.finish_reason must be an object with type stop|length|abort, got {finish!r}")
+    if kind == "abort":
+        raise ProtocolError(f"{where}: the server aborted the request: {finish.get('message')}")
+    return Completion(output_ids=ids, output_logprobs=logprobs, finish_reason=kind,
+                      weight_version=meta.get("weight_version"),
+                      meta={"id": meta.get("id"), "prompt_tokens": meta.get("prompt_tokens")})
+
+
+def completions_from_response(body: Any, n: int, where: str = "/generate") -> list[Completion]:
+    """Parse a ``/generate`` response to one prompt with ``n`` samples into n Completions."""
+    items = body if isinstance(body, list) else [body]
+    if len(items) != n:
+        raise ProtocolError(f"{where}: expected {n} responses, got {len(items)}")
+    return [_one_completion(item, f"{where}[{i}]") for i, item in enumerate(items)]
+
+
+def finish_reason(kind: str, *, matched: int | None = None, length: int | None = None) -> dict:
+    """SGLang's ``meta_info.finish_reason`` object (``FinishStop`` / ``FinishLength``)."""
+    if kind == "stop":
+        return {"type": "stop", "matched": matched}
+    if kind == "length":
+        return {"type": "length", "length": length}
+    raise ValueError(f"finish_reason: unknown kind {kind!r}")
