@@ -44,6 +44,18 @@ def momentum(step: int, tau: float, schedule: str = "constant", total_steps: int
     return 1.0 - (1.0 - tau) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
 
 
+def _buckets(numels: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges [lo, hi) whose element counts sum to <= limit (one tensor at least)."""
+    lo, total = 0, 0
+    for i, n in enumerate(numels):
+        if i > lo and total + n > limit:
+            yield lo, i
+            lo, total = i, 0
+        total += n
+    if lo < len(numels):
+        yield lo, len(numels)
+
+
 class EMA:
     """fp32 exponential moving average of a module's parameters (Eq. P6).
 
@@ -54,6 +66,8 @@ class EMA:
             feats = model(batch)
         ema.copy_to(other_model)                 # e.g. a separate target model
     """
+
+    _BUCKET_NUMEL = 1 << 26  # elements upcast at once by update() (256 MiB in fp32)
 
     def __init__(self, module: nn.Module, tau: float = 0.995, schedule: str = "constant",
                  total_steps: int | None = None, dtype: torch.dtype = torch.float32):
@@ -102,9 +116,11 @@ class EMA:
         """xi <- tau_k xi + (1 - tau_k) theta for every parameter; returns the tau_k used."""
         tau = self.current_momentum()
         shadow, params = self._matched(module)
-        theta = [p.detach().to(self.dtype) for p in params]
-        # lerp: xi + (1 - tau) (theta - xi), one fused pass per tensor list.
-        torch._foreach_lerp_(shadow, theta, 1.0 - tau)
+        # lerp: xi + (1 - tau) (theta - xi), one fused pass per tensor list. Parameters held in a
+        # lower dtype are upcast in buckets so the transient fp32 copy stays bounded.
+        for lo, hi in _buckets([p.numel() for p in params], self._BUCKET_NUMEL):
+            theta = [p.detach().to(self.dtype) for p in params[lo:hi]]
+            torch._foreach_lerp_(shadow[lo:hi], theta, 1.0 - tau)
         self.step += 1
         return tau
 
@@ -118,7 +134,9 @@ class EMA:
     @contextlib.contextmanager
     def swapped_into(self, module: nn.Module):
         """Context manager: ``module`` holds the EMA weights (cast to its dtypes) inside the block,
-        its own weights again afterwards (also on an exception). Use under torch.no_grad()."""
+        its own weights again afterwards (also on an exception). Use under torch.no_grad().
+        Memory: keeps one copy of the module's parameters (in their own dtype) to restore them;
+        where that is too much, keep a separate target module and use ``copy_to`` instead."""
         shadow, params = self._matched(module)
         with torch.no_grad():
             saved = [p.detach().clone() for p in params]

@@ -127,3 +127,19 @@ def test_mismatched_module_is_named():
     ema = EMA(_model())
     with pytest.raises(ValueError, match="missing"):
         ema.update(nn.Linear(32, 32))
+
+
+def test_bucketed_update_matches_per_tensor_lerp():
+    model = _model().to(torch.bfloat16)                   # bf16 parameters, upcast bucket by bucket
+    ema = EMA(model, tau=0.9)
+    ema._BUCKET_NUMEL = 40                                # force many buckets
+    expected = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        _drift(model, gen, 1e-1)
+        ema.update(model)
+        for n, p in model.named_parameters():
+            expected[n] = expected[n] + 0.1 * (p.detach().float() - expected[n])
+    for n, t in ema.named_tensors():
+        assert t.dtype == torch.float32
+        assert torch.allclose(t, expected[n], rtol=0, atol=1e-6), n
