@@ -25,7 +25,8 @@ import requests
 import torch
 
 from popo_mega.rollout.engine import Completion, SamplingParams
-from popo_mega.rollout.sglang_api import ProtocolError, completions_from_response, generate_request
+from popo_mega.rollout.sglang_api import (ProtocolError, completions_from_response, generate_request,
+                                          memory_occupation_request, pause_generation_request)
 from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
                                            WeightSyncError, sync_from_disk, verify_probes, verify_prompt_logprobs,
                                            verify_weight_version)
@@ -73,7 +74,7 @@ class HttpEngine:
         self.failover, self.max_retries = failover, max_retries
         self.max_in_flight = max_in_flight
         self.sync_method, self.disk_dir, self.verify_probes_after_sync = sync_method, disk_dir, verify_probes
-        self.pause_mode = pause_mode
+        self.pause_mode = pause_generation_request(pause_mode)["mode"]  # validated here, not at the first sync
         self.dead: dict[str, str] = {}
         self._lock = threading.Lock()
         self._rr = itertools.count()
@@ -217,7 +218,7 @@ class HttpEngine:
             raise RolloutServerError("; ".join(errors))
 
     def pause_generation(self) -> None:
-        self._post_all("/pause_generation", {"mode": self.pause_mode})
+        self._post_all("/pause_generation", pause_generation_request(self.pause_mode))
 
     def continue_generation(self) -> None:
         self._post_all("/continue_generation", {})
@@ -234,10 +235,10 @@ class HttpEngine:
         raise RolloutServerError(f"flush_cache kept failing: {last}")
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        self._post_all("/release_memory_occupation", {"tags": tags} if tags else {})
+        self._post_all("/release_memory_occupation", memory_occupation_request(tags))
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
-        self._post_all("/resume_memory_occupation", {"tags": tags} if tags else {})
+        self._post_all("/resume_memory_occupation", memory_occupation_request(tags))
 
     def verify_prompt_logprobs(self, prompt_ids: list[int], expected, *, atol: float) -> float:
         """Check every live server against the trainer's log-probs of a fixed prompt (see weight_sync)."""

@@ -91,3 +91,61 @@ def finish_reason(kind: str, *, matched: int | None = None, length: int | None =
     if kind == "length":
         return {"type": "length", "length": length}
     raise ValueError(f"finish_reason: unknown kind {kind!r}")
+
+
+def prompt_logprob_request(prompt_ids: Sequence[int]) -> dict:
+    """``/generate`` body that returns the log-probs of the prompt itself (``input_token_logprobs``)."""
+    return {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+
+
+# ---- control and weight-update bodies (io_struct.*ReqInput in SGLang) ----
+
+def init_weights_update_group_request(*, master_address: str, master_port: int, rank_offset: int,
+                                      world_size: int, group_name: str, backend: str) -> dict:
+    """``InitWeightsUpdateGroupReqInput``."""
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}
+
+
+def update_weights_from_distributed_request(names: list[str], dtypes: list[str], shapes: list[list[int]], *,
+                                            group_name: str, load_format: str | None) -> dict:
+    """``UpdateWeightsFromDistributedReqInput`` (the version is set afterwards, see weight_sync)."""
+    body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "flush_cache": False, "abort_all_requests": False}
+    if load_format:
+        body["load_format"] = load_format
+    return body
+
+
+def update_weights_from_disk_request(model_path: str, weight_version: str) -> dict:
+    """``UpdateWeightFromDiskReqInput``."""
+    return {"model_path": model_path, "weight_version": str(weight_version), "abort_all_requests": False,
+            "flush_cache": True}
+
+
+def update_weight_version_request(version: str) -> dict:
+    """``UpdateWeightVersionReqInput``."""
+    return {"new_version": str(version), "abort_all_requests": False}
+
+
+def destroy_weights_update_group_request(group_name: str) -> dict:
+    """``DestroyWeightsUpdateGroupReqInput``."""
+    return {"group_name": group_name}
+
+
+def get_weights_by_name_request(name: str, truncate_size: int) -> dict:
+    """``GetWeightsByNameReqInput``."""
+    return {"name": name, "truncate_size": int(truncate_size)}
+
+
+def pause_generation_request(mode: str) -> dict:
+    """``PauseGenerationReqInput`` (mode: abort | retract | in_place)."""
+    if mode not in ("abort", "retract", "in_place"):
+        raise ValueError(f"pause_generation: mode must be abort|retract|in_place, got {mode!r}")
+    return {"mode": mode}
+
+
+def memory_occupation_request(tags: list[str] | None) -> dict:
+    """``ReleaseMemoryOccupationReqInput`` / ``ResumeMemoryOccupationReqInput``."""
+    return {"tags": list(tags)} if tags else {}

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import requests
 import torch
 
+from popo_mega.rollout import sglang_api as api
 from popo_mega.rollout.weight_group import WeightUpdateGroup
 
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
@@ -203,9 +204,10 @@ class DistributedWeightSync:
         def join(url, offset):
             try:
                 _post(self._session(), url, "/init_weights_update_group",
-                      {"master_address": self.master_address, "master_port": self.master_port,
-                       "rank_offset": offset, "world_size": world, "group_name": self.group_name,
-                       "backend": self.backend}, timeout_s=self.timeout_s, api_key=self.api_key)
+                      api.init_weights_update_group_request(
+                          master_address=self.master_address, master_port=self.master_port, rank_offset=offset,
+                          world_size=world, group_name=self.group_name, backend=self.backend),
+                      timeout_s=self.timeout_s, api_key=self.api_key)
             except WeightSyncError as exc:
                 errors.append(str(exc))
 
@@ -237,11 +239,9 @@ class DistributedWeightSync:
         for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
             for name, tensor in bucket:
                 probes.see(name, tensor)
-            body = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                    "flush_cache": False, "abort_all_requests": False}
-            if self.load_format:
-                body["load_format"] = self.load_format
+            body = api.update_weights_from_distributed_request(
+                [n for n, _ in bucket], [dtype_name(t.dtype) for _, t in bucket], [list(t.shape) for _, t in bucket],
+                group_name=self.group_name, load_format=self.load_format)
             errors: list[str] = []
 
             def post(url, body=body, errors=errors):
@@ -285,7 +285,8 @@ class DistributedWeightSync:
             return
         for url in self.urls:
             try:
-                _post(self._session(), url, "/destroy_weights_update_group", {"group_name": self.group_name},
+                _post(self._session(), url, "/destroy_weights_update_group",
+                      api.destroy_weights_update_group_request(self.group_name),
                       timeout_s=10.0, api_key=self.api_key)
             except WeightSyncError:
                 pass
@@ -296,8 +297,7 @@ class DistributedWeightSync:
 def set_weight_version(urls: list[str], version: str, *, timeout_s: float = 60.0, api_key: str | None = None) -> None:
     """POST ``/update_weight_version`` on every server."""
     session = requests.Session()
-    _on_all(urls, lambda u: _post(session, u, "/update_weight_version",
-                                  {"new_version": str(version), "abort_all_requests": False},
+    _on_all(urls, lambda u: _post(session, u, "/update_weight_version", api.update_weight_version_request(version),
                                   timeout_s=timeout_s, api_key=api_key), "update_weight_version", timeout_s + 5)
 
 
@@ -322,8 +322,7 @@ def sync_from_disk(urls: list[str], named_tensors: Iterable[tuple[str, torch.Ten
     save_file(tensors, os.path.join(directory, "model.safetensors"))
     session = requests.Session()
     _on_all(urls, lambda u: _post(session, u, "/update_weights_from_disk",
-                                  {"model_path": directory, "weight_version": str(version),
-                                   "abort_all_requests": False, "flush_cache": True},
+                                  api.update_weights_from_disk_request(directory, version),
                                   timeout_s=timeout_s, api_key=api_key), "update_weights_from_disk", timeout_s + 5)
     return SyncReport(version=str(version), method="disk", tensors=len(tensors), buckets=1,
                       bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
@@ -356,7 +355,7 @@ def verify_probes(urls: list[str], probes: dict[str, list], *, atol: float = 0.0
     session = requests.Session()
     for name, expected in probes.items():
         def get(u, name=name, n=len(expected)):
-            return _post(session, u, "/get_weights_by_name", {"name": name, "truncate_size": n},
+            return _post(session, u, "/get_weights_by_name", api.get_weights_by_name_request(name, n),
                          timeout_s=timeout_s, api_key=api_key).json()
 
         want = _flat(expected)
@@ -371,9 +370,7 @@ def verify_probes(urls: list[str], probes: dict[str, list], *, atol: float = 0.0
 def prompt_logprobs(url: str, prompt_ids: list[int], *, timeout_s: float = 60.0, api_key: str | None = None) -> list[float]:
     """log p(prompt[t] | prompt[:t]) for t = 1..P-1 from a server (``/generate`` input_token_logprobs)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "logprob_start_len": 0,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
-    r = requests.post(f"{url}/generate", json=body, headers=headers, timeout=timeout_s)
+    r = requests.post(f"{url}/generate", json=api.prompt_logprob_request(prompt_ids), headers=headers, timeout=timeout_s)
     if r.status_code != 200:
         raise WeightSyncError(f"{url}/generate (prompt log-probs): HTTP {r.status_code}: {r.text[:300]}")
     entries = r.json()["meta_info"]["input_token_logprobs"]
