@@ -201,6 +201,8 @@ class MathVerifier:
             raise ValueError(f"MathVerifier: start_method {start_method!r} not available here "
                              f"(have {mp.get_all_start_methods()})")
         self._ctx = mp.get_context(start_method)
+        if start_method == "fork" and grade_fn is grade:
+            _math_verify()  # import once here: forked workers inherit it instead of each importing it
         self.deadline_s = float(deadline_s)
         self.grade_fn = grade_fn
         self.stats = ScoreStats()
