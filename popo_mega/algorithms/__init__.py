@@ -7,5 +7,6 @@
     similarity  masked_mean_pool, cosine_penalty (P3) — reference twins of the fused kernels
     ema         EMA: fp32 momentum target with constant / cosine schedules (P6)
     predictor   Predictor: the MLP h_phi of P3
+    monitoring  rollout_sums, target_kl_sums (P7, logged only)
     packing     cu_seqlens helpers for packed [T] token tensors
 """
