@@ -305,3 +305,25 @@ def test_implicit_negative_gradient_lowers_held_out_negatives():
     assert all(a > b for a, b in zip(after_pos, before_pos))
     assert all(a < b for a, b in zip(after_neg, before_neg))
     assert sum(after_neg) / 5 < sum(before_neg) / 5 - 0.1
+
+
+def test_garbage_in_masked_and_negative_positions_gives_finite_values_and_gradients():
+    logp = torch.tensor([-1.0, float("-inf"), float("-inf"), -0.5, float("nan")], dtype=torch.float64,
+                        requires_grad=True)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)   # token 2 belongs to a negative
+    cu = torch.tensor([0, 2, 3, 5])
+    w = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64)
+    pos = torch.tensor([True, False, True])
+    old = torch.tensor([-1.0, float("inf"), float("nan"), -0.5, float("-inf")], dtype=torch.float64)
+    entropy = torch.tensor([1.0, float("inf"), float("nan"), 2.0, float("inf")], dtype=torch.float64,
+                           requires_grad=True)
+    for mode in ("none", "token"):
+        logp.grad = entropy.grad = None
+        total, _ = popo_loss(logp, mask, cu, w, pos, num_positive_tokens=2.0, old_logp=old, is_correction=mode,
+                             entropy=entropy, entropy_token_count=2.0, entropy_on="positive")
+        total.backward()
+        # none: -(0.5*(-1) + 0.5*(-0.5))/2; token (rho = 1): -(0.5*1 + 0.5*1)/2; entropy: -0.01*(1 + 2)/2
+        expected = (0.375 if mode == "none" else -0.5) - 0.015
+        assert total.item() == pytest.approx(expected, abs=1e-12), mode
+        assert torch.isfinite(logp.grad).all() and torch.isfinite(entropy.grad).all(), mode
+        assert logp.grad.tolist() == pytest.approx([-0.25, 0, 0, -0.25, 0], abs=1e-12)
