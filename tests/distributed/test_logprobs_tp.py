@@ -68,7 +68,7 @@ def _gold(logits, target, g_lp, g_ent):
 
 def test_tp2_reference_and_fused_equal_full_vocab_log_softmax():
     from popo_mega.ops import _extension
-    from tests.unit._ops_helpers import require_extension
+    from tests.unit.test_ops_common import require_extension
     with_fused = _extension.load()
     results = run_world(_worker, 2, with_fused)
     _, _, g_lp, g_ent = _data()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from popo_mega.ops import _extension, clipped_surrogate, logprob_entropy
-from tests.unit._ops_helpers import require_extension
+from tests.unit.test_ops_common import require_extension
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from popo_mega.ops import logprob_entropy, logprob_entropy_ref
-from tests.unit._ops_helpers import require_extension, three_way
+from tests.unit.test_ops_common import require_extension, three_way
 
 
 def _case(T, V, seed, dtype):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from popo_mega.ops import cosine_penalty, cosine_penalty_ref, masked_mean_pool, masked_mean_pool_ref
-from tests.unit._ops_helpers import require_extension, three_way
+from tests.unit.test_ops_common import require_extension, three_way
 
 # segments: length 3, empty, length 1, fully masked, long odd, empty at the end
 LENGTHS = [3, 0, 1, 4, 29, 0]
