@@ -147,14 +147,16 @@ class HttpEngine:
         """Sample ``n`` responses per prompt; result[i][j] is the j-th response to prompts[i]."""
         if not prompts:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(prompts))) as pool:
-            futures = [pool.submit(self._generate_one, p, sampling, n) for p in prompts]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(prompts)))
+        futures = [pool.submit(self._generate_one, p, sampling, n) for p in prompts]
+        try:
+            results = [f.result() for f in futures]
+        except BaseException:
+            # fail fast: queued requests are dropped; the ones in flight end by their own timeouts
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return results
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
         """pause_generation -> send (distributed, or disk) -> flush_cache -> continue_generation -> checks."""

@@ -2,7 +2,7 @@
 
     popo-rollout-server --model-path DIR [--host 127.0.0.1] [--port 30000] [--device cpu|cuda]
                         [--dtype auto|float32|bfloat16|float16] [--random-seed N] [--api-key KEY]
-                        [--max-running-requests N] [--weight-version V]
+                        [--max-running-requests N] [--weight-version V] [--num-threads N]
 
 Flag names are ``sglang.launch_server``'s where they overlap. It serves the native SGLang endpoints
 the rollout client and the weight sync use, with SGLang's request and response bodies:
@@ -51,6 +51,7 @@ class ServerArgs:
     api_key: str | None = None
     max_running_requests: int = 64
     weight_version: str = "default"
+    num_threads: int = 1
 
 
 def parse_args(argv) -> ServerArgs:
@@ -64,10 +65,14 @@ def parse_args(argv) -> ServerArgs:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--weight-version", default="default")
+    p.add_argument("--num-threads", type=int, default=1,
+                   help="torch CPU threads (default 1: several processes share the cores; "
+                        "2 threads next to a busy trainer ran 10x slower than 1 on 2 cores)")
     a = p.parse_args(argv)
     return ServerArgs(model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
                       random_seed=a.random_seed, api_key=a.api_key,
-                      max_running_requests=a.max_running_requests, weight_version=a.weight_version)
+                      max_running_requests=a.max_running_requests, weight_version=a.weight_version,
+                      num_threads=a.num_threads)
 
 
 class RequestError(Exception):
@@ -124,13 +129,16 @@ class RolloutServer:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self.busy = True  # from here on, a request is held by the scheduler (flush_cache must refuse)
+            while not self.running.wait(timeout=0.1):  # paused after we started waiting: hold it
+                if self.stopping.is_set():
+                    return
             batch = [first]
             while len(batch) < self.args.max_running_requests:
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            self.busy = True
             try:
                 with self.model_lock:
                     if self.released:
@@ -426,6 +434,7 @@ def main(argv=None) -> int:
     import sys
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.random_seed)
     try:
         serve(args)

@@ -119,16 +119,22 @@ def wait_for_health(url: str, *, timeout_s: float = 300.0, process: subprocess.P
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
 
 
-def launch(cmd: list[str], url: str, *, log_path: str | None = None, health_timeout_s: float = 300.0,
-           api_key: str | None = None, env: dict | None = None) -> ServerProcess:
-    """Start ``cmd`` and wait for ``url``'s /health; the process is killed if it does not come up."""
+def start(cmd: list[str], url: str, *, log_path: str | None = None, env: dict | None = None) -> ServerProcess:
+    """Start ``cmd`` (its output to ``log_path``) without waiting for it."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finally:
         if log_path:
             out.close()
-    server = ServerProcess(url, proc, log_path)
+    return ServerProcess(url, proc, log_path)
+
+
+def launch(cmd: list[str], url: str, *, log_path: str | None = None, health_timeout_s: float = 300.0,
+           api_key: str | None = None, env: dict | None = None) -> ServerProcess:
+    """Start ``cmd`` and wait for ``url``'s /health; the process is killed if it does not come up."""
+    server = start(cmd, url, log_path=log_path, env=env)
+    proc = server.process
     try:
         wait_for_health(url, timeout_s=health_timeout_s, process=proc, api_key=api_key, log_path=log_path)
     except BaseException:
@@ -158,7 +164,7 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
     if len(ports) != num_servers:
         raise ValueError(f"launch_servers: {len(ports)} ports for {num_servers} servers")
     started: list[ServerProcess] = []
-    try:
+    try:  # start all, then wait for all: the servers load their models in parallel
         for i, port in enumerate(ports):
             if kind == "sglang":
                 cmd = sglang_server_command(model_path, host=host, port=port, tp_size=tp_size,
@@ -168,8 +174,9 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
                 cmd = embedded_server_command(model_path, host=host, port=port, device=device, dtype=dtype,
                                               api_key=api_key, random_seed=random_seed, extra_args=extra_args)
             log = os.path.join(log_dir, f"{kind}_server_{i}.log") if log_dir else None
-            started.append(launch(cmd, f"http://{host}:{port}", log_path=log,
-                                  health_timeout_s=health_timeout_s, api_key=api_key))
+            started.append(start(cmd, f"http://{host}:{port}", log_path=log))
+        for s in started:
+            wait_for_health(s.url, timeout_s=health_timeout_s, process=s.process, api_key=api_key, log_path=s.log_path)
     except BaseException:
         stop_servers(started)
         raise
