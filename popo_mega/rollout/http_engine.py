@@ -111,6 +111,12 @@ class HttpEngine:
         with self._lock:
             self.dead[url] = why
 
+    def _healthy(self, url: str, timeout_s: float = 3.0) -> bool:
+        try:
+            return self._session().get(f"{url}/health", headers=self._headers(), timeout=timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
+
     def _post_generate(self, url: str, body: dict, n: int) -> list[Completion]:
         try:
             r = self._session().post(f"{url}/generate", json=body, headers=self._headers(), timeout=self.timeout)
@@ -139,7 +145,8 @@ class HttpEngine:
                 last = f"{url}/generate failed: {exc}"
                 if not self.failover:
                     raise RolloutServerError(f"{last} (failover is off)") from None
-                self._mark_dead(url, str(exc))
+                if not self._healthy(url):  # a transient error on a healthy server does not retire it
+                    self._mark_dead(url, str(exc))
         raise RolloutServerError(f"{last} (gave up after {attempts} attempts)")
 
     # ---- RolloutEngine ----
