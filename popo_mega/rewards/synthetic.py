@@ -1,25 +1,32 @@
-"""The synthetic verifiable task of the CPU quickstart: small-integer arithmetic.
+"""The synthetic verifiable task of the CPU quickstart: two-digit addition, fixed width.
 
-A problem is ``a op b`` with ``a, b`` in ``[0, max_operand]`` and ``op`` in ``ops``; its prompt is the
-text ``"23+45="`` and its gold answer ``"68"`` (``"-22"`` for ``23-45``). The response is correct when
-its first line, stripped, is exactly that integer (``score``; no math-verify, no process pool).
+A problem is ``a op b`` with ``a, b`` in ``[0, max_operand]`` and ``op`` in ``ops`` (default: ``+``
+on 0..99, 10,000 problems). Its prompt is the text ``"07+45="`` and its gold answer ``"052"``:
+operands and answers zero-padded to a fixed width (``fixed_width=False`` writes ``"7+45="`` /
+``"52"``). A response is correct when its first line, stripped, is an integer equal to the gold
+(``score``: "052", "52" and " 52\n..." all count; no math-verify, no process pool).
 The model sees characters: the tokenizer shipped in ``popo_mega/assets/synthetic_tokenizer`` (one
-token per character, ``<eos>`` id 2), so a prompt is 4-6 tokens and an answer 1-3 tokens plus ``<eos>``.
+token per character, ``<eos>`` id 2), so a prompt is 6 tokens and an answer 3 tokens plus ``<eos>``.
 
-Why this size (the quickstart must go from <= 60% to >= 90% held-out accuracy with POPO in under
-10 minutes on 2 CPU cores, see issue 5):
-  - Short sequences (<= 11 tokens with the stop token) keep generation and the policy step cheap: a
+Why this task and this size (the quickstart must go from <= 60% to >= 90% held-out accuracy with
+POPO in under 10 minutes on 2 CPU cores, issue 5):
+  - Short sequences (10 tokens with the stop token) keep generation and the policy step cheap: a
     batch of hundreds of rollouts costs what one 256-token sequence costs a language model.
-  - Two-digit addition/subtraction is learnable by a ~1-10M-parameter transformer; the answer needs a
-    carry/borrow, so accuracy climbs gradually rather than jumping, and a short supervised warm start
-    (``sft_pairs`` on the train split) can be stopped anywhere between chance and mastery: a base with
-    a 20-60% held-out accuracy gives G=8 rollouts a positive on most prompts, which POPO needs (it
-    learns from positives only).
-  - 2 x 100 x 100 = 20,000 distinct problems: the held-out split (default 500, chosen by seed) is
-    never trained on, so held-out accuracy measures the rule learnt, not memorisation.
-  - Exact-match grading leaves no partial credit to game; answers are short, so a wrong one is
-    unambiguous. ``max_operand`` and ``ops`` make it harder (e.g. ``ops=("+", "-", "*")``) or easier
-    (``max_operand=9``) if the quickstart's budget changes.
+  - Held-out accuracy measures a rule, not memory: the held-out split (default 500 problems, chosen
+    by seed) is never trained on, and answering it needs digit-wise addition with a carry.
+  - It admits a supervised warm start (``sft_pairs``) whose held-out accuracy can be stopped low.
+    Measured (a 0.5M-parameter Qwen2: hidden 128, 2 layers, 4 heads; AdamW lr 3e-3, 64 pairs per
+    step; 1 CPU thread; /tmp probe, not committed): held-out accuracy stays near 5-13% for about
+    1,200 steps (~2 min), then jumps within ~50 steps (0.10 -> 0.33 -> 0.59). So stop the warm start
+    by held-out accuracy checked often (e.g. the first check >= 30%), not at a fixed step.
+    From a 59% base, plain positive-only fine-tuning (8 samples for each of 32 prompts at
+    temperature 1, NLL on the correct ones, lr 1e-3 -- a simplification of POPO without the EMA
+    target and similarity term) reached 73% after 72 s and 80% after 170 s.
+  - Fixed width matters: the same model on unpadded ``+``/``-`` (``fixed_width=False``, answers of
+    varying length and sign) stayed below 8% held-out after 1,450 steps; aligned digit positions
+    make the digit-wise rule easy for attention to find.
+  - Exact integer grading leaves no partial credit to game. ``ops=("+", "-")``, ``"*"`` or a larger
+    ``max_operand`` make the task harder if a larger budget allows.
 """
 
 from __future__ import annotations
@@ -39,30 +46,56 @@ _INT_RE = re.compile(r"-?\d+")
 
 @dataclass(frozen=True)
 class Problem:
+    """``a op b``. With ``width`` > 0 the text is fixed-width: operands zero-padded to ``width`` digits
+    and the answer to ``answer_width(op, width)`` digits (a "-" in front when negative); with
+    ``width`` = 0 numbers are written as usual."""
+
     a: int
     op: str
     b: int
+    width: int = 0
 
     @property
     def prompt(self) -> str:
-        """The prompt text, e.g. "23+45=" (no spaces: one character is one token)."""
-        return f"{self.a}{self.op}{self.b}="
+        """The prompt text, e.g. "07+45=" (width 2) or "7+45=" (width 0); one character is one token."""
+        w = self.width
+        return f"{self.a:0{w}d}{self.op}{self.b:0{w}d}=" if w else f"{self.a}{self.op}{self.b}="
+
+    @property
+    def value(self) -> int:
+        return _OPS[self.op](self.a, self.b)
 
     @property
     def gold(self) -> str:
-        """The answer as text, e.g. "68" or "-22"."""
-        return str(_OPS[self.op](self.a, self.b))
+        """The answer as text, e.g. "052" (width 2) or "52"; "-22" / "-22" for 23-45."""
+        v = self.value
+        if not self.width:
+            return str(v)
+        digits = f"{abs(v):0{answer_width(self.op, self.width)}d}"
+        return "-" + digits if v < 0 else digits
+
+
+def answer_width(op: str, width: int) -> int:
+    """Digits of the largest answer of ``op`` on ``width``-digit operands: + -> width+1, - -> width, * -> 2*width."""
+    return {"+": width + 1, "-": width, "*": 2 * width}[op]
 
 
 @dataclass(frozen=True)
 class SyntheticTask:
     """All problems ``a op b`` (a, b in [0, max_operand], op in ops), split by ``seed`` into a train
-    split and a held-out split of ``n_heldout`` problems (disjoint; the same for the same arguments)."""
+    split and a held-out split of ``n_heldout`` problems (disjoint; the same for the same arguments).
+    ``fixed_width`` writes zero-padded operands and answers (the default; see the module docstring)."""
 
     max_operand: int = 99
-    ops: tuple[str, ...] = ("+", "-")
+    ops: tuple[str, ...] = ("+",)
     n_heldout: int = 500
     seed: int = 0
+    fixed_width: bool = True
+
+    @property
+    def width(self) -> int:
+        """Operand digits when ``fixed_width`` (2 for max_operand 99), else 0 (plain numbers)."""
+        return len(str(self.max_operand)) if self.fixed_width else 0
 
     def __post_init__(self):
         bad = [op for op in self.ops if op not in _OPS]
@@ -77,7 +110,7 @@ class SyntheticTask:
     def all_problems(self) -> list[Problem]:
         """Every problem in a fixed order (op, a, b)."""
         r = range(self.max_operand + 1)
-        return [Problem(a, op, b) for op in self.ops for a in r for b in r]
+        return [Problem(a, op, b, self.width) for op in self.ops for a in r for b in r]
 
     def splits(self) -> tuple[list[Problem], list[Problem]]:
         """(train, held-out): a seeded shuffle of ``all_problems``; the first ``n_heldout`` are held out."""

@@ -14,16 +14,30 @@ def test_problem_text_and_gold():
     assert Problem(23, "+", 45).prompt == "23+45=" and Problem(23, "+", 45).gold == "68"
     assert Problem(23, "-", 45).gold == "-22"
     assert Problem(7, "*", 8).gold == "56"
+    # fixed width: operands to `width` digits, answers to the widest answer of the op
+    assert (Problem(7, "+", 45, 2).prompt, Problem(7, "+", 45, 2).gold) == ("07+45=", "052")
+    assert Problem(99, "+", 99, 2).gold == "198"
+    assert (Problem(3, "-", 45, 2).gold, Problem(45, "-", 3, 2).gold) == ("-42", "42")
+    assert (Problem(7, "*", 8, 2).gold, Problem(3, "-", 3, 2).gold) == ("0056", "00")
+
+
+def test_default_task_is_fixed_width_addition():
+    task = SyntheticTask()
+    train, held = task.splits()
+    assert len(train) + len(held) == 100 * 100 and len(held) == 500
+    for p in held[:50] + train[:50]:
+        assert len(p.prompt) == 6 and p.prompt[2] == "+" and p.prompt.endswith("=") and len(p.gold) == 3
+        assert int(p.gold) == int(p.prompt[:2]) + int(p.prompt[3:5])
 
 
 def test_splits_are_deterministic_disjoint_and_complete():
-    task = SyntheticTask(seed=3)
+    task = SyntheticTask(seed=3, ops=("+", "-"), fixed_width=False)
     train, held = task.splits()
     assert len(held) == 500 and len(train) == 2 * 100 * 100 - 500
     assert not set(train) & set(held)
     assert set(train) | set(held) == {Problem(a, op, b) for op in "+-" for a in range(100) for b in range(100)}
-    assert task.splits() == SyntheticTask(seed=3).splits()
-    assert SyntheticTask(seed=4).splits()[1] != held
+    assert task.splits() == SyntheticTask(seed=3, ops=("+", "-"), fixed_width=False).splits()
+    assert SyntheticTask(seed=4, ops=("+", "-"), fixed_width=False).splits()[1] != held
     # every gold checked against Python arithmetic on a sample
     for p in random.Random(0).sample(held, 50):
         assert int(p.gold) == (p.a + p.b if p.op == "+" else p.a - p.b)
@@ -32,9 +46,10 @@ def test_splits_are_deterministic_disjoint_and_complete():
 def test_examples_and_sft_pairs():
     task = SyntheticTask(max_operand=9, ops=("+",), n_heldout=10, seed=0)
     held = task.examples("heldout")
-    assert len(held) == 10 and all(int(e.answer) == eval(e.question[:-1]) for e in held)
+    assert len(held) == 10 and all(int(e.answer) == int(e.question[0]) + int(e.question[2]) for e in held)
     pairs = task.sft_pairs("train")
-    assert len(pairs) == 90 and all(q.endswith("=") and str(eval(q[:-1])) == a for q, a in pairs)
+    assert len(pairs) == 90 and all(q.endswith("=") and len(a) == 2 and int(a) == int(q[0]) + int(q[2]) for q, a in pairs)
+    assert {q for q, _ in pairs}.isdisjoint(e.question for e in held)
     with pytest.raises(ValueError, match="split must be"):
         task.examples("test")
 
@@ -50,6 +65,7 @@ def test_bad_task_arguments():
     ("68", "68", 1.0), (" 68\n", "68", 1.0), ("68\n12", "68", 1.0), ("68<eos>junk", "68", 1.0),
     ("-22", "-22", 1.0), ("22", "-22", 0.0), ("68 ", "69", 0.0), ("6 8", "68", 0.0), ("", "68", 0.0),
     ("68.0", "68", 0.0), ("x68", "68", 0.0), ("12\n68", "68", 0.0),
+    ("052", "052", 1.0), ("52", "052", 1.0), ("053", "052", 0.0), ("-00", "00", 1.0),
 ])
 def test_score_exact_first_line(response, gold, expected):
     assert synthetic.score(response, gold) == expected
