@@ -10,13 +10,16 @@ constexpr int64_t kBlock = 4096;
 template <typename T, typename M>
 POPO_CLONES static void block(const T* g, const T* logp, const T* old, const T* adv, const M* mask, int64_t n,
                               float lo, float hi, T* grad) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float m = float(mask[i]);
     float a = to_f32(adv[i]);
-    float lr = m != 0.f ? to_f32(logp[i]) - to_f32(old[i]) : 0.f;
-    float rho = exp_approx(lr);
-    bool clipped = (a > 0.f && rho > hi) || (a < 0.f && rho < lo);
-    grad[i] = from_f32<T>(clipped ? 0.f : -to_f32(g[i]) * a * rho * m);
+    float d = to_f32(logp[i]) - to_f32(old[i]);  // loaded unconditionally so the loop vectorises
+    float rho = exp_approx(m != 0.f ? d : 0.f);
+    float gi = -to_f32(g[i]) * a * rho * m;
+    gi = (a > 0.f && rho > hi) ? 0.f : gi;  // clipped branch is the strict minimum: no gradient
+    gi = (a < 0.f && rho < lo) ? 0.f : gi;
+    grad[i] = from_f32<T>(gi);
   }
 }
 

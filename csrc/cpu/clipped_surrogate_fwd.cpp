@@ -9,20 +9,25 @@ namespace {
 
 constexpr int64_t kBlock = 4096;
 
-template <typename T, typename M>
-POPO_CLONES static void block(const T* logp, const T* old, const T* adv, const M* mask, int64_t n, float lo,
+template <typename T>
+POPO_CLONES static void block(const T* logp, const T* old, const T* adv, const float* mask, int64_t n, float lo,
                               float hi, T* loss, double* acc) {
   float clip_low = 0.f, clip_high = 0.f, rho_sum = 0.f, count = 0.f;
+#pragma omp simd reduction(+ : clip_low, clip_high, rho_sum, count)
   for (int64_t i = 0; i < n; ++i) {
-    float m = float(mask[i]);
+    float m = mask[i];
     float a = to_f32(adv[i]);
-    float lr = m != 0.f ? to_f32(logp[i]) - to_f32(old[i]) : 0.f;
-    float rho = exp_approx(lr);
+    float d = to_f32(logp[i]) - to_f32(old[i]);  // loaded unconditionally so the loop vectorises
+    float rho = exp_approx(m != 0.f ? d : 0.f);  // masked tokens: log-ratio 0 (padding may be NaN)
     float rc = rho < lo ? lo : (rho > hi ? hi : rho);
     float u = rho * a, c = rc * a;
     loss[i] = from_f32<T>(-(u < c ? u : c) * m);
-    clip_high += (a > 0.f && rho > hi) ? m : 0.f;
-    clip_low += (a < 0.f && rho < lo) ? m : 0.f;
+    float high = rho > hi ? m : 0.f;   // counted where A > 0 (the clipped branch is then the min)
+    float low = rho < lo ? m : 0.f;    // counted where A < 0
+    high = a > 0.f ? high : 0.f;
+    low = a < 0.f ? low : 0.f;
+    clip_high += high;
+    clip_low += low;
     rho_sum += rho * m;
     count += m;
   }
@@ -30,6 +35,14 @@ POPO_CLONES static void block(const T* logp, const T* old, const T* adv, const M
   acc[1] += clip_high;
   acc[2] += rho_sum;
   acc[3] += count;
+}
+
+// A bool mask is widened to fp32 one block at a time (GCC does not vectorise the reductions
+// below over mixed byte/float lanes).
+inline const float* mask_as_float(const float* m, int64_t, float*) { return m; }
+inline const float* mask_as_float(const uint8_t* m, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = m[i] ? 1.f : 0.f;
+  return buf;
 }
 
 template <typename T, typename M>
@@ -40,9 +53,11 @@ void run(const T* logp, const T* old, const T* adv, const M* mask, int64_t n, fl
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // per-block fp32 partials, summed in fp64
 #pragma omp parallel for schedule(static) num_threads(num_threads) reduction(+ : s0, s1, s2, s3)
   for (int64_t b = 0; b < blocks; ++b) {
+    float mbuf[kBlock];
     int64_t i0 = b * kBlock, len = (n - i0) < kBlock ? (n - i0) : kBlock;
     double acc[4] = {0, 0, 0, 0};
-    block<T, M>(logp + i0, old + i0, adv + i0, mask + i0, len, lo, hi, loss + i0, acc);
+    const float* m = mask_as_float(mask + i0, len, mbuf);
+    block<T>(logp + i0, old + i0, adv + i0, m, len, lo, hi, loss + i0, acc);
     s0 += acc[0];
     s1 += acc[1];
     s2 += acc[2];

@@ -32,7 +32,8 @@ template <> inline bf16_t from_f32<bf16_t>(float f) {  // round to nearest even,
 // with plain arithmetic so that the compiler vectorises loops that call it. Inputs below -87.3
 // give ~1e-38 instead of a denormal; above 88.7 are clamped (callers pass x <= 0).
 inline float exp_approx(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + shifter) - shifter;
   float r = x - n * 0.693359375f;

@@ -10,6 +10,7 @@ namespace {
 template <typename P, typename Q>
 POPO_CLONES static void row(const P* p, const Q* t, int64_t cols, float coef, P* out) {
   float pt = 0.f, pp = 0.f, tt = 0.f;
+#pragma omp simd reduction(+ : pt, pp, tt)
   for (int64_t j = 0; j < cols; ++j) {
     float a = to_f32(p[j]), b = to_f32(t[j]);
     pt += a * b;

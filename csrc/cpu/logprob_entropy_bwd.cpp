@@ -7,6 +7,7 @@ namespace {
 
 template <typename T>
 POPO_CLONES static void row_grad(const T* z, int64_t cols, float logz, float h, float glp, float gent, T* out) {
+#pragma omp simd
   for (int64_t v = 0; v < cols; ++v) {
     float lp = to_f32(z[v]) - logz;
     float p = exp_approx(lp);

@@ -8,6 +8,7 @@ namespace {
 template <typename T>
 POPO_CLONES static float row_max(const T* z, int64_t cols) {
   float m = kNegInf;
+#pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < cols; ++v) {
     float x = to_f32(z[v]);
     m = x > m ? x : m;
@@ -18,6 +19,7 @@ POPO_CLONES static float row_max(const T* z, int64_t cols) {
 template <typename T>
 POPO_CLONES static void row_sums(const T* z, int64_t cols, float m, float* s_out, float* q_out) {
   float s = 0.f, q = 0.f;
+#pragma omp simd reduction(+ : s, q)
   for (int64_t v = 0; v < cols; ++v) {
     float d = to_f32(z[v]) - m;
     float e = exp_approx(d);

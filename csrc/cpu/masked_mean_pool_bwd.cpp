@@ -8,6 +8,7 @@ namespace {
 template <typename T, typename M>
 POPO_CLONES static void segment(const T* g, int64_t t0, int64_t t1, int64_t hsize, const M* mask, T* grad) {
   float count = 0.f;
+#pragma omp simd reduction(+ : count)
   for (int64_t t = t0; t < t1; ++t) count += float(mask[t]);
   float inv = count > 0.f ? 1.f / count : 0.f;
   for (int64_t t = t0; t < t1; ++t) {

@@ -64,7 +64,7 @@ def load_jit(verbose: bool = False) -> bool:
     if not sources:
         _state["error"] += "; JIT build impossible: csrc/ sources not found next to the package"
         return False
-    kwargs = dict(extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    kwargs = dict(extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"])
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")) + glob.glob(os.path.join(root, "cuda", "*.cpp")))
         kwargs["extra_cflags"].append("-DPOPO_WITH_CUDA")
