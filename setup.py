@@ -91,12 +91,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "popo-train=popo_mega.cli:train_main",
             "popo-eval=popo_mega.cli:eval_main",
             "popo-convert=popo_mega.cli:convert_main",
-            "popo-plan=popo_mega.cli:plan_main",
             "popo-rollout-server=popo_mega.cli:rollout_server_main",
-            "popo-report=popo_mega.cli:report_main",
         ]
     },
     ext_modules=ext_modules,

@@ -11,9 +11,6 @@ def _dispatch(module: str, func: str = "main"):
     return run
 
 
-train_main = _dispatch("popo_mega.train.cli")
 eval_main = _dispatch("popo_mega.eval.cli")
 convert_main = _dispatch("popo_mega.model.convert_cli")
-plan_main = _dispatch("popo_mega.plan")
 rollout_server_main = _dispatch("popo_mega.rollout.server")
-report_main = _dispatch("popo_mega.train.report")
