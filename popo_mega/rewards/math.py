@@ -22,6 +22,7 @@ inside the item's deadline, and the parent kills and replaces a worker whose ite
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections import deque
@@ -138,6 +139,10 @@ def score(response: str, gold: str, *, deadline_s: float = DEFAULT_DEADLINE_S) -
 
 def _worker_main(conn, grade_fn: Callable, deadline_s: float) -> None:
     """Worker loop: announce readiness, then answer (idx, response, gold) with (idx, score, status)."""
+    # a forked worker inherits the parent's handlers (a trainer's "checkpoint on SIGTERM"): drop them;
+    # Ctrl-C is the parent's business, which then closes or kills its workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache: dict = {}
     if grade_fn is grade:  # warm sympy/latex2sympy up before the first item's clock starts
         try:
@@ -240,11 +245,16 @@ class MathVerifier:
         boot_deadline = time.monotonic() + boot_s
         while done < n:
             now = time.monotonic()
-            for w in self._workers:
+            for i, w in enumerate(self._workers):
                 if w.ready and w.job is None and todo:
-                    w.job = todo.popleft()
-                    w.started = now
-                    w.conn.send((w.job, str(responses[w.job]), str(golds[w.job])))
+                    job = todo.popleft()
+                    try:
+                        w.conn.send((job, str(responses[job]), str(golds[job])))
+                    except OSError:  # died while idle (killed from outside): replace, retry the item
+                        todo.appendleft(job)
+                        self._replace(i)
+                        continue
+                    w.job, w.started = job, now
             conns = {w.conn: i for i, w in enumerate(self._workers)}
             waits = [w.started + self.deadline_s - now for w in self._workers if w.job is not None]
             timeout = max(0.0, min(waits)) if waits else 1.0

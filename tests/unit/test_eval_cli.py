@@ -116,3 +116,11 @@ def test_make_engine_is_the_http_client():
         assert engine.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     finally:
         engine.close()
+
+
+def test_console_script_entry_dispatches_here(capsys):
+    from popo_mega.cli import eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--help"])
+    assert e.value.code == 0 and "popo-eval" in capsys.readouterr().out

@@ -170,3 +170,23 @@ def test_score_from_a_thread_uses_a_process():
     th.start()
     th.join(60)
     assert out == [1.0]
+
+
+def test_workers_do_not_run_the_parents_sigterm_handler(tmp_path):
+    """A trainer's SIGTERM handler (e.g. "write a checkpoint") must not run inside grading workers."""
+    import signal
+
+    marker = tmp_path / "handler_ran"
+    old = signal.signal(signal.SIGTERM, lambda *a: marker.write_text("x"))
+    try:
+        v = MathVerifier(num_workers=1, deadline_s=5)
+        assert v.score_batch([r"\boxed{1}"], ["1"]) == [1.0]
+        proc = v._workers[0].proc
+        proc.terminate()
+        proc.join(10)
+        assert proc.exitcode == -signal.SIGTERM and not marker.exists()
+        # the pool notices the dead worker, replaces it, and keeps grading
+        assert v.score_batch([r"\boxed{2}"], ["2"]) == [1.0]
+        v.close()
+    finally:
+        signal.signal(signal.SIGTERM, old)
