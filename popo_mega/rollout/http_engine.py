@@ -202,6 +202,13 @@ class HttpEngine:
             raise
 
     def weight_version(self) -> str | None:
+        """The version this engine last synced; before any sync, what the first live server reports."""
+        if self._version is None and self.live_urls():
+            try:
+                r = self._session().get(f"{self.live_urls()[0]}/model_info", headers=self._headers(), timeout=10)
+                return r.json().get("weight_version") if r.status_code == 200 else None
+            except (requests.RequestException, ValueError):
+                return None
         return self._version
 
     def close(self) -> None:

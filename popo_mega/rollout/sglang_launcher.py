@@ -183,6 +183,22 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
     return started
 
 
+def launch_router(worker_urls: list[str], *, host: str = "127.0.0.1", port: int | None = None,
+                  log_dir: str | None = None, health_timeout_s: float = 120.0) -> ServerProcess:
+    """Put ``sglang-router`` in front of ``worker_urls``; returns it once its /health answers."""
+    try:
+        found = importlib.util.find_spec("sglang_router") is not None
+    except Exception:  # noqa: BLE001
+        found = False
+    if not found:
+        raise RuntimeError("sglang-router is not installed: pip install sglang-router (or pass the server URLs "
+                           "to HttpEngine directly: it balances and fails over by itself)")
+    port = port or free_port(host)
+    log = os.path.join(log_dir, "sglang_router.log") if log_dir else None
+    return launch(router_command(worker_urls, host=host, port=port), f"http://{host}:{port}", log_path=log,
+                  health_timeout_s=health_timeout_s)
+
+
 def stop_servers(servers: list[ServerProcess]) -> None:
     """Stop every server in ``servers`` (each one even if another fails to stop)."""
     for s in servers:

@@ -55,6 +55,7 @@ def test_generate_logprobs_stop_and_versions(server):
     url, path, _ = server
     model = _hf(path)
     engine = HttpEngine([url], api_key=KEY, request_timeout_s=60)
+    assert engine.weight_version() == "default"  # before any sync: what the server reports
     prompts = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15]]
     rows = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10), n=3)
     assert [len(r) for r in rows] == [3, 3, 3]
