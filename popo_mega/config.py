@@ -126,9 +126,20 @@ class RolloutConfig:
 
 
 @_cfg
+class SyntheticTaskConfig:
+    """popo_mega.rewards.synthetic.SyntheticTask: ``a op b`` with a, b in [0, max_operand]."""
+
+    max_operand: int = 99
+    ops: tuple[str, ...] = ("+", "-")
+    n_heldout: int = 500
+    seed: int = 0
+
+
+@_cfg
 class DataConfig:
-    train: tuple[str, ...] = ()             # dataset names (e.g. math_train) or file paths
-    template: Literal["qwen_math", "plain", "chat", "synthetic"] = "qwen_math"
+    train: tuple[str, ...] = ()             # "synthetic", set names (math_train, gsm8k_train, ...) or file paths
+    template: Literal["qwen-math", "plain", "chat"] = "qwen-math"
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     prompt_key: Optional[str] = None
     answer_key: Optional[str] = None
     bad_records: Literal["skip", "error"] = "skip"

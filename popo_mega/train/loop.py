@@ -1,0 +1,209 @@
+"""The RL loop (docs/architecture.md): rollout -> reward -> select -> target pass + policy step
+(inside PolicyTrainer.train_step) -> EMA update -> weight sync -> log / eval / checkpoint.
+
+Rank 0 owns the rollout engine, the rewards and the prompt cursor; it broadcasts the selected
+samples, and every rank takes its data-parallel share. All ranks run the policy step and the
+weight gather (collective over TP/PP); rank 0 sends the weights to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from popo_mega.config import Config
+from popo_mega.rollout.engine import SamplingParams
+
+
+@dataclass
+class RunResult:
+    initial_accuracy: float | None
+    final_accuracy: float | None
+    steps: int
+    run_dir: str
+    report_png: str | None
+
+
+def _broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def hf_tensors_on_rank0(trainer, use_ema: bool) -> list[tuple[str, torch.Tensor]]:
+    """The served model's HF-named full tensors on global rank 0 ([] elsewhere). Collective.
+
+    TP shards are gathered by ``iter_hf_tensors``; each pipeline stage's tensors go to rank 0 over
+    the PP group. (Fine for models that fit one host's memory; for 70B-class models a per-stage
+    bucketed send straight to the engine is the scalable path and is not built yet.)
+    """
+    from megatron.core import parallel_state as ps
+
+    from popo_mega.model.hf import iter_hf_tensors
+
+    ema_ctx = trainer.ema.swapped_into(trainer.model) if (use_ema and trainer.ema is not None) else contextlib.nullcontext()
+    with torch.no_grad(), ema_ctx:
+        items = [(n, t.detach().clone().cpu()) for n, t in
+                 iter_hf_tensors(trainer.model, trainer.arch, trainer.layout, ps.get_tensor_model_parallel_group())]
+    if trainer.rt.pp > 1:
+        gathered: list = [None] * trainer.rt.pp
+        dist.all_gather_object(gathered, items, group=ps.get_pipeline_model_parallel_group())
+        items = [x for stage in gathered for x in stage]
+    return items if trainer.rt.rank == 0 else []
+
+
+def greedy_accuracy(engine, prompts, score_fn, max_new_tokens: int, stop_ids: tuple[int, ...], tokenizer) -> float:
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    outs = engine.generate([p.ids for p in prompts], sampling, n=1)
+    texts = [tokenizer.decode(o[0].output_ids, skip_special_tokens=True) for o in outs]
+    return sum(score_fn(t, p.gold) for t, p in zip(texts, prompts)) / len(prompts)
+
+
+class _Interrupt:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def run(cfg: Config, log=print) -> RunResult:
+    from transformers import AutoTokenizer
+
+    from popo_mega import runtime as rt_mod
+    from popo_mega.config import check_layout
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.rewards import synthetic
+    from popo_mega.train.batch import shard_for_data_parallel
+    from popo_mega.train.prompts import PromptStream, encode, load_train_examples, synthetic_task
+    from popo_mega.train.select import select
+    from popo_mega.train.step import PolicyTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(cfg, world_size=world)
+    rt = rt_mod.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
+    run_dir = cfg.train.output_dir
+    is_rank0 = rt.rank == 0
+    if is_rank0:
+        os.makedirs(run_dir, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
+    synthetic_run = cfg.data.train == ("synthetic",)
+    score_fn = synthetic.score if synthetic_run else None
+    if not synthetic_run:
+        from popo_mega.rewards import math as math_rewards
+
+        score_fn = math_rewards.score
+
+    loaded = build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel)
+    trainer = PolicyTrainer(cfg, rt, loaded)
+    examples, skipped = load_train_examples(cfg.data)
+    stream = PromptStream(encode(examples, cfg.data, tokenizer), seed=cfg.data.shuffle_seed)
+    heldout = encode(synthetic_task(cfg.data).examples("heldout"), cfg.data, tokenizer) if synthetic_run else []
+
+    engine = metrics = None
+    interrupt = _Interrupt()
+    initial_acc = final_acc = None
+    report_png = None
+    try:
+        if is_rank0:
+            from popo_mega.rollout.http_engine import HttpEngine
+            from popo_mega.rollout.sglang_launcher import launch_servers
+            from popo_mega.train.metrics import MetricsLogger
+
+            r = cfg.rollout
+            if r.urls:
+                engine = HttpEngine(list(r.urls), api_key=r.api_key, request_timeout_s=r.request_timeout_s,
+                                    failover=r.on_server_failure == "retry", max_retries=r.retries,
+                                    sync_method="disk" if r.sync == "disk" else "auto",
+                                    disk_dir=os.path.join(run_dir, "weights_sync"),
+                                    bucket_bytes=r.bucket_mb << 20,
+                                    sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
+            else:
+                servers = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, host=r.host,
+                                         tp_size=r.server_tp, mem_fraction_static=r.mem_fraction,
+                                         api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir)
+                engine = HttpEngine([s.url for s in servers], servers=servers, api_key=r.api_key,
+                                    request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
+                                    max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
+                                    disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
+                                    sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
+            metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard)
+            log(f"[popo-train] {cfg.algorithm.name} on {cfg.model.hf_path}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
+                f"{len(stream.prompts)} training prompts ({skipped} bad records skipped), "
+                f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.group_size} rollouts per step")
+            if heldout:
+                initial_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+                log(f"[popo-train] held-out accuracy before RL: {100 * initial_acc:.1f}% ({len(heldout)} problems)")
+        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids)
+        step = trainer.step
+        while step < cfg.train.steps:
+            t0 = time.time()
+            payload = None
+            if is_rank0:
+                prompts = stream.next_batch(cfg.data.prompts_per_step)
+                completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
+                texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
+                golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
+                rewards = torch.tensor([score_fn(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)
+                sel = select([p.ids for p in prompts], completions, rewards, cfg.algorithm, cfg.rollout.group_size,
+                             uid_offset=step * len(golds))
+                payload = (sel.samples, sel.stats, time.time() - t0, interrupt.requested)
+            samples, sel_stats, rollout_s, stop_now = _broadcast(payload) if world > 1 else payload
+            if stop_now:
+                break
+            share = shard_for_data_parallel(samples, rt.dp, rt.dp_rank)
+            trainable = [s for s in share if s.positive] if (cfg.algorithm.name == "popo" and
+                                                             cfg.algorithm.popo.entropy_on == "positive") else share
+            has_work = torch.tensor([1.0 if trainable else 0.0])
+            if world > 1:
+                dist.all_reduce(has_work, op=dist.ReduceOp.MIN)
+            if has_work.item() == 0:  # some DP rank has nothing to train on: skip the update everywhere
+                step_stats = {"skipped": 1.0, "tokens_fed": 0.0}
+                step = trainer.step = trainer.step + 1
+            else:
+                step_stats = trainer.train_step(share)
+                step = trainer.step
+            t_sync = time.time()
+            tensors = hf_tensors_on_rank0(trainer, use_ema=cfg.rollout.weights == "ema")
+            if is_rank0:
+                engine.sync_weights(tensors, version=f"step{step}")
+                m = {**sel_stats, **step_stats, "rollout_s": rollout_s, "sync_s": time.time() - t_sync}
+                if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
+                    m["heldout_accuracy"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
+                                                            stop_ids, tokenizer)
+                metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
+        if is_rank0 and heldout:
+            final_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+    finally:
+        interrupt.restore()
+        if is_rank0:
+            if metrics is not None:
+                metrics.close()
+            if engine is not None:
+                engine.close()
+        rt_mod.shutdown()
+    if is_rank0:
+        from popo_mega.train.report import write_report
+
+        report_png = write_report([run_dir], os.path.join(run_dir, "report.png"))
+    return RunResult(initial_acc, final_acc, step, run_dir, report_png)

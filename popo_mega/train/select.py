@@ -1,0 +1,80 @@
+"""From scored rollouts to the samples the policy step trains on.
+
+POPO (docs/algorithms.md, P1): only positives carry weight; with ``entropy_on: positive`` the
+negatives are dropped here, so they never reach the policy's forward pass (training cost scales
+with positive tokens). Prompts with no positive contribute nothing and are counted.
+GRPO / A3PO: group-relative advantages (section 2); with ``dynamic_sampling`` groups whose rewards
+are all equal (zero advantage) are dropped (DAPO) and counted, and the caller refills.
+
+Every rollout of prompt g is at rows g*G .. g*G+G-1 of the flat lists (G = group size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from popo_mega.algorithms.grpo import group_advantages
+from popo_mega.algorithms.popo import positive_weights
+from popo_mega.config import AlgorithmConfig
+from popo_mega.rollout.engine import Completion
+from popo_mega.train.batch import RolloutSample
+
+
+@dataclass
+class Selection:
+    samples: list[RolloutSample]
+    stats: dict[str, float]
+
+
+def _sample(prompt: list[int], c: Completion, **kw) -> RolloutSample:
+    return RolloutSample(tokens=torch.tensor(list(prompt) + list(c.output_ids), dtype=torch.int64),
+                         prompt_len=len(prompt), old_logp=torch.tensor(c.output_logprobs, dtype=torch.float32), **kw)
+
+
+def select(prompts: list[list[int]], completions: list[list[Completion]], rewards: torch.Tensor,
+           algo: AlgorithmConfig, group_size: int, uid_offset: int = 0) -> Selection:
+    """Samples for the policy step and the selection statistics.
+
+    prompts: [P] token lists; completions: [P][G]; rewards: [P*G] float.
+    """
+    flat = [(g, c) for g, group in enumerate(completions) for c in group]
+    if len(flat) != rewards.numel() or any(len(group) != group_size for group in completions):
+        raise ValueError(f"select: expected {len(prompts)} x {group_size} rollouts and as many rewards, "
+                         f"got {[len(g) for g in completions]} and {rewards.numel()}")
+    n_prompts = len(prompts)
+    lengths = torch.tensor([max(1, len(c.output_ids)) for _, c in flat], dtype=torch.float32)
+    stats = {"reward": float(rewards.float().mean()), "response_length": float(lengths.mean()),
+             "rollouts": float(len(flat))}
+    samples: list[RolloutSample] = []
+    if algo.name == "popo":
+        p = algo.popo
+        positive = rewards > p.reward_threshold
+        seq_logp = torch.tensor([sum(c.output_logprobs) / max(1, len(c.output_logprobs)) for _, c in flat])
+        weights = positive_weights(seq_logp, positive, group_size, mode=p.weight_mode,
+                                   temperature=p.weight_temperature, length=lengths if p.length_normalize else None)
+        has_pos = positive.view(n_prompts, group_size).any(dim=1)
+        w_pos = weights[positive]
+        stats.update(positive_rate=float(positive.float().mean()), prompts_with_positive=float(has_pos.float().mean()),
+                     prompts_skipped=float((~has_pos).sum()),
+                     weight_entropy=float(-(w_pos * w_pos.clamp_min(1e-12).log()).sum() / max(1, int(has_pos.sum()))))
+        keep_negatives = p.entropy_on == "all"
+        for i, (g, c) in enumerate(flat):
+            if bool(positive[i]) or keep_negatives:  # P4 with entropy_on=all: every rollout
+                samples.append(_sample(prompts[g], c, weight=float(weights[i]), positive=bool(positive[i]),
+                                       uid=uid_offset + i))
+        return Selection(samples, stats)
+
+    adv = group_advantages(rewards.float(), group_size, std_normalize=algo.grpo.std_normalize)
+    flat_group = rewards.view(n_prompts, group_size)
+    informative = (flat_group != flat_group[:, :1]).any(dim=1)
+    stats.update(positive_rate=float((rewards > 0).float().mean()),
+                 prompts_with_positive=float((flat_group > 0).any(dim=1).float().mean()),
+                 prompts_skipped=float((~informative).sum()) if algo.grpo.dynamic_sampling else 0.0)
+    for i, (g, c) in enumerate(flat):
+        if algo.grpo.dynamic_sampling and not bool(informative[g]):
+            continue
+        samples.append(_sample(prompts[g], c, advantage=float(adv[i]), positive=bool(rewards[i] > 0),
+                               uid=uid_offset + i))
+    return Selection(samples, stats)
