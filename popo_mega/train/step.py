@@ -1,0 +1,353 @@
+"""One policy update through megatron-core: target pass of the EMA model, then forward/backward,
+optimizer step, LR schedule and EMA update (docs/algorithms.md, Eq. P1-P6; architecture.md's loop).
+
+    trainer = PolicyTrainer(cfg, runtime, build_from_hf(cfg.model, runtime))
+    stats = trainer.train_step(samples)        # samples: this DP rank's RolloutSamples
+
+Pieces, all megatron-core's own: ``DistributedDataParallel`` (gradients reduced over DP), the
+megatron optimizer (Adam, weight decay, gradient clipping, optionally the distributed optimizer),
+``OptimizerParamScheduler`` (LR warm-up / cosine decay) and ``get_forward_backward_func`` (the
+no-pipelining or 1F1B schedule over packed micro-batches). The loss is computed on the last
+pipeline stage only.
+
+Normalisers. Every loss normaliser (N+, sum of weights, entropy token count for POPO; response
+token / rollout count for GRPO/A3PO) is GLOBAL: summed over this rank's micro-batches and
+all-reduced over DP before the schedule runs. megatron divides the returned loss by the number of
+micro-batches and DDP scales gradients by 1/dp, so the loss handed to the schedule is
+``loss * num_microbatches * dp`` (docs/algorithms.md, "Megatron rescaling"), which makes the
+summed gradient exactly the full-batch gradient.
+
+POPO with ``entropy_on: positive``: negatives enter no term of the loss, so they are dropped
+before packing and never run through the model (``stats["tokens_fed"]``); with ``entropy_on: all``
+they are fed for the entropy term only.
+
+The predictor h_phi (Eq. P3) lives on the last stage as a second megatron-DDP chunk in the same
+optimizer (so clipping and the distributed optimizer cover it); its gradients are reduced over DP
+by ``_finalize_grads``. Its initial weights depend only on ``train.seed`` (same on every layout).
+
+Padded vocabulary. megatron pads the vocabulary (e.g. 251 -> 256 columns); those columns hold
+weights too and would enter the softmax. :func:`exclude_padded_vocab` masks them to a large
+negative value before ``vocab_parallel_logprob_entropy`` (which has no ``vocab_size`` argument yet).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from popo_mega.algorithms.a3po import shape_advantages
+from popo_mega.algorithms.ema import EMA
+from popo_mega.algorithms.grpo import policy_loss
+from popo_mega.algorithms.popo import popo_loss, popo_normalisers
+from popo_mega.algorithms.predictor import Predictor
+from popo_mega.algorithms.similarity import masked_mean_pool
+from popo_mega.config import Config
+from popo_mega.model.logprobs import vocab_parallel_logprob_entropy
+from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches
+
+__all__ = ["PolicyTrainer", "exclude_padded_vocab", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
+
+POPO_STATS = ("loss", "pg", "sim", "ent", "positive_token_count", "clip_low_count", "clip_high_count", "rho_sum",
+              "weighted_cos_sum", "entropy_sum")
+PG_STATS = ("loss", "pg", "kl", "clip_low_count", "clip_high_count", "rho_sum", "token_count")
+
+
+def exclude_padded_vocab(logits: Tensor, vocab_size: int, vocab_start: int) -> Tensor:
+    """logits [T, Vs] of columns vocab_start.. -> the same with every column whose global id is
+    >= vocab_size set to a large negative finite value (exp underflows to exactly 0, so those
+    columns drop out of logZ, entropy and the gradient). Returns the input itself when the shard
+    has no padded column. Temporary until vocab_parallel_logprob_entropy takes ``vocab_size``."""
+    n_real = vocab_size - vocab_start
+    if n_real >= logits.shape[1]:
+        return logits
+    if n_real <= 0:
+        raise ValueError(f"exclude_padded_vocab: a vocab shard starting at {vocab_start} holds only padding "
+                         f"(vocab_size {vocab_size}); lower model.make_vocab_size_divisible_by")
+    col = torch.arange(logits.shape[1], device=logits.device)
+    neg = torch.tensor(-1e30 if logits.dtype == torch.float32 else torch.finfo(logits.dtype).min / 2,
+                       dtype=logits.dtype, device=logits.device)
+    return torch.where(col[None, :] < n_real, logits, neg)
+
+
+def a3po_token_advantages(samples: list[RolloutSample], step: int, cfg: Config) -> list[RolloutSample]:
+    """Samples with ``token_advantages`` = A3PO's shaped advantages (section 4 of docs/algorithms.md):
+    the rollouts are padded to [B, R_max] and passed to ``a3po.shape_advantages`` (needs old_logp)."""
+    if not samples:
+        return []
+    a = cfg.algorithm.a3po
+    R = max(s.tokens.numel() - s.prompt_len for s in samples)
+    old = torch.zeros(len(samples), R)
+    mask = torch.zeros(len(samples), R)
+    for b, s in enumerate(samples):
+        if s.old_logp is None:
+            raise ValueError(f"a3po_token_advantages: rollout {b} has no old_logp (A3PO ranks tokens by it)")
+        r = s.tokens.numel() - s.prompt_len
+        old[b, :r] = s.old_logp.float()
+        mask[b, :r] = 1
+    adv = torch.tensor([float(s.advantage) for s in samples])
+    shaped = shape_advantages(adv, old, mask, step, a.ratio, a.rho, a.alpha)
+    return [RolloutSample(**{**s.__dict__, "token_advantages": shaped[b, :s.tokens.numel() - s.prompt_len].clone()})
+            for b, s in enumerate(samples)]
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
+
+
+class PolicyTrainer:
+    """The policy model wrapped for training, its optimizer, LR schedule, EMA and predictor.
+
+    Attributes used by checkpoints and the RL loop: ``model`` (this rank's GPTModel shard),
+    ``ddp_model``, ``predictor`` / ``ddp_predictor`` (POPO with alpha != 0, last stage only, else
+    None), ``optimizer`` (megatron), ``scheduler``, ``ema`` (POPO only, else None), ``step``
+    (optimizer steps taken, skipped steps included), ``tokens_seen`` (tokens the model was run on,
+    counted by a hook on the model's input; first pipeline stage).
+    """
+
+    def __init__(self, cfg: Config, runtime, loaded):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg, self.rt = cfg, runtime
+        self.model, self.arch, self.layout = loaded.model, loaded.arch, loaded.layout
+        self.algo = cfg.algorithm
+        self.step = 0
+        self.tokens_seen = 0
+        t = cfg.train
+        dtype = self.model.config.params_dtype
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.ddp_model = DistributedDataParallel(self.model.config, ddp_cfg, self.model)
+        chunks = [self.ddp_model]
+        self.predictor = self.ddp_predictor = None
+        popo = self.algo.popo
+        if self.algo.name == "popo" and popo.alpha != 0 and runtime.is_last_stage:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(t.seed + 7919)   # the same initial h_phi on every layout
+                self.predictor = Predictor(self.arch.hidden_size, popo.predictor_hidden, popo.predictor_layers)
+            self.predictor.to(runtime.device)
+            self.ddp_predictor = DistributedDataParallel(self.model.config, ddp_cfg, self.predictor)
+            chunks.append(self.ddp_predictor)
+        self.chunks = chunks
+        opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                                  adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.grad_clip,
+                                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+                                  use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(opt_cfg, chunks)
+        decay_steps = max(t.steps, t.warmup_steps + 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=t.lr_schedule,
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+        self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
+                    if self.algo.name == "popo" else None)
+        mcfg = self.model.config
+        mcfg.finalize_model_grads_func = self._finalize_grads
+        mcfg.grad_scale_func = self.optimizer.scale_loss
+        self._hidden: Tensor | None = None
+        if runtime.is_last_stage:
+            self.model.decoder.final_layernorm.register_forward_hook(self._capture_hidden)
+        self.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+
+    # ------------------------------------------------------------------------------ hooks
+    def _capture_hidden(self, module, inputs, output):
+        self._hidden = output
+
+    def _count_tokens(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None and self.rt.is_first_stage:
+            self.tokens_seen += int(ids.numel())
+
+    def _finalize_grads(self, model_list, *args, **kwargs):
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(model_list, *args, **kwargs)
+        if self.ddp_predictor is not None:
+            self.ddp_predictor.finish_grad_sync()
+
+    # ------------------------------------------------------------------------------ pieces
+    def pack(self, samples: list[RolloutSample]) -> list[MicroBatch]:
+        """This rank's micro-batches (padded to one length at PP > 1)."""
+        return pack_micro_batches(samples, self.cfg.train.micro_batch_tokens, common_length=self.rt.pp > 1)
+
+    def _logp_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """logits [T, V_pad/tp] (vocab-parallel), labels [T] -> (logp [T], entropy [T]) fp32."""
+        tp_group = _groups()[0] if self.rt.tp > 1 else None
+        start = self.rt.tp_rank * logits.shape[1]
+        logits = exclude_padded_vocab(logits, self.arch.vocab_size, start)
+        return vocab_parallel_logprob_entropy(logits, labels, tp_group, start)
+
+    @torch.no_grad()
+    def target_pass(self, mbs: list[MicroBatch]) -> None:
+        """EMA weights swapped into the policy, forward only: on the last stage each micro-batch gets
+        ``extras["target_features"]`` [B, H] fp32 (masked mean of the final-norm hidden state over
+        the response tokens, Eq. P3) and ``extras["target_logp"]`` [T] fp32 (EMA log-probs of the
+        labels, 0 off the mask). Collective over the pipeline."""
+        from popo_mega.model.forward import forward_only
+
+        if self.ema is None:
+            raise RuntimeError("target_pass: only POPO keeps an EMA target")
+
+        def collect(output, batch):
+            mb = batch["mb"]
+            T = mb.num_tokens
+            logp, _ = self._logp_entropy(output[0, :T], mb.labels)
+            mb.extras["target_logp"] = logp * mb.mask
+            mb.extras["target_features"] = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens,
+                                                            mb.feature_mask)
+            return None
+
+        with self.ema.swapped_into(self.model):
+            forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
+
+    def _target_noise(self, uids: Tensor, width: int) -> Tensor:
+        """eps ~ N(0, sigma^2) of Eq. P3, [B, width], a function of (seed, step, rollout uid) only."""
+        sigma = self.algo.popo.noise_std
+        rows = []
+        for uid in uids.tolist():
+            g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1_000_033 + int(uid))
+            rows.append(torch.randn(width, generator=g))
+        return sigma * torch.stack(rows).to(self.rt.device) if rows else torch.zeros(0, width)
+
+    def normalisers(self, mbs: list[MicroBatch]) -> Tensor:
+        """GLOBAL normalisers (all-reduced over DP), float64 [3]:
+        POPO: (N+, sum of positive weights, entropy token count) (Eq. P2-P4);
+        GRPO/A3PO: (response tokens, rollouts, 0)."""
+        acc = torch.zeros(3, dtype=torch.float64)
+        for mb in mbs:
+            if self.algo.name == "popo":
+                n = popo_normalisers(mb.mask, mb.cu_seqlens, mb.weights, mb.positive, self.algo.popo.entropy_on)
+                acc += torch.stack([n["num_positive_tokens"], n["weight_sum"], n["entropy_token_count"]]).double()
+            else:
+                acc += torch.tensor([float(mb.mask.sum()), float(mb.num_sequences), 0.0], dtype=torch.float64)
+        if self.rt.dp > 1:
+            acc = acc.to(self.rt.device)
+            dist.all_reduce(acc, group=_groups()[2])
+        return acc.cpu()
+
+    def _loss(self, mb: MicroBatch, output: Tensor, norm: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's share of the full-batch loss (Eq. P5, or GRPO/A3PO) and summable stats."""
+        T = mb.num_tokens
+        logp, ent = self._logp_entropy(output[0, :T], mb.labels)
+        a = self.algo
+        if a.name == "popo":
+            p = a.popo
+            pred = target = None
+            if self.predictor is not None:
+                feats = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens, mb.feature_mask)
+                pred = self.ddp_predictor(feats)
+                target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
+            loss, parts = popo_loss(
+                logp, mb.mask, mb.cu_seqlens, mb.weights, mb.positive, num_positive_tokens=norm[0].item(),
+                old_logp=mb.old_logp if p.is_correction == "token" else None, is_correction=p.is_correction,
+                eps_low=a.eps_low, eps_high=a.eps_high, pred=pred, target=target, weight_sum=norm[1].item(),
+                alpha=p.alpha, entropy=ent if p.beta != 0 else None, entropy_token_count=norm[2].item(),
+                entropy_on=p.entropy_on, beta=p.beta)
+            keys = POPO_STATS
+        else:
+            g = a.grpo
+            agg_norm = norm[0].item() if g.aggregation == "token_mean" else norm[1].item()
+            loss, parts = policy_loss(logp, mb.old_logp, mb.token_advantages, mb.mask, normaliser=agg_norm,
+                                      agg=g.aggregation, cu_seqlens=mb.cu_seqlens, eps_low=a.eps_low,
+                                      eps_high=a.eps_high)
+            keys = PG_STATS
+        parts = {**parts, "loss": loss}
+        stats = torch.stack([parts[k].detach().double().reshape(()).clone() for k in keys])
+        return loss, stats
+
+    # ------------------------------------------------------------------------------ the step
+    def train_step(self, samples: list[RolloutSample]) -> dict:
+        """One optimizer step on this DP rank's ``samples`` (all TP/PP peers pass the same list).
+
+        Returns (same on every rank) a dict of floats: the full-batch loss and its parts (summed over
+        micro-batches and DP), ``grad_norm``, ``lr``, ``tau`` (EMA momentum used, POPO),
+        ``tokens_fed`` / ``rollouts_fed`` (over DP), ``num_microbatches``, ``skipped`` (1.0 when a
+        NaN/inf loss or gradient skipped the update) and ``step`` (after the update).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        a = self.algo
+        if a.name == "popo" and a.popo.entropy_on == "positive":
+            samples = [s for s in samples if s.positive]  # negatives enter no term: never run them
+        if a.name == "a3po":
+            samples = a3po_token_advantages(samples, self.step, self.cfg)
+        mbs = self.pack(samples)
+        if not mbs:
+            raise ValueError("train_step: no rollout to train on (POPO: no positive in this rank's share); "
+                             "the caller must skip such batches on every rank")
+        if a.name == "popo" and a.popo.alpha != 0:
+            self.target_pass(mbs)   # collective over the pipeline: every stage runs it
+        norm = self.normalisers(mbs)
+        n_mb, dp = len(mbs), self.rt.dp
+        keys = POPO_STATS if a.name == "popo" else PG_STATS
+        per_mb: list[Tensor] = []
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params)
+
+            def loss_func(out):
+                loss, stats = self._loss(mb, out, norm)
+                per_mb.append(stats)
+                return loss * (n_mb * dp), {"loss": loss.detach().clone()}
+
+            return output, loss_func
+
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.model.train()
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(mbs), model=[self.ddp_model], num_microbatches=n_mb,
+            seq_length=max(mb.padded_tokens for mb in mbs), micro_batch_size=1, forward_only=False)
+        self._hidden = None
+
+        # Stats: sum over micro-batches (last stage), then DP, then pipeline (other stages add 0).
+        sums = torch.stack(per_mb).sum(0) if per_mb else torch.zeros(len(keys), dtype=torch.float64)
+        fed = torch.tensor([float(sum(mb.padded_tokens for mb in mbs)), float(len(samples))], dtype=torch.float64)
+        vec = torch.cat([sums, fed]).to(self.rt.device)
+        _, pp_group, dp_group = _groups()
+        if dp > 1:
+            dist.all_reduce(vec, group=dp_group)
+        if self.rt.pp > 1:
+            dist.all_reduce(vec, group=pp_group)
+        vec = vec.cpu()
+
+        bad = torch.tensor([0.0 if math.isfinite(float(vec[0])) else 1.0, self._local_grads_nonfinite()],
+                           device=self.rt.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        skipped = bool(bad.max() > 0)
+        grad_norm, tau = float("nan"), float("nan")
+        if skipped:
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                skipped = True
+            else:
+                self.scheduler.step(increment=1)
+                if self.ema is not None:
+                    tau = self.ema.update(self.model)
+        self.step += 1
+        out = {k: float(vec[i]) for i, k in enumerate(keys)}
+        out.update(tokens_fed=float(vec[len(keys)]), rollouts_fed=float(vec[len(keys) + 1]),
+                   num_microbatches=float(n_mb), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   lr=float(self.optimizer.param_groups[0]["lr"]), tau=tau, skipped=float(skipped),
+                   nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
+        return out
+
+    def _local_grads_nonfinite(self) -> float:
+        for c in self.chunks:
+            for p in c.module.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    return 1.0
+        return 0.0
