@@ -72,7 +72,8 @@ CANONICAL_KEYS = (
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
-# Keys every record carries besides the metrics; a metric may not use these names.
+# Keys every record carries besides the metrics; a metric may not use these names, except
+# "rollouts" / "tokens" when equal to log()'s arguments of the same name.
 RESERVED_KEYS = ("step", "wall_time", "elapsed_s", "step_time_s", "rollouts", "tokens",
                  "rollouts_per_s", "tokens_per_s")
 
@@ -130,7 +131,7 @@ def _check_metrics(metrics: dict) -> dict[str, float]:
     for k, v in metrics.items():
         if not isinstance(k, str) or not k:
             raise TypeError(f"metric names must be non-empty strings, got {k!r}")
-        if k in RESERVED_KEYS:
+        if k in RESERVED_KEYS and k not in ("rollouts", "tokens"):
             raise ValueError(f"metric name {k!r} is reserved (record fields: {', '.join(RESERVED_KEYS)})")
         if isinstance(v, (str, bytes)) or isinstance(v, bool):
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}")
@@ -190,8 +191,9 @@ class MetricsLogger:
         if resume_step is None:
             if path.exists() and path.stat().st_size > 0:
                 raise FileExistsError(
-                    f"{path} already holds metrics; pass resume_step=<first step to log> to "
-                    f"resume this run, or use a new run directory")
+                    f"{path} already holds metrics; pass resume_step=<completed steps + 1> to "
+                    f"resume this run (resume_step=1 starts over and drops them all), or use a "
+                    f"new run directory")
         elif path.exists():
             kept = [r for r in read_metrics(path) if r["step"] < resume_step]
             if kept:
@@ -227,6 +229,13 @@ class MetricsLogger:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {n!r}")
         values = _check_metrics(metrics)
+        for name, n in (("rollouts", rollouts), ("tokens", tokens)):
+            # A metric repeating a record field is fine when it agrees (e.g. the selection's
+            # stats carry "rollouts"); it is stored once, as the record field.
+            if name in values:
+                if values[name] != n:
+                    raise ValueError(f"metric {name!r} = {values[name]} disagrees with {name}={n}")
+                del values[name]
         self._last_step = step
         if self.rank != 0:
             return None

@@ -111,9 +111,11 @@ def test_resume_after_kill_mid_write(tmp_path):
 
 
 def test_existing_metrics_without_resume_is_an_error(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     with pytest.raises(FileExistsError, match="resume_step"):
         make_logger(tmp_path, FakeClock(0.0))
+    make_logger(tmp_path, FakeClock(0.0), resume_step=1).close()  # starting over drops them all
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_only_rank0_writes(tmp_path):
@@ -132,7 +134,10 @@ def test_bad_inputs_name_the_problem(tmp_path):
         lg.log(1, {"step": 1.0}, rollouts=1, tokens=1)
     with pytest.raises(ValueError, match="tokens"):
         lg.log(1, {}, rollouts=1, tokens=-1)
-    lg.log(1, {}, rollouts=1, tokens=1)
+    with pytest.raises(ValueError, match="'rollouts' = 3.0 disagrees with rollouts=2"):
+        lg.log(1, {"rollouts": 3.0}, rollouts=2, tokens=1)
+    rec = lg.log(1, {"rollouts": 2.0}, rollouts=2, tokens=1)  # agreeing duplicate: stored once
+    assert rec["rollouts"] == 2 and json.loads((tmp_path / "metrics.jsonl").read_text())["rollouts"] == 2
     with pytest.raises(ValueError, match="steps must increase"):
         lg.log(1, {}, rollouts=1, tokens=1)
 
