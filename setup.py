@@ -94,6 +94,7 @@ setup(
             "popo-eval=popo_mega.cli:eval_main",
             "popo-convert=popo_mega.cli:convert_main",
             "popo-rollout-server=popo_mega.cli:rollout_server_main",
+            "popo-report=popo_mega.cli:report_main",
         ]
     },
     ext_modules=ext_modules,

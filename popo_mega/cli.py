@@ -14,3 +14,4 @@ def _dispatch(module: str, func: str = "main"):
 eval_main = _dispatch("popo_mega.eval.cli")
 convert_main = _dispatch("popo_mega.model.convert_cli")
 rollout_server_main = _dispatch("popo_mega.rollout.server")
+report_main = _dispatch("popo_mega.train.report")

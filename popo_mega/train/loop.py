@@ -58,6 +58,27 @@ def hf_tensors_on_rank0(trainer, use_ema: bool) -> list[tuple[str, torch.Tensor]
     return items if trainer.rt.rank == 0 else []
 
 
+def canonical_metrics(step_stats: dict) -> dict:
+    """The trainer's loss parts under the canonical metric names of popo_mega.train.metrics.
+
+    L_sim = -(weighted mean cosine) and L_ent = -(mean entropy) (Eq. P3, P4), so the logged
+    similarity and entropy are their negatives; the clip fraction is over the tokens the policy
+    term saw (positive tokens for POPO).
+    """
+    out = dict(step_stats)
+    if "sim" in out:
+        out["similarity"] = -out.pop("sim")
+    if "ent" in out:
+        out["entropy"] = -out.pop("ent")
+    if "kl" in out:
+        out["kl_ref"] = out.pop("kl")  # GRPO k3 KL to the reference (not P7's KL to the EMA)
+    tokens = out.get("positive_token_count", out.get("token_count"))
+    if tokens and "clip_low_count" in out:
+        out["clip_fraction"] = (out["clip_low_count"] + out["clip_high_count"]) / tokens
+        out["mean_rho"] = out.get("rho_sum", 0.0) / tokens
+    return out
+
+
 def greedy_accuracy(engine, prompts, score_fn, max_new_tokens: int, stop_ids: tuple[int, ...], tokenizer) -> float:
     sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids)
     outs = engine.generate([p.ids for p in prompts], sampling, n=1)
@@ -146,7 +167,8 @@ def run(cfg: Config, log=print) -> RunResult:
                                     max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
                                     disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
                                     sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
-            metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard)
+            metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard,
+                                    resume_step=trainer.step + 1)
             log(f"[popo-train] {cfg.algorithm.name} on {cfg.model.hf_path}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"{len(stream.prompts)} training prompts ({skipped} bad records skipped), "
                 f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.group_size} rollouts per step")
@@ -187,7 +209,8 @@ def run(cfg: Config, log=print) -> RunResult:
             tensors = hf_tensors_on_rank0(trainer, use_ema=cfg.rollout.weights == "ema")
             if is_rank0:
                 engine.sync_weights(tensors, version=f"step{step}")
-                m = {**sel_stats, **step_stats, "rollout_s": rollout_s, "sync_s": time.time() - t_sync}
+                m = {**sel_stats, **canonical_metrics(step_stats), "rollout_s": rollout_s,
+                     "sync_s": time.time() - t_sync}
                 if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
                     m["heldout_accuracy"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
                                                             stop_ids, tokenizer)
