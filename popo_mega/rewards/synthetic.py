@@ -3,8 +3,8 @@
 A problem is ``a op b`` with ``a, b`` in ``[0, max_operand]`` and ``op`` in ``ops`` (default: ``+``
 on 0..99, 10,000 problems). Its prompt is the text ``"07+45="`` and its gold answer ``"052"``:
 operands and answers zero-padded to a fixed width (``fixed_width=False`` writes ``"7+45="`` /
-``"52"``). A response is correct when its first line, stripped, is an integer equal to the gold
-(``score``: "052", "52" and " 52\n..." all count; no math-verify, no process pool).
+``"52"``). A response is correct when it is exactly the gold text, whitespace around it aside (``score``:
+"052" counts, "52" and "052\n7" do not; no math-verify, no process pool).
 The model sees characters: the tokenizer shipped in ``popo_mega/assets/synthetic_tokenizer`` (one
 token per character, ``<eos>`` id 2), so a prompt is 6 tokens and an answer 3 tokens plus ``<eos>``.
 
@@ -132,21 +132,23 @@ class SyntheticTask:
         return [(e.question, e.answer) for e in self.examples(split)]
 
 
-def parse_answer(response: str) -> int | None:
-    """The integer a response states: its first line (text before any "<eos>"), stripped, if that is
-    exactly an integer; else None."""
-    text = response.split("<eos>", 1)[0].split("\n", 1)[0].strip()
-    return int(text) if _INT_RE.fullmatch(text) else None
+def parse_answer(response: str) -> str | None:
+    """The answer a response states: the whole text before any "<eos>", surrounding whitespace
+    removed, when it is an integer written as digits (optionally "-"); else None."""
+    text = response.split("<eos>", 1)[0].strip()
+    return text if _INT_RE.fullmatch(text) else None
 
 
 def score(response: str, gold: str) -> float:
-    """1.0 when the response's first line is exactly the gold integer, else 0.0."""
-    got = parse_answer(response)
-    try:
-        want = int(str(gold).strip())
-    except ValueError as e:
-        raise ValueError(f"synthetic.score: gold must be an integer string, got {gold!r}") from e
-    return 1.0 if got is not None and got == want else 0.0
+    """1.0 when the response is exactly the gold answer text (whitespace around it aside), else 0.0.
+
+    Strict on purpose: the format (zero padding, nothing after the answer) is part of the task. A
+    lenient integer match ("52" for "052", "052\n7") let a positive-only learner drift into other
+    formats and collapse in a probe (held-out 0.50 -> 0.01 within 200 steps)."""
+    gold = str(gold).strip()
+    if not _INT_RE.fullmatch(gold):
+        raise ValueError(f"synthetic.score: gold must be an integer string, got {gold!r}")
+    return 1.0 if parse_answer(response) == gold else 0.0
 
 
 def score_batch(responses, golds) -> list[float]:

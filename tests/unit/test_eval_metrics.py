@@ -71,10 +71,10 @@ class ScriptedEngine:
         out = []
         for ids in prompts:
             i = self.index[tuple(ids)]
-            gold = int(self.examples[i].answer)
+            gold = self.examples[i].answer
             group = []
             for j in range(n):
-                text = str(gold) if self.plan[i][j] else str(gold + 1)
+                text = gold if self.plan[i][j] else str(int(gold) + 1)
                 ids_out = self.tok.encode(text, add_special_tokens=False)
                 stopped = (i + j) % 3 != 0
                 group.append(Completion(output_ids=ids_out + ([2] if stopped else []), output_logprobs=[0.0] * (len(ids_out) + stopped),
