@@ -50,6 +50,8 @@ class HttpEngine:
     sync_method:        "distributed" (init_weights_update_group + update_weights_from_distributed),
                         "disk" (update_weights_from_disk), or "auto" (distributed, disk if it fails)
     sync_backend:       "gloo" (CPU trainer tensors) or "nccl" (CUDA tensors)
+    load_format:        "auto" (per-tensor broadcasts on gloo, flattened buckets on NCCL),
+                        "flattened_bucket", or None (see weight_sync)
     disk_dir:           where the disk fallback writes (must be readable by the servers)
     verify_probes:      after a sync, read back a few small tensors with /get_weights_by_name
     servers:            ServerProcess objects this engine launched and stops on ``close()``
@@ -58,7 +60,7 @@ class HttpEngine:
     def __init__(self, urls: Sequence[str], *, api_key: str | None = None, max_in_flight: int = 64,
                  connect_timeout_s: float = 10.0, request_timeout_s: float = 600.0, failover: bool = True,
                  max_retries: int = 2, sync_method: str = "auto", sync_backend: str = "gloo",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "flattened_bucket",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "auto",
                  tp_sizes: list[int] | None = None, master_address: str = "127.0.0.1",
                  disk_dir: str | None = None, sync_timeout_s: float = 300.0, verify_probes: bool = True,
                  pause_mode: str = "retract", servers: list | None = None):

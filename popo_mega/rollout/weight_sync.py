@@ -9,6 +9,8 @@ Protocol (SGLang's, so the same code drives SGLang servers and the embedded serv
    ``/update_weights_from_distributed`` {names, dtypes, shapes, load_format} to every server and
    broadcast the bucket from rank 0 — one flat uint8 tensor (``load_format="flattened_bucket"``,
    SGLang's ``FlattenedTensorBucket`` layout) or one broadcast per tensor (``load_format=None``).
+   ``"auto"`` picks per-tensor on gloo and flattened on NCCL: on CPU, concatenating a 496 MB
+   bucket cost 1.2-1.5 s, more than the broadcast itself (benchmarks/results/rollout_cpu.json).
    After the last bucket, POST ``/update_weight_version``: a sync that fails half-way never
    announces the new version.
 3. Fallback: ``sync_from_disk`` writes a safetensors file and POSTs ``/update_weights_from_disk``.
@@ -164,17 +166,21 @@ class DistributedWeightSync:
 
     urls:            the servers (each joins with ``tp_sizes[i]`` ranks; 1 for the embedded server)
     backend:         "gloo" (CPU tensors) or "nccl" (CUDA tensors) — the same code path
-    load_format:     "flattened_bucket" (one broadcast per bucket) or None (one per tensor)
+    load_format:     "flattened_bucket" (one broadcast per bucket), None (one per tensor), or
+                     "auto" (None on gloo, "flattened_bucket" on NCCL)
     """
 
     def __init__(self, urls: list[str], *, master_address: str = "127.0.0.1", master_port: int | None = None,
                  group_name: str = "popo_weight_sync", backend: str = "gloo", tp_sizes: list[int] | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "flattened_bucket",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "auto",
                  timeout_s: float = 300.0, api_key: str | None = None):
         if not urls:
             raise ValueError("DistributedWeightSync: no server URLs")
-        if load_format not in ("flattened_bucket", None):
-            raise ValueError(f"DistributedWeightSync: load_format must be 'flattened_bucket' or None, got {load_format!r}")
+        if load_format not in ("flattened_bucket", None, "auto"):
+            raise ValueError(f"DistributedWeightSync: load_format must be 'flattened_bucket', None or 'auto', "
+                             f"got {load_format!r}")
+        if load_format == "auto":
+            load_format = "flattened_bucket" if backend == "nccl" else None
         self.urls, self.backend, self.group_name = list(urls), backend, group_name
         self.tp_sizes = list(tp_sizes) if tp_sizes else [1] * len(urls)
         if len(self.tp_sizes) != len(self.urls):

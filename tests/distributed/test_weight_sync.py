@@ -6,6 +6,7 @@ for the same tokens (fp32), and a stale or garbled sync is caught by the post-sy
 Two trainers: a plain ``transformers`` model's state_dict (exercises every sync path and check),
 and a Megatron GPT at TP=2 on gloo whose shards ``popo_mega.model.hf.iter_hf_tensors`` gathers
 into HF tensors (split QKV per query group, split GLU fc1) on the fly while rank 0 sends them.
+The first trainer's world also checks ``funnel_pipeline_stages`` (PP stages -> the one sender).
 """
 
 import pytest
@@ -45,7 +46,7 @@ def _trainer(rank, world_size, urls, trainer_dir, disk_dir):
 
         model = AutoModelForCausalLM.from_pretrained(trainer_dir).eval()
         engine = HttpEngine(urls, sync_method="distributed", bucket_bytes=4096, sync_timeout_s=60,
-                            request_timeout_s=60)
+                            request_timeout_s=60, load_format="flattened_bucket")
         engine.sync_weights(model.state_dict().items(), "v1")  # checks version and probes itself
         out["buckets"] = engine.last_sync.buckets
         out["version"] = engine.weight_version()
@@ -97,7 +98,25 @@ def _trainer(rank, world_size, urls, trainer_dir, disk_dir):
     after = torch.full((1,), 2.0)
     dist.all_reduce(after)  # the default world still works after the weight-update group came and went
     out["after"] = after.item()
+    out["funnel"] = _funnel(rank)  # same world, spared a second spawn: PP stages -> the sender
     return out
+
+
+def _stage_tensors(rank):
+    named = [(f"stage{rank}.t{i}", torch.arange(i + 1 + rank * 10, dtype=torch.float32).reshape(1, -1) + 0.5)
+             for i in range(3)]
+    return named + [(f"stage{rank}.bf16", torch.full((2, 2), 1.5 + rank, dtype=torch.bfloat16))]
+
+
+def _funnel(rank):
+    import torch.distributed as dist
+
+    from popo_mega.rollout.pipeline_funnel import funnel_pipeline_stages
+
+    pp = dist.new_group([0, 1])  # two pipeline stages, TP rank 0 of each
+    got = [(n, t.clone()) for n, t in funnel_pipeline_stages(iter(_stage_tensors(rank)), pp_group=pp, tp_rank=0)]
+    drained = list(funnel_pipeline_stages(iter(_stage_tensors(rank)), pp_group=pp, tp_rank=1))  # TP rank != 0
+    return got, drained
 
 
 def _megatron_trainer(rank, world_size, urls, hf_dir):
@@ -170,6 +189,12 @@ def test_trainer_syncs_two_servers_and_checks_catch_stale_and_garbled(two_server
     assert "prompt log-probs differ" in rank0["stale"][0] and "stale weight version" in rank0["stale"][1]
     assert rank0["garbled"] is not None and "prompt log-probs differ" in rank0["garbled"]
     assert rank0["per_tensor_diff"] <= ATOL and rank0["disk_diff"] <= ATOL
+    # pipeline funnel: rank 0 gets stage 0's then stage 1's tensors, bit-exact; nobody else gets any
+    (got0, drained0), (got1, drained1) = rank0["funnel"], rank1["funnel"]
+    assert got1 == [] and drained0 == [] and drained1 == []
+    assert [n for n, _ in got0] == [n for r in range(2) for n, _ in _stage_tensors(r)]
+    for (name, got), (_, want) in zip(got0, [kv for r in range(2) for kv in _stage_tensors(r)]):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 def test_megatron_tp2_trainer_syncs_and_logprobs_match(two_servers, tmp_path):
@@ -183,3 +208,4 @@ def test_megatron_tp2_trainer_syncs_and_logprobs_match(two_servers, tmp_path):
     print(f"max |megatron TP=2 - server| sampled-token log-prob: {rank0['diff']:.2e}")
     # fp32 Megatron at TP=2 vs the server's HF model with a KV cache: both ranks agree with the server
     assert rank0["diff"] < 1e-4 and rank1["diff"] < 1e-4 and rank0["spread"] > 0.1
+
