@@ -1,0 +1,277 @@
+"""Training checkpoints with megatron-core ``dist_checkpointing``: save, find the latest complete one,
+resume at the same or a different TP/PP layout.
+
+    path = save_checkpoint(trainer, "runs/x/checkpoints", extra={"data_cursor": 128}, keep_last=2)
+    info = load_checkpoint(trainer, "runs/x/checkpoints")   # None when there is none
+    # info = {"step": 10, "extra": {...}, "path": ..., "rng_restored": True}
+
+Contents: the policy (megatron's sharded state dict), the optimizer (the distributed optimizer in
+the ``fully_reshardable`` format), the fp32 EMA (each tensor wrapped with the sharding metadata of
+the parameter it averages, key prefix ``ema.``), the predictor (replicated, last stage), the LR
+scheduler, the step, the caller's ``extra`` (data cursor etc., JSON-like) and per-rank RNG
+states (python, numpy, torch, megatron's model-parallel tracker).
+
+Atomicity: everything is written into ``ROOT/.tmp_step_XXXXXXXX``; when every rank has finished,
+global rank 0 writes the marker file ``popo_checkpoint.json`` into it and renames it to
+``ROOT/step_XXXXXXXX``. A directory without the marker (a crash mid-save, a copy in progress) is
+never loaded. ROOT must be on a file system that every rank sees.
+
+Known megatron-core 0.16.1 pitfalls handled here (../shared/design/environment.md): a fresh
+optimizer's state is initialised before load; after load every Adam parameter state shared ONE
+``step`` tensor (torch Adam then increments it once per parameter and the bias correction goes
+wrong) — :func:`_unshare_adam_steps` gives each parameter its own copy.
+
+RNG states are restored only when the layout (TP, PP, DP) is the one that saved them; after a
+re-layout the seeds of the new layout stay (the run is then not bit-identical, by construction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "MARKER"]
+
+MARKER = "popo_checkpoint.json"
+_DIR = re.compile(r"^step_(\d{8})$")
+_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the COMPLETE checkpoints under ``root`` (marker present), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _DIR.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, MARKER)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _layout(trainer) -> dict:
+    return {"tp": trainer.rt.tp, "pp": trainer.rt.pp, "dp": trainer.rt.dp}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _optimizers(opt) -> list:
+    return list(getattr(opt, "chained_optimizers", None) or [opt])
+
+
+def _init_optimizer_state(opt) -> None:
+    """A fresh megatron optimizer has no Adam state yet; dist_checkpointing loads into existing state."""
+    # megatron's init_state_fn creates exp_avg / exp_avg_sq only (no "step", which the
+    # fully_reshardable loader restores separately); a dummy optimizer step would add "step" and
+    # make that loader fail with KeyError('step').
+    # The distributed optimizer's state_dict() also needs a "step" in every parameter state.
+    for o in _optimizers(opt):
+        if getattr(o, "init_state_fn", None) is not None:
+            o.init_state_fn(o.optimizer, o.config)
+        if hasattr(o, "load_parameter_state_from_fully_reshardable"):
+            for state in o.optimizer.state.values():
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _load_optimizer(opt, state) -> None:
+    """``opt.load_state_dict(state)``, working around megatron-core 0.16.1's distributed optimizer
+    with the torch Adam fallback: its ``load_state_dict`` puts a "step" into every parameter state
+    and then the fully_reshardable loader fails (KeyError 'step': the checkpoint's parameter state
+    carries no step). So the non-parameter part is loaded first (it restores the step into every
+    state), the step is set aside while the parameter state is loaded, then put back."""
+    subs = _optimizers(opt)
+    parts = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]
+    for o, part in zip(subs, parts):
+        param_state = part.pop("param_state", None) if hasattr(o, "load_parameter_state_from_fully_reshardable") else None
+        o.load_state_dict(part)
+        if param_state is None:
+            continue
+        kind = part.get("param_state_sharding_type")
+        if kind != "fully_reshardable":
+            raise ValueError(f"checkpoint: optimizer state in format {kind!r}, expected fully_reshardable")
+        steps = {p: st.pop("step") for p, st in o.optimizer.state.items() if "step" in st}
+        o.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            o.optimizer.state[p]["step"] = step
+
+
+def _unshare_adam_steps(opt) -> int:
+    """Give every parameter's Adam state its own ``step`` tensor; returns how many were shared."""
+    shared = 0
+    for o in _optimizers(opt):
+        seen: set[int] = set()
+        for state in o.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    shared += 1
+                seen.add(id(step))
+                state["step"] = step.clone()
+    return shared
+
+
+def _sharded_state(trainer, is_loading: bool, with_rng: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    rt = trainer.rt
+    model_sd = trainer.model.sharded_state_dict(metadata=dict(_SHARDING))
+    state: dict = {"model": model_sd}
+    params_sd = dict(model_sd)
+    if trainer.predictor is not None:
+        pred_sd = {}
+        for name, t in trainer.predictor.state_dict(keep_vars=True).items():
+            pred_sd[name] = ShardedTensor.from_rank_offsets(f"popo_predictor.{name}", t,
+                                                            replica_id=(0, rt.tp_rank, rt.dp_rank))
+        state["predictor"] = pred_sd
+        params_sd.update({f"popo_predictor.{k}": v for k, v in pred_sd.items()})
+    if trainer.ema is not None:
+        ema = dict(trainer.ema.named_tensors())
+        ema_sd = {}
+        for name, sh in model_sd.items():
+            if name not in ema:
+                continue
+            if isinstance(sh, ShardedTensor):
+                ema_sd[name] = dataclasses.replace(sh, key=f"ema.{sh.key}", data=ema[name], dtype=ema[name].dtype)
+            elif isinstance(sh, ShardedTensorFactory):   # e.g. SwiGLU linear_fc1, split [gate; up] on save
+                ema_sd[name] = dataclasses.replace(sh, key=f"ema.{sh.key}", data=ema[name])
+        missing = sorted(set(ema) - set(ema_sd))
+        if missing:
+            raise RuntimeError(f"checkpoint: EMA tensors without sharding metadata in the model: {missing[:5]}")
+        state["ema"] = ema_sd
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(params_sd, is_loading=is_loading,
+                                                              metadata=dict(_SHARDING))
+    if with_rng:
+        state["rng"] = ShardedObject("popo_rng_state", _rng_state(), (rt.pp, rt.tp, rt.dp),
+                                     (rt.pp_rank, rt.tp_rank, rt.dp_rank), replica_id=0)
+    return state
+
+
+def save_checkpoint(trainer, root: str, extra: dict | None = None, keep_last: int = 2) -> str:
+    """Write a checkpoint of ``trainer`` at ``trainer.step`` under ``root``; collective over all
+    ranks. Returns the final directory. Older complete checkpoints beyond ``keep_last`` (>= 1) and
+    stale temporary directories are removed by rank 0."""
+    from megatron.core import dist_checkpointing
+
+    if keep_last < 1:
+        raise ValueError(f"train.keep_last must be >= 1, got {keep_last}")
+    step = trainer.step
+    final = _step_dir(root, step)
+    tmp = os.path.join(root, f".tmp_step_{step:08d}")
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_state(trainer, is_loading=False, with_rng=True)
+    state["popo"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "extra": extra or {},
+                     "layout": _layout(trainer), "algorithm": trainer.algo.name,
+                     "ema_meta": None if trainer.ema is None else
+                     {k: v for k, v in trainer.ema.state_dict().items() if k != "shadow"}}
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"step": step, "layout": _layout(trainer), "algorithm": trainer.algo.name,
+                       "saved_at": time.time()}, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(root):
+            if name.startswith(".tmp_step_") and name != os.path.basename(tmp):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
+    """Restore ``trainer`` from the latest complete checkpoint under ``root_or_dir`` (or from that
+    checkpoint directory itself). Collective. Returns {"step", "extra", "path", "rng_restored",
+    "shared_adam_steps_fixed"}, or None when there is no complete checkpoint.
+    A directory given explicitly without the marker is an error (it is incomplete)."""
+    from megatron.core import dist_checkpointing
+
+    if os.path.isfile(os.path.join(root_or_dir, MARKER)):
+        path = root_or_dir
+    elif _DIR.match(os.path.basename(os.path.normpath(root_or_dir))) or \
+            os.path.basename(os.path.normpath(root_or_dir)).startswith(".tmp_step_"):
+        raise FileNotFoundError(f"checkpoint {root_or_dir} has no {MARKER}: it was not completely written")
+    else:
+        path = latest_checkpoint(root_or_dir)
+        if path is None:
+            return None
+    common = dist_checkpointing.load_common_state_dict(path)["popo"]
+    if common["algorithm"] != trainer.algo.name:
+        raise ValueError(f"checkpoint {path} was written by algorithm {common['algorithm']!r}, "
+                         f"this run is {trainer.algo.name!r}")
+    same_layout = common["layout"] == _layout(trainer)
+    _init_optimizer_state(trainer.optimizer)
+    state = _sharded_state(trainer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, path)
+    trainer.model.load_state_dict(loaded["model"], strict=True)
+    if trainer.predictor is not None:
+        trainer.predictor.load_state_dict(loaded["predictor"])
+    _load_optimizer(trainer.optimizer, loaded["optimizer"])
+    fixed = _unshare_adam_steps(trainer.optimizer)
+    if trainer.ema is not None:
+        with torch.no_grad():
+            for name, t in trainer.ema.named_tensors():
+                t.copy_(loaded["ema"][name])
+        meta = common["ema_meta"]
+        trainer.ema.step = int(meta["step"])
+        trainer.ema.tau, trainer.ema.schedule, trainer.ema.total_steps = meta["tau"], meta["schedule"], meta["total_steps"]
+    trainer.scheduler.load_state_dict(common["scheduler"])
+    trainer.step = int(common["step"])
+    if same_layout:
+        _set_rng_state(loaded["rng"])
+    return {"step": trainer.step, "extra": common["extra"], "path": path, "rng_restored": same_layout,
+            "shared_adam_steps_fixed": fixed}
