@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
@@ -88,6 +89,7 @@ class HttpEngine:
                                bucket_bytes=bucket_bytes, load_format=load_format, timeout_s=sync_timeout_s,
                                api_key=api_key, master_address=master_address)
         self._sync: DistributedWeightSync | None = None
+        self._distributed_failed = False
 
     # ---- plumbing ----
     def _headers(self) -> dict:
@@ -184,24 +186,40 @@ class HttpEngine:
         self._version, self.last_sync = report.version, report
 
     def _send(self, named_tensors, version: str, urls: list[str]) -> SyncReport:
-        if self.sync_method == "disk":
+        """Distributed sync; in "auto" mode fall back to disk when the group cannot form.
+
+        The tensors are streamed, never all held (a 70B model would not fit): a failure after
+        the first bucket cannot be replayed from a one-shot iterator, so it is raised (the servers'
+        version is left unchanged) unless ``named_tensors`` is a list or tuple. After any failure,
+        "auto" uses the disk path for the following syncs.
+        """
+        fallback = self.sync_method == "auto" and bool(self.disk_dir)
+        if self.sync_method == "disk" or (fallback and self._distributed_failed):
             return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
-        if self.sync_method == "auto" and self.disk_dir:
-            named_tensors = list(named_tensors)  # kept for the fallback: the iterator is single-use
         try:
             if self._sync is None or self._sync.urls != urls:
                 if self._sync is not None:
                     self._sync.close()
                 self._sync = DistributedWeightSync(urls, **self._sync_args)
                 self._sync.connect()
+        except WeightSyncError as exc:
+            self._sync = None
+            if not fallback:
+                raise
+            self._distributed_failed = True
+            warnings.warn(f"distributed weight sync unavailable ({exc}); using update_weights_from_disk")
+            return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+        try:
             return self._sync.send(named_tensors, version)
-        except WeightSyncError:
-            if self.sync_method == "auto" and self.disk_dir:
-                if self._sync is not None:
-                    self._sync.close()
-                self._sync = None
-                return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
-            raise
+        except WeightSyncError as exc:
+            self._sync.close()
+            self._sync = None
+            if fallback:
+                self._distributed_failed = True
+                if isinstance(named_tensors, (list, tuple)):
+                    return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+            raise WeightSyncError(f"{exc} -- the servers may hold partly updated weights under their old version; "
+                                  "sync again (a list of tensors can be replayed through the disk fallback)") from None
 
     def weight_version(self) -> str | None:
         """The version this engine last synced; before any sync, what the first live server reports."""

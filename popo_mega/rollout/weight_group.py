@@ -34,6 +34,9 @@ class WeightUpdateGroup:
             raise ValueError(f"WeightUpdateGroup: backend must be 'gloo' or 'nccl', got {backend!r}")
         if not group_name:
             raise ValueError("WeightUpdateGroup: group_name must not be empty")
+        if backend == "nccl" and not dist.is_nccl_available():
+            raise RuntimeError("WeightUpdateGroup: backend 'nccl' is not available in this torch build "
+                               "(a CPU build?): use backend 'gloo'")
         self.rank, self.world_size, self.backend, self.group_name = rank, world_size, backend, group_name
         timeout = datetime.timedelta(seconds=timeout_s)
         self._store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),

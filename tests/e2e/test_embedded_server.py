@@ -128,3 +128,25 @@ def _hf_from(weights_dir, config_dir):
     model = _hf(config_dir)
     model.load_state_dict(load_file(os.path.join(weights_dir, "model.safetensors")))
     return model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without NCCL, so the group cannot form")
+def test_auto_sync_falls_back_to_disk_when_the_group_cannot_form(server):
+    from popo_mega.rollout.http_engine import HttpEngine
+    from popo_mega.rollout.tiny_model import save_tiny_qwen2
+    from popo_mega.rollout.weight_sync import prompt_logprobs
+
+    url, path, root = server
+    new = _hf(save_tiny_qwen2(str(root / "fallback_model"), seed=5, eos_token_id=2))
+    engine = HttpEngine([url], api_key=KEY, sync_method="auto", sync_backend="nccl", disk_dir=str(root / "sync"),
+                        sync_timeout_s=20)
+    with pytest.warns(UserWarning, match="distributed weight sync unavailable.*nccl"):
+        engine.sync_weights(new.state_dict().items(), "fb1")
+    assert engine.last_sync.method == "disk" and engine.weight_version() == "fb1"
+    prompt = [4, 5, 6, 7]
+    got = torch.tensor(prompt_logprobs(url, prompt, api_key=KEY), dtype=torch.float64)
+    assert torch.allclose(got, _teacher(new, prompt[:1], prompt[1:]), atol=2e-5)
+    strict = HttpEngine([url], api_key=KEY, sync_method="distributed", sync_backend="nccl", sync_timeout_s=20)
+    from popo_mega.rollout.weight_sync import WeightSyncError
+    with pytest.raises(WeightSyncError, match="nccl"):
+        strict.sync_weights(new.state_dict().items(), "fb2")
