@@ -1,0 +1,230 @@
+"""Check popo-plan (popo_mega.plan) against the memory of real tiny Megatron trainers on CPU.
+
+    python benchmarks/plan_check.py [--out benchmarks/results/plan_check_cpu.json]
+
+For each case (a tiny Qwen2 / Llama-3 checkpoint from tests/tiny_models.py, a TP/PP/DP layout, a
+recompute mode) a real ``PolicyTrainer`` (megatron GPTModel + DDP + megatron optimizer + fp32 EMA +
+predictor, bf16) is built in 2 gloo processes and one POPO step runs (target pass, forward,
+backward, Adam step). Measured, per rank:
+
+  weights    sum of the model's parameter bytes
+  grads      sum of the fp32 ``main_grad`` bytes (views into DDP's grad buffer; the buffer's own size,
+             which includes megatron's alignment padding, is reported as ``grad_buffer``)
+  optimizer  fp32 main-parameter copies + Adam exp_avg / exp_avg_sq of every optimizer (model + predictor)
+  ema        the EMA's fp32 shadow tensors
+  predictor  the predictor's parameter + main_grad bytes
+  saved      activations kept for backward by the training forward: the bytes of the distinct storages
+             handed to autograd's saved-tensor hook (parameters excluded), one micro-batch
+
+and compared with the planner's terms for the same architecture and layout (``attention="math"``:
+the CPU attention is SDPA's math path over a [T, T] segment mask, so the score matrices count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# (name, model, tp, pp, distributed_optimizer, recompute) -- all in a world of 2 processes.
+CASES = (
+    ("qwen2_tp2", "qwen2", 2, 1, True, "none"),
+    ("qwen2_tp1_dp2_distopt", "qwen2", 1, 1, True, "none"),
+    ("qwen2_tp1_dp2_no_distopt", "qwen2", 1, 1, False, "none"),
+    ("qwen2_tp2_full_recompute", "qwen2", 2, 1, True, "full"),
+    ("llama_tied_tp1_dp2", "llama", 1, 1, True, "none"),
+    ("llama_tied_pp2", "llama", 1, 2, True, "none"),
+)
+PREDICTOR_HIDDEN = 32
+
+
+def make_samples(n: int, vocab: int, seed: int = 0):
+    """n positive rollouts of 6..13 tokens (prompt 2..4)."""
+    from popo_mega.train.batch import RolloutSample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        P = int(torch.randint(2, 5, (1,), generator=g))
+        R = int(torch.randint(4, 10, (1,), generator=g))
+        toks = torch.randint(1, vocab, (P + R,), generator=g)
+        out.append(RolloutSample(toks, P, old_logp=-torch.rand(R, generator=g) * 3, weight=1.0 / n,
+                                 positive=True, uid=i))
+    return out
+
+
+def _bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure_case(path: str, tp: int, pp: int, distopt: bool, recompute: str, n_samples: int = 6) -> dict:
+    """One rank's measured memory terms for a fresh trainer at this layout (parallel_state is set up
+    here and torn down at the end; the process group must exist)."""
+    from megatron.core import parallel_state
+
+    from popo_mega.config import config_from_dict
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.runtime import initialize
+    from popo_mega.train.step import PolicyTrainer
+
+    model = {"hf_path": path, "dtype": "bfloat16", "transformer_impl": "local"}
+    if recompute != "none":
+        model["recompute_granularity"] = recompute
+    cfg = config_from_dict({"model": model,
+                            "parallel": {"tensor": tp, "pipeline": pp, "sequence_parallel": False,
+                                         "distributed_optimizer": distopt},
+                            "train": {"lr": 1e-3, "micro_batch_tokens": 4096, "steps": 5, "seed": 3},
+                            "algorithm": {"popo": {"predictor_hidden": PREDICTOR_HIDDEN, "noise_std": 0.0}}})
+    rt = initialize(tp, pp, seed=0, device="cpu")
+    try:
+        trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+        samples = make_samples(n_samples, trainer.arch.vocab_size)
+        tokens = sum(s.tokens.numel() for s in samples)
+        param_ptrs = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+        if trainer.predictor is not None:
+            param_ptrs |= {p.untyped_storage().data_ptr() for p in trainer.predictor.parameters()}
+        saved: dict[int, int] = {}        # packed during the forward
+        recomputed: dict[int, int] = {}   # packed during backward (full recompute re-running layers)
+
+        def pack(t):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s.data_ptr() not in param_ptrs and s.data_ptr() != 0:
+                    into = recomputed if torch._C._current_graph_task_id() != -1 else saved
+                    into[s.data_ptr()] = max(into.get(s.data_ptr(), 0), s.nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            stats = trainer.train_step(samples)
+        # Optimizer tensors: a main param whose storage is a parameter's (an fp32 parameter or its
+        # distributed-optimizer shard view) is no copy; Adam state is the predictor's when its main
+        # param lives in the predictor's storage.
+        pred_ptrs = ({p.untyped_storage().data_ptr() for p in trainer.predictor.parameters()}
+                     if trainer.predictor is not None else set())
+        opt_bytes = pred_opt_bytes = 0
+        opts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+        for opt in opts:
+            for group in opt.optimizer.param_groups:
+                for p in group["params"]:
+                    ptr = p.untyped_storage().data_ptr()
+                    state = sum(_bytes(v) for v in opt.optimizer.state.get(p, {}).values()
+                                if isinstance(v, torch.Tensor) and v.numel() > 1)   # exp_avg, exp_avg_sq
+                    if ptr in pred_ptrs:
+                        pred_opt_bytes += state
+                    else:
+                        opt_bytes += state + (0 if ptr in param_ptrs else _bytes(p))  # + fp32 main copy
+        params = list(trainer.model.parameters())
+        out = {
+            "rank": rt.rank, "tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "dp_rank": rt.dp_rank, "dp": rt.dp,
+            "tokens": tokens, "num_microbatches": stats.get("num_microbatches"), "skipped": stats.get("skipped"),
+            "params": sum(p.numel() for p in params),
+            "weights": sum(_bytes(p) for p in params),
+            "grads": sum(_bytes(p.main_grad) for p in params),
+            "grad_buffer": sum(_bytes(b.grad_data) for b in trainer.ddp_model.buffers),
+            "optimizer": opt_bytes,
+            "ema": sum(_bytes(t) for t in trainer.ema._shadow.values()),
+            "predictor": pred_opt_bytes + (sum(_bytes(p) + _bytes(p.main_grad) for p in trainer.predictor.parameters())
+                                           if trainer.predictor is not None else 0),
+            "saved": sum(saved.values()),
+            "recomputed": sum(recomputed.values()),
+            "layers": trainer.model.config.num_layers // pp,
+        }
+        return out
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _world(rank, world_size, paths, cases):
+    out = {}
+    for name, model, tp, pp, distopt, recompute in cases:
+        out[name] = measure_case(paths[model], tp, pp, distopt, recompute)
+    return out
+
+
+def build_tiny(tmp: str) -> dict:
+    from tests.tiny_models import llama3_config, qwen2_config, save_tiny
+
+    paths = {"qwen2": os.path.join(tmp, "qwen2"), "llama": os.path.join(tmp, "llama")}
+    save_tiny(qwen2_config(), paths["qwen2"])
+    save_tiny(llama3_config(), paths["llama"])
+    return paths
+
+
+def run_cases(paths: dict, cases=CASES) -> dict:
+    """{case name: [per-rank measurements]} from one world of 2 processes."""
+    from tests.multiprocess import run_world
+
+    per_rank = run_world(_world, 2, paths, cases, timeout=240)
+    return {name: [r[name] for r in per_rank] for name, *_ in cases}
+
+
+def planned(path: str, tp: int, pp: int, distopt: bool, recompute: str, tokens: int, pp_rank: int) -> dict:
+    """The planner's terms for a measured case (bf16, math attention over the whole packed micro-batch)."""
+    from popo_mega.config import read_hf_config
+    from popo_mega.model.builder import Architecture
+    from popo_mega.plan import Layout, activation_bytes, logits_bytes, plan_stage
+
+    arch = Architecture.from_hf(read_hf_config(path))
+    dp = 2 // (tp * pp)
+    lay = Layout(tp=tp, pp=pp, dp=dp, distributed_optimizer=distopt, sequence_parallel=False, recompute=recompute,
+                 micro_batch_tokens=tokens, seq_len=tokens, impl="local", num_microbatches=1,
+                 predictor_hidden=PREDICTOR_HIDDEN)
+    st = plan_stage(arch, lay, pp_rank)
+    act = activation_bytes(arch, lay, pp_rank)
+    last = pp_rank == pp - 1
+    vs = st["params_detail"]["vocab_padded"] // tp
+    saved_logits = lay.param_bytes * tokens * vs if last else 0
+    return {**{k: st["terms"][k] for k in ("weights", "grads", "optimizer", "ema", "predictor")},
+            "params": st["params"], "saved": act["stored"] + act["head"] + saved_logits,
+            "recomputed_per_layer": act["working"], "dp_shard": dp if distopt else 1}
+
+
+def compare(paths: dict, measured: dict, cases=CASES) -> list[dict]:
+    rows = []
+    for name, model, tp, pp, distopt, recompute in cases:
+        for m in measured[name]:
+            p = planned(paths[model], tp, pp, distopt, recompute, m["tokens"], m["pp_rank"])
+            rows.append({"case": name, "model": model, "tp": tp, "pp": pp, "dp": m["dp"], "distributed_optimizer": distopt,
+                         "recompute": recompute, "rank": m["rank"], "pp_rank": m["pp_rank"], "tokens": m["tokens"],
+                         "measured": {k: m[k] for k in ("params", "weights", "grads", "grad_buffer", "optimizer", "ema",
+                                                         "predictor", "saved", "recomputed")},
+                         "planned": p, "saved_ratio": m["saved"] / p["saved"] if p["saved"] else None,
+                         "recomputed_per_layer_ratio": (m["recomputed"] / m["layers"] / p["recomputed_per_layer"]
+                                                        if recompute == "full" else None)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "plan_check_cpu.json"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_tiny(tmp)
+        rows = compare(paths, run_cases(paths))
+    for r in rows:
+        m, p = r["measured"], r["planned"]
+        print(f"{r['case']:<26} rank {r['rank']} " + " ".join(
+            f"{k}={m[k]}/{p[k]:.0f}" for k in ("weights", "grads", "optimizer", "ema", "predictor", "saved"))
+              + f" saved ratio {r['saved_ratio']:.3f}"
+              + (f" recomputed/layer ratio {r['recomputed_per_layer_ratio']:.3f}" if r["recomputed_per_layer_ratio"] else ""))
+    payload = {"what": "popo-plan terms (planned) vs measured bytes of real tiny bf16 megatron trainers on CPU, "
+                       "2 gloo processes per case (benchmarks/plan_check.py)",
+               "torch": torch.__version__, "wall_s": round(time.time() - t0, 1), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""``popo-plan``: per-GPU memory of a POPO training layout (model x TP/PP/DP x FP8), and the largest
+micro-batch that fits.
+
+    popo-plan --model qwen2.5-72b --tp 8 --pp 4 --dp 2 --micro-batch-tokens 16384 --recompute full
+    popo-plan --config configs/qwen2.5-72b-popo.yaml --dp 2 --json plan.json
+    popo-plan --hf-config /models/X/config.json --tp 2 --dp 4
+
+Every term is per GPU, for the worst pipeline stage (and each stage in ``--json``). The terms and
+their formulas are in docs/plan.md; in short, with N = this rank's parameters (its TP shard of the
+layers of its PP stage, the padded-vocabulary embedding on the first stage, the output layer on the
+last, a copy of a tied embedding on the last stage when PP > 1):
+
+    weights     2 N                 bf16 model parameters (megatron's DDP parameter buffer)
+    grads       4 N                 fp32 gradient buffer (DDP with grad_reduce_in_fp32, as the trainer)
+    optimizer   12 N / dp_shard     fp32 main params + Adam m, v; dp_shard = DP with the distributed
+                                    optimizer, 1 without
+    ema         4 N                 fp32 EMA (Eq. P6), sharded like the parameters (TP/PP), NOT over DP
+    ema_swap    2 N                 transient: the trainer's target pass swaps the EMA into the policy
+                                    and keeps a bf16 copy of the policy weights meanwhile
+    predictor   16 P + 8 P/dp_shard fp32 h_phi (Eq. P3; P parameters, last stage): weights, fp32 grads,
+                                    Adam m, v (fp32 params need no main copy)
+    fp8_cache   2 N_linear          FP8 (Transformer Engine): fp8 copy of every layer GEMM weight and its
+                                    transpose, kept alongside the bf16 weights
+    activations in-flight micro-batches x stored bytes per micro-batch + one layer's working set
+                (per-layer formula: :func:`layer_activation_bytes_per_token`)
+    logits      [T, V_pad/tp] bf16 saved for the log-prob backward + its gradient, and the fp32
+                chunk of the log-prob path (popo_mega.model.logprobs, ~4M elements)
+
+Peak = static (weights + grads + optimizer + ema + predictor + fp8 cache) + max(training transient
+= activations + logits, target-pass transient = ema_swap + one layer forward + logits forward).
+The margin (default 6 GiB: CUDA context, NCCL buffers, allocator fragmentation) is subtracted from
+``--gpu-mem-gib`` before deciding whether it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from popo_mega.config import ConfigError
+
+GIB = 1024 ** 3
+FP32_CHUNK_ELEMENTS = 1 << 22   # rows x V_shard upcast at a time by popo_mega.model.logprobs (~16 MiB)
+
+# Architecture facts from the public HF config.json of each model (hidden_size, num_hidden_layers,
+# num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings).
+KNOWN_MODELS: dict[str, dict] = {
+    "qwen2.5-math-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                              num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                              tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=10000.0),
+    "qwen2.5-math-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                            tie_word_embeddings=False, max_position_embeddings=4096, rope_theta=10000.0),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=1000000.0),
+    "qwen2.5-32b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
+                        tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=1000000.0),
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
+                        tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=1000000.0),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                       tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0,
+                       rms_norm_eps=1e-5),
+}
+# HF directory names (as in configs/*.yaml model.hf_path) -> built-in names.
+_ALIASES = {"qwen2.5-math-1.5b": "qwen2.5-math-1.5b", "qwen2.5-math-7b": "qwen2.5-math-7b",
+            "qwen2.5-7b": "qwen2.5-7b", "qwen2.5-32b": "qwen2.5-32b", "qwen2.5-72b": "qwen2.5-72b",
+            "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b", "llama3-70b": "llama3-70b"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the planner needs besides the architecture (defaults: the trainer's)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    distributed_optimizer: bool = True
+    sequence_parallel: bool = True
+    fp8: bool = False
+    recompute: str = "none"                  # none | selective | full (megatron's uniform, 1 layer/chunk)
+    micro_batch_tokens: int = 8192           # packed tokens T per micro-batch
+    seq_len: int = 4096                      # longest sequence (reported; no term depends on it with
+                                             # flash attention)
+    impl: str = "te"                         # te: Transformer Engine layers (flash attention, bf16 norms);
+                                             # local: megatron's local spec + SDPAttention (CPU path)
+    num_microbatches: int | None = None      # None: >= pp (the 1F1B worst case)
+    popo: bool = True                        # EMA + predictor (POPO); False for GRPO/A3PO
+    predictor_hidden: int = 1024
+    predictor_layers: int = 2
+    make_vocab_size_divisible_by: int = 128
+    param_bytes: int = 2                     # bf16 (4 for an fp32 model)
+    gpu_mem_gib: float = 80.0
+    margin_gib: float = 6.0
+
+    def check(self, arch) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch_tokens", "seq_len", "predictor_hidden", "predictor_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"popo-plan: {name} must be >= 1, got {getattr(self, name)}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"popo-plan: recompute must be none, selective or full, got {self.recompute!r}")
+        if self.impl not in ("te", "local"):
+            raise ConfigError(f"popo-plan: impl must be te or local, got {self.impl!r}")
+        if arch.num_heads % self.tp or arch.num_kv_heads % self.tp:
+            raise ConfigError(f"popo-plan: --tp {self.tp} does not divide the model's {arch.num_heads} heads / "
+                              f"{arch.num_kv_heads} key-value heads")
+        if arch.num_layers % self.pp:
+            raise ConfigError(f"popo-plan: --pp {self.pp} does not divide the model's {arch.num_layers} layers")
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+def layer_params(arch, tp: int) -> dict[str, int]:
+    """Elements of one transformer layer on one TP rank (megatron's local/TE GPT layer, SwiGLU, GQA).
+
+    qkv [(a + 2g) d / tp, h] (+ bias when Qwen2), proj [h, a d / tp], fc1 [2F / tp, h],
+    fc2 [h, F / tp], two RMSNorm weights [h] (replicated over TP)."""
+    h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.ffn_hidden_size
+    qkv_out = (a + 2 * g) * d // tp
+    linear = qkv_out * h + h * (a * d // tp) + (2 * f // tp) * h + h * (f // tp)
+    return {"linear": linear, "bias": qkv_out if arch.qkv_bias else 0, "norm": 2 * h}
+
+
+def stage_params(arch, tp: int, pp: int, pp_rank: int, divisible_by: int = 128) -> dict[str, int]:
+    """Parameter elements held by one (tp_rank, pp_rank): layers, embedding, final norm, output layer.
+
+    Embedding [V_pad / tp, h] on the first stage; final norm [h] and output layer [V_pad / tp, h] on
+    the last; a tied embedding is one tensor at PP=1 and a second copy on the last stage at PP > 1
+    (megatron keeps both in sync by all-reducing their gradients)."""
+    from popo_mega.model.builder import padded_vocab_size
+
+    vp = padded_vocab_size(arch.vocab_size, divisible_by, tp)
+    per = layer_params(arch, tp)
+    n_layers = arch.num_layers // pp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    out = {"layers": n_layers * sum(per.values()), "layers_linear": n_layers * per["linear"],
+           "embedding": vp // tp * arch.hidden_size if first else 0,
+           "final_norm": arch.hidden_size if last else 0,
+           "output_layer": vp // tp * arch.hidden_size if last and not (arch.tie_embeddings and first) else 0}
+    out["total"] = out["layers"] + out["embedding"] + out["final_norm"] + out["output_layer"]
+    out["norms"] = n_layers * per["norm"] + out["final_norm"]
+    out["vocab_padded"] = vp
+    return out
+
+
+def predictor_params(in_dim: int, hidden: int = 1024, num_layers: int = 2) -> int:
+    """Elements of h_phi (popo_mega.algorithms.predictor): [Linear -> LayerNorm -> ReLU] x (L-1) -> Linear."""
+    n, width = 0, in_dim
+    for _ in range(num_layers - 1):
+        n += width * hidden + hidden + 2 * hidden
+        width = hidden
+    return n + width * in_dim + in_dim
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+def layer_activation_bytes_per_token(arch, layout: Layout, mode: str | None = None, span: int | None = None) -> float:
+    """Bytes one transformer layer keeps for backward per token of a micro-batch, on one TP rank.
+
+    ``mode`` defaults to ``layout.recompute``. s = bytes per activation element (2 for bf16), e = bytes
+    of a saved GEMM input (s, or 1 with FP8), t = TP, t_sp = t with sequence parallelism else 1,
+    h hidden, a heads, g KV groups, d head dim, F ffn width:
+
+      none (impl "te": Transformer Engine layers, flash attention):
+          norms      2 x (s h / t_sp + 4 / t_sp)      RMSNorm inputs and fp32 rstd (x 2 norms)
+          GEMM in    e (2 h / t_sp + a d / t + F / t)  inputs of QKV, FC1 (un-gathered shards with SP),
+                                                      output projection and FC2
+          attention  s (a d + 2 g d + a d) / t + 4 a / t   q (after rope), k, v, output, fp32 log-sum-exp
+          SwiGLU     s (2 F + F) / t                   FC1 output [gate, up] and silu(gate)
+      none (impl "local": megatron's local spec + popo_mega's SDPAttention, the CPU path), instead:
+          norms      2 x 2 x 4 h / t_sp (+ rstd)      fp32 norm weights promote: the fp32 input and
+                                                      normalised output of each norm are kept
+          attention  k, v expanded to a heads; rope cos/sin 4 s d; the [T, T] additive mask
+                     (s T per token, T = the packed micro-batch: it is one segment-causal mask)
+          SwiGLU     one more s F / t copy (measured on CPU; see docs/plan.md)
+      selective: none minus the attention kernel's internals (lse, mask).
+      full:      s h / t_sp                         each layer's input (the layer is recomputed in
+                                                    backward; :func:`activation_bytes` adds one
+                                                    layer's working set)
+
+    This is the SwiGLU / GQA / no-dropout / flash-attention analogue of Korthikanti et al. 2022
+    ("Reducing Activation Recomputation in Large Transformer Models"), whose GPT layer stores
+    s b h (34 + 5 a s / h) / t bytes with TP+SP (their 34 counts dropout masks and a 4h GeLU MLP;
+    5as/h is the score matrix that flash attention does not store).
+    """
+    mode = layout.recompute if mode is None else mode
+    s = layout.param_bytes
+    t = layout.tp
+    t_sp = t if layout.sequence_parallel and t > 1 else 1
+    h, a, g, d, f = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.ffn_hidden_size
+    if mode == "full":
+        return s * h / t_sp
+    local = layout.impl == "local"
+    e = 1 if layout.fp8 else s
+    b = (2 * 2 * 4 * h if local else 2 * s * h) / t_sp + 2 * 4 / t_sp          # norms + rstd
+    b += e * (2 * h / t_sp + f / t)                                            # QKV, FC1, FC2 inputs
+    b += (e * a * d / t) if layout.fp8 else 0                                  # fp8 copy of the proj input
+    kv = a if local else g
+    b += s * (2 * a * d + 2 * kv * d) / t                                      # q, k, v, output
+    b += s * (2 * f + f) / t + (s * f / t if local else 0)                     # SwiGLU
+    if local:
+        b += 4 * s * d                                                         # rope cos / sin
+    if mode == "none":
+        b += 4 * a / t                                                         # lse
+        if local:
+            b += s * (span if span is not None else layout.micro_batch_tokens)  # [T, T] mask
+    return b
+
+
+def activation_bytes(arch, layout: Layout, pp_rank: int) -> dict[str, float]:
+    """Activation memory of stage ``pp_rank`` at the 1F1B peak.
+
+    stored: in-flight micro-batches (min(pp - pp_rank, num_microbatches)) x layers of the stage x T x
+    the per-layer bytes; full recompute adds one layer's un-recomputed working set (the layer being
+    back-propagated); the last stage adds the head: the final norm (as a layer norm above), the
+    output layer's input (s h / t_sp) and the fp32 final hidden state pooled into POPO's features
+    (4 h / t_sp)."""
+    T = layout.micro_batch_tokens
+    n_layers = arch.num_layers // layout.pp
+    mbs = layout.num_microbatches or layout.pp
+    in_flight = min(layout.pp - pp_rank, mbs)
+    per_layer = layer_activation_bytes_per_token(arch, layout)
+    stored = in_flight * n_layers * T * per_layer
+    working = T * layer_activation_bytes_per_token(arch, layout, "none") if layout.recompute == "full" else 0.0
+    t_sp = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
+    h, s = arch.hidden_size, layout.param_bytes
+    norm = (2 * 4 * h if layout.impl == "local" else s * h) + 4
+    head = T * (norm + s * h + 4 * h) / t_sp if pp_rank == layout.pp - 1 else 0.0
+    return {"in_flight": in_flight, "per_layer_per_token": per_layer, "stored": stored, "working": working,
+            "head": head, "total": stored + working + head}
+
+
+def logits_bytes(arch, layout: Layout, vocab_padded: int) -> float:
+    """Last stage: logits [T, V_pad/tp] (bf16) kept for the log-prob backward, its gradient of the same
+    size during backward, and the fp32 chunk of popo_mega.model.logprobs (~4M elements)."""
+    vs = vocab_padded // layout.tp
+    chunk = min(layout.micro_batch_tokens, max(1, FP32_CHUNK_ELEMENTS // vs)) * vs
+    return 2 * layout.param_bytes * layout.micro_batch_tokens * vs + 4 * chunk
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
+    """All terms (bytes) for one pipeline stage; see the module docstring for the formulas."""
+    p = stage_params(arch, layout.tp, layout.pp, pp_rank, layout.make_vocab_size_divisible_by)
+    n = p["total"]
+    shard = layout.dp if layout.distributed_optimizer else 1
+    last = pp_rank == layout.pp - 1
+    pb = layout.param_bytes
+    nb = 4 if layout.impl == "local" else pb     # the local spec's torch RMSNorm weights are fp32
+    norms = p["norms"]
+    # fp32 main copies exist only for the parameters that are not fp32 already
+    main = (4 * (n - norms) if pb != 4 else 0) + (4 * norms if nb != 4 else 0)
+    terms = {
+        "weights": pb * (n - norms) + nb * norms,
+        "grads": 4 * n,
+        "optimizer": (main + 8 * n) / shard,
+        "ema": 4 * n if layout.popo else 0,
+        "predictor": 0,
+        "fp8_cache": 2 * p["layers_linear"] if layout.fp8 else 0,
+    }
+    if layout.popo and last:
+        q = predictor_params(arch.hidden_size, layout.predictor_hidden, layout.predictor_layers)
+        terms["predictor"] = 8 * q + 8 * q / shard
+    act = activation_bytes(arch, layout, pp_rank)
+    logits = logits_bytes(arch, layout, p["vocab_padded"]) if last else 0
+    terms["activations"] = act["total"]
+    terms["logits"] = logits
+    ema_swap = terms["weights"] if layout.popo else 0
+    fwd_only = layout.micro_batch_tokens * layer_activation_bytes_per_token(arch, layout, "none") \
+        + (logits / 2 if last else 0)
+    terms["ema_swap"] = ema_swap
+    static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache"))
+    train = act["total"] + logits
+    target = ema_swap + fwd_only if layout.popo else 0
+    total = static + max(train, target)
+    return {"pp_rank": pp_rank, "params": n, "params_detail": p, "terms": terms, "activation_detail": act,
+            "static": static, "train_transient": train, "target_transient": target, "total": total}
+
+
+def plan(arch, layout: Layout) -> dict:
+    """Per-stage plans, the worst stage, whether it fits and the largest micro-batch that fits."""
+    layout.check(arch)
+    stages = [plan_stage(arch, layout, r) for r in range(layout.pp)]
+    worst = max(stages, key=lambda s: s["total"])
+    usable = (layout.gpu_mem_gib - layout.margin_gib) * GIB
+    return {"layout": dataclasses.asdict(layout), "architecture": dataclasses.asdict(arch), "stages": stages,
+            "worst_stage": worst["pp_rank"], "total": worst["total"], "usable": usable,
+            "fits": worst["total"] <= usable, "max_micro_batch_tokens": max_micro_batch_tokens(arch, layout)}
+
+
+def max_micro_batch_tokens(arch, layout: Layout, step: int = 256, limit: int = 1 << 22) -> int:
+    """Largest T (a multiple of ``step``) whose worst-stage total fits in the usable memory; 0 if none."""
+    usable = (layout.gpu_mem_gib - layout.margin_gib) * GIB
+
+    def fits(tokens: int) -> bool:
+        lay = dataclasses.replace(layout, micro_batch_tokens=tokens)
+        return max(plan_stage(arch, lay, r)["total"] for r in range(lay.pp)) <= usable
+
+    if not fits(step):
+        return 0
+    lo, hi = 1, limit // step          # fits(lo*step) true
+    if fits(hi * step):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid)
+    return lo * step
+
+
+# ------------------------------------------------------------------------------------------ console
+
+_ROWS = ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache", "activations", "logits", "ema_swap")
+
+
+def format_table(result: dict, name: str = "") -> str:
+    lay = result["layout"]
+    head = (f"{name} TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} "
+            f"dist-opt={'on' if lay['distributed_optimizer'] else 'off'} SP={'on' if lay['sequence_parallel'] else 'off'} "
+            f"fp8={'on' if lay['fp8'] else 'off'} recompute={lay['recompute']} T={lay['micro_batch_tokens']}").strip()
+    cols = [f"stage {s['pp_rank']}" for s in result["stages"]]
+    lines = [head, f"{'GiB per GPU':<22}" + "".join(f"{c:>10}" for c in cols)]
+    for row in _ROWS:
+        lines.append(f"{row:<22}" + "".join(f"{s['terms'][row] / GIB:>10.2f}" for s in result["stages"]))
+    lines.append(f"{'params (M)':<22}" + "".join(f"{s['params'] / 1e6:>10.1f}" for s in result["stages"]))
+    lines.append(f"{'peak':<22}" + "".join(f"{s['total'] / GIB:>10.2f}" for s in result["stages"]))
+    verdict = "fits" if result["fits"] else "DOES NOT FIT"
+    lines.append(f"worst stage {result['worst_stage']}: {result['total'] / GIB:.2f} GiB of "
+                 f"{lay['gpu_mem_gib']:.0f} GiB ({lay['margin_gib']:.0f} GiB margin) -> {verdict}; "
+                 f"largest micro-batch that fits: {result['max_micro_batch_tokens']} tokens")
+    return "\n".join(lines)
+
+
+def _arch_from_name(name: str):
+    from popo_mega.model.builder import Architecture
+
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in KNOWN_MODELS:
+        raise ConfigError(f"popo-plan: unknown --model {name!r}; built-in: {', '.join(KNOWN_MODELS)} "
+                          "(or give --hf-config PATH/config.json)")
+    return Architecture.from_hf(KNOWN_MODELS[key], source=f"built-in {key}")
+
+
+def _arch_from_file(path: str):
+    from popo_mega.model.builder import Architecture
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"popo-plan: --hf-config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"popo-plan: --hf-config {path}: not valid JSON: {e}") from None
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in hf:
+            raise ConfigError(f"popo-plan: --hf-config {path}: missing key '{key}'")
+    return Architecture.from_hf(hf, source=path)
+
+
+def _arch_from_run_config(cfg):
+    """A run config's model: its hf_path/config.json if present, else a built-in matched by directory name."""
+    path = cfg.model.hf_path
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        return _arch_from_file(path), os.path.basename(path.rstrip("/"))
+    base = os.path.basename(path.rstrip("/")).lower()
+    if base in _ALIASES:
+        return _arch_from_name(base), base
+    raise ConfigError(f"popo-plan: {cfg.source}: model.hf_path {path!r} has no config.json here and its name "
+                      f"matches no built-in model ({', '.join(KNOWN_MODELS)}); pass --model or --hf-config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="popo-plan", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"built-in architecture: {', '.join(KNOWN_MODELS)}")
+    src.add_argument("--hf-config", help="an HF config.json (or its directory)")
+    p.add_argument("--config", help="a run config (configs/X.yaml): model, parallel and train settings; "
+                                    "flags given explicitly override it")
+    p.add_argument("--tp", type=int)
+    p.add_argument("--pp", type=int)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--fp8", action="store_true", default=None)
+    p.add_argument("--micro-batch-tokens", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--recompute", choices=("full", "selective", "none"))
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--margin-gib", type=float, default=6.0)
+    p.add_argument("--distributed-optimizer", dest="distributed_optimizer", action="store_true", default=None)
+    p.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false")
+    p.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=None)
+    p.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
+    p.add_argument("--algorithm", choices=("popo", "grpo", "a3po"), help="grpo/a3po keep no EMA or predictor")
+    p.add_argument("--json", help="also write the full plan as JSON to this path")
+    return p
+
+
+def resolve(args) -> tuple:
+    """(Architecture, Layout, name) from parsed arguments (a --config supplies defaults)."""
+    kw: dict = {}
+    arch = name = None
+    if args.config:
+        from popo_mega.config import load_config
+
+        cfg = load_config(args.config)
+        arch, name = _arch_from_run_config(cfg)
+        kw.update(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
+                  distributed_optimizer=cfg.parallel.distributed_optimizer, fp8=cfg.model.fp8 is not None,
+                  recompute=cfg.model.recompute_granularity or "none",
+                  micro_batch_tokens=cfg.train.micro_batch_tokens, popo=cfg.algorithm.name == "popo",
+                  predictor_hidden=cfg.algorithm.popo.predictor_hidden,
+                  predictor_layers=cfg.algorithm.popo.predictor_layers,
+                  make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                  param_bytes=4 if cfg.model.dtype == "float32" else 2,
+                  seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    if args.model:
+        arch, name = _arch_from_name(args.model), args.model
+    elif args.hf_config:
+        arch, name = _arch_from_file(args.hf_config), os.path.basename(os.path.dirname(os.path.abspath(args.hf_config)))
+    if arch is None:
+        raise ConfigError("popo-plan: give --model, --hf-config or --config")
+    for flag in ("tp", "pp", "dp", "fp8", "micro_batch_tokens", "seq_len", "recompute", "gpu_mem_gib", "margin_gib",
+                 "distributed_optimizer", "sequence_parallel"):
+        value = getattr(args, flag)
+        if value is not None:
+            kw[flag] = value
+    if args.algorithm:
+        kw["popo"] = args.algorithm == "popo"
+    return arch, Layout(**kw), name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        arch, layout, name = resolve(args)
+        result = plan(arch, layout)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result, name))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"name": name, **result}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
