@@ -32,11 +32,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def sglang_available() -> bool:
-    """True when ``python -m sglang.launch_server`` can run here (the full sglang install)."""
-    try:
-        return importlib.util.find_spec("sglang.launch_server") is not None
-    except Exception:  # noqa: BLE001 - a partial (--no-deps) sglang fails on import of the package
+    """True when ``python -m sglang.launch_server`` can run here (a full sglang install).
+
+    Decided without importing sglang (its ``__init__`` patches transformers in-process): the
+    package must ship ``launch_server.py`` and its server dependencies must be installed — the
+    schema-only ``pip install --no-deps sglang`` used by the tests does not count.
+    """
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
         return False
+    if not os.path.isfile(os.path.join(list(spec.submodule_search_locations)[0], "launch_server.py")):
+        return False
+    return all(importlib.util.find_spec(dep) is not None for dep in ("fastapi", "uvicorn", "zmq", "orjson"))
 
 
 def sglang_server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 30000, tp_size: int = 1,

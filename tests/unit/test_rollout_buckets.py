@@ -62,3 +62,17 @@ def test_launcher_commands_use_sglang_flag_names():
     assert r[:3] == [sys.executable, "-m", "sglang_router.launch_router"] and r[4:6] == ["http://a:1", "http://b:2"]
     with pytest.raises(ValueError, match="no worker URLs"):
         router_command([])
+
+
+def test_sglang_detection_never_imports_sglang():
+    """Importing sglang patches transformers in-process: detection must only look at files."""
+    from popo_mega.rollout.sglang_launcher import launch_servers, sglang_available
+
+    already = "sglang" in sys.modules
+    found = sglang_available()
+    assert already or "sglang" not in sys.modules
+    if not found:  # the schema-only --no-deps install (or none) must not be mistaken for a server
+        with pytest.raises(RuntimeError, match="sglang is not installed"):
+            launch_servers("sglang", "/nonexistent")
+    with pytest.raises(ValueError, match="kind must be"):
+        launch_servers("vllm", "/nonexistent")
