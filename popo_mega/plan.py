@@ -171,9 +171,11 @@ def layer_activation_bytes_per_token(arch, layout: Layout, mode: str | None = No
 
       none (impl "te": Transformer Engine layers, flash attention):
           norms      2 x (s h / t_sp + 4 / t_sp)      RMSNorm inputs and fp32 rstd (x 2 norms)
-          GEMM in    e (2 h / t_sp + a d / t + F / t)  inputs of QKV, FC1 (un-gathered shards with SP),
-                                                      output projection and FC2
-          attention  s (a d + 2 g d + a d) / t + 4 a / t   q (after rope), k, v, output, fp32 log-sum-exp
+          GEMM in    e (2 h / t_sp + F / t)            inputs of QKV, FC1 (un-gathered shards with SP)
+                                                      and FC2
+          attention  s (a d + 2 g d + a d) / t + 4 a / t   q (after rope), k, v, the output (which is
+                                                      also the output projection's input; with FP8 a
+                                                      1-byte copy of it is added) and fp32 log-sum-exp
           SwiGLU     s (2 F + F) / t                   FC1 output [gate, up] and silu(gate)
       none (impl "local": megatron's local spec + popo_mega's SDPAttention, the CPU path), instead:
           norms      2 x 2 x 4 h / t_sp (+ rstd)      fp32 norm weights promote: the fp32 input and
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false")
     p.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=None)
     p.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
+    p.add_argument("--impl", choices=("te", "local"), help="te: Transformer Engine layers with flash attention "
+                   "(default, GPU); local: megatron's local spec + SDPAttention (the CPU path)")
     p.add_argument("--algorithm", choices=("popo", "grpo", "a3po"), help="grpo/a3po keep no EMA or predictor")
     p.add_argument("--json", help="also write the full plan as JSON to this path")
     return p
@@ -429,7 +433,7 @@ def resolve(args) -> tuple:
     if arch is None:
         raise ConfigError("popo-plan: give --model, --hf-config or --config")
     for flag in ("tp", "pp", "dp", "fp8", "micro_batch_tokens", "seq_len", "recompute", "gpu_mem_gib", "margin_gib",
-                 "distributed_optimizer", "sequence_parallel"):
+                 "distributed_optimizer", "sequence_parallel", "impl"):
         value = getattr(args, flag)
         if value is not None:
             kw[flag] = value

@@ -1,0 +1,182 @@
+"""popo-plan (popo_mega.plan): parameter counts, memory terms, activation formula, largest micro-batch, CLI.
+
+Expected numbers are derived independently: parameter totals from transformers' own model of the same
+config (and the published sizes of the real checkpoints), terms by hand from the formulas of
+docs/plan.md, the largest micro-batch by brute force.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from popo_mega.config import ConfigError
+from popo_mega.model.builder import Architecture
+from popo_mega.plan import (KNOWN_MODELS, Layout, activation_bytes, layer_activation_bytes_per_token, main,
+                            max_micro_batch_tokens, plan, plan_stage, predictor_params, stage_params)
+from tests.tiny_models import llama3_config, qwen2_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _arch(cfg):
+    return Architecture.from_hf(cfg.to_dict())
+
+
+@pytest.mark.parametrize("make", [qwen2_config, llama3_config])
+def test_tp1_pp1_params_equal_transformers_model_plus_vocab_padding(make):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make()
+    n_hf = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    arch = _arch(cfg)
+    p = stage_params(arch, tp=1, pp=1, pp_rank=0, divisible_by=128)
+    v_pad = -(-cfg.vocab_size // 128) * 128          # 251 -> 256, 263 -> 384
+    tables = 1 if cfg.tie_word_embeddings else 2
+    assert p["vocab_padded"] == v_pad
+    assert p["total"] == n_hf + tables * (v_pad - cfg.vocab_size) * cfg.hidden_size
+
+
+def test_tp_and_pp_shards_sum_to_the_whole():
+    """TP shards of the layers add up to the TP=1 layers plus the replicated norms; PP stages add up to
+    the PP=1 total plus the tied embedding's copy on the last stage."""
+    arch = _arch(llama3_config(num_hidden_layers=4))     # tied
+    one = stage_params(arch, 1, 1, 0, 128)
+    two = stage_params(arch, 2, 1, 0, 128)
+    norms = arch.num_layers * 2 * arch.hidden_size
+    assert 2 * two["layers"] == one["layers"] + norms
+    v2 = -(-263 // 256) * 256                             # padded to 128 x TP = 256 -> 512 at TP=2
+    assert two["embedding"] == v2 // 2 * 64 and two["output_layer"] == 0
+    stages = [stage_params(arch, 1, 2, r, 128) for r in range(2)]
+    assert stages[0]["embedding"] and not stages[0]["output_layer"] and not stages[0]["final_norm"]
+    assert stages[1]["output_layer"] == stages[0]["embedding"] == 384 * 64   # the tied copy
+    assert sum(s["total"] for s in stages) == one["total"] + 384 * 64
+
+
+@pytest.mark.parametrize("name,published", [("qwen2.5-7b", 7_615_616_512), ("llama3-70b", 70_553_706_496),
+                                            ("qwen2.5-math-1.5b", 1_543_714_304)])
+def test_builtin_models_match_published_sizes(name, published):
+    """Unpadded TP=1 total = the parameter count of the released safetensors (model cards)."""
+    arch = Architecture.from_hf(KNOWN_MODELS[name])
+    p = stage_params(arch, 1, 1, 0, divisible_by=1)
+    assert p["total"] == published
+
+
+def test_predictor_params_by_hand():
+    # Linear 64->32 (+bias), LayerNorm 32 (w, b), Linear 32->64 (+bias)
+    assert predictor_params(64, 32, 2) == 64 * 32 + 32 + 2 * 32 + 32 * 64 + 64
+    assert predictor_params(8, 4, 1) == 8 * 8 + 8
+    assert predictor_params(8, 4, 3) == (8 * 4 + 4 + 8) + (4 * 4 + 4 + 8) + (4 * 8 + 8)
+
+
+def test_static_terms_by_hand():
+    arch = _arch(qwen2_config())
+    lay = Layout(tp=1, pp=1, dp=4, micro_batch_tokens=256, predictor_hidden=32)
+    n = stage_params(arch, 1, 1, 0)["total"]
+    q = predictor_params(64, 32, 2)
+    t = plan_stage(arch, lay, 0)["terms"]
+    assert t["weights"] == 2 * n and t["grads"] == 4 * n and t["ema"] == 4 * n
+    assert t["optimizer"] == 12 * n / 4
+    assert t["predictor"] == 8 * q + 8 * q / 4
+    no_dist = plan_stage(arch, dataclasses.replace(lay, distributed_optimizer=False), 0)["terms"]
+    assert no_dist["optimizer"] == 12 * n
+    grpo = plan_stage(arch, dataclasses.replace(lay, popo=False), 0)["terms"]
+    assert grpo["ema"] == grpo["predictor"] == grpo["ema_swap"] == 0
+    fp8 = plan_stage(arch, dataclasses.replace(lay, fp8=True), 0)["terms"]
+    linear = 2 * ((4 + 4) * 16 * 64 + 64 * 64 + 2 * 96 * 64 + 64 * 96)   # 2 layers: qkv, proj, fc1, fc2
+    assert fp8["fp8_cache"] == 2 * linear
+
+
+def test_local_impl_keeps_norm_weights_fp32():
+    arch = _arch(qwen2_config())
+    p = stage_params(arch, 1, 1, 0)
+    norms = 2 * 2 * 64 + 64
+    t = plan_stage(arch, Layout(impl="local", micro_batch_tokens=256), 0)["terms"]
+    assert t["weights"] == 2 * (p["total"] - norms) + 4 * norms
+    assert t["optimizer"] == 4 * (p["total"] - norms) + 8 * p["total"]
+
+
+def test_activation_formula_by_hand_te():
+    """h=64, a=4, g=2, d=16, F=96, bf16, TP=2 with SP: the docstring's terms written out."""
+    arch = _arch(qwen2_config())
+    lay = Layout(tp=2, sequence_parallel=True, recompute="none")
+    h, a, g, d, f, t = 64, 4, 2, 16, 96, 2
+    norms = 2 * (2 * h / t + 4 / t)
+    gemm = 2 * (2 * h / t + f / t)                   # QKV, FC1 (SP shards), FC2 inputs
+    attn = 2 * (a * d + 2 * g * d + a * d) / t + 4 * a / t
+    swiglu = 2 * 3 * f / t
+    assert layer_activation_bytes_per_token(arch, lay) == pytest.approx(norms + gemm + attn + swiglu)
+    assert layer_activation_bytes_per_token(arch, dataclasses.replace(lay, recompute="full")) == 2 * h / t
+    sel = layer_activation_bytes_per_token(arch, dataclasses.replace(lay, recompute="selective"))
+    assert sel == pytest.approx(norms + gemm + attn + swiglu - 4 * a / t)
+    # no SP: the norm and QKV/FC1 inputs are replicated over TP
+    nosp = layer_activation_bytes_per_token(arch, dataclasses.replace(lay, sequence_parallel=False))
+    assert nosp - (norms + gemm + attn + swiglu) == pytest.approx(2 * h + 4 + 2 * h)
+
+
+def test_pipeline_in_flight_microbatches():
+    arch = _arch(qwen2_config(num_hidden_layers=4))
+    lay = Layout(pp=4, micro_batch_tokens=100)
+    per = layer_activation_bytes_per_token(arch, lay)
+    for r in range(4):
+        act = activation_bytes(arch, lay, r)
+        assert act["in_flight"] == 4 - r
+        assert act["stored"] == pytest.approx((4 - r) * 1 * 100 * per)
+    assert activation_bytes(arch, dataclasses.replace(lay, num_microbatches=2), 0)["in_flight"] == 2
+
+
+def test_max_micro_batch_is_largest_fitting_multiple_by_brute_force():
+    arch = Architecture.from_hf(KNOWN_MODELS["qwen2.5-math-7b"])
+    lay = Layout(tp=2, dp=4, gpu_mem_gib=80, margin_gib=6)
+    best = max_micro_batch_tokens(arch, lay)
+    usable = 74 * 1024 ** 3
+
+    def total(tokens):
+        return plan_stage(arch, dataclasses.replace(lay, micro_batch_tokens=tokens), 0)["total"]
+
+    brute = max(t for t in range(256, 65536, 256) if total(t) <= usable)
+    assert best == brute
+    tiny_gpu = dataclasses.replace(lay, gpu_mem_gib=10)
+    assert max_micro_batch_tokens(arch, tiny_gpu) == 0 and not plan(arch, tiny_gpu)["fits"]
+
+
+def test_bad_layouts_are_clear_errors():
+    arch = Architecture.from_hf(KNOWN_MODELS["qwen2.5-72b"])
+    with pytest.raises(ConfigError, match="--tp 3 does not divide"):
+        plan(arch, Layout(tp=3))
+    with pytest.raises(ConfigError, match="--pp 3 does not divide the model's 80 layers"):
+        plan(arch, Layout(pp=3))
+    with pytest.raises(ConfigError, match="recompute"):
+        plan(arch, Layout(recompute="some"))
+
+
+def test_cli_model_table_and_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["--model", "qwen2.5-72b", "--tp", "8", "--pp", "4", "--dp", "2", "--recompute", "full",
+                 "--micro-batch-tokens", "16384", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "TP=8 PP=4 DP=2" in text and "stage 3" in text and "largest micro-batch" in text
+    data = json.loads(out.read_text())
+    assert len(data["stages"]) == 4 and data["layout"]["recompute"] == "full"
+    # the 72B shard: 72.7e9 / 32 ~ 2.27e9 parameters per GPU, about 39 GiB in all at T = 16k
+    assert 2.1e9 < data["stages"][1]["params"] < 2.4e9
+
+
+def test_cli_hf_config_and_errors(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(qwen2_config().to_dict()))
+    assert main(["--hf-config", str(d / "config.json"), "--tp", "2", "--micro-batch-tokens", "512"]) == 0
+    assert main(["--model", "gpt-5"]) == 2
+    assert "unknown --model 'gpt-5'" in capsys.readouterr().err
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    assert main(["--hf-config", str(d)]) == 2
+    assert "missing key 'num_hidden_layers'" in capsys.readouterr().err
+
+
+def test_cli_reads_a_run_config(capsys):
+    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-72b-popo.yaml"), "--dp", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "qwen2.5-72b TP=8 PP=4 DP=2" in text and "recompute=full T=16384" in text
