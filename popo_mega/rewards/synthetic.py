@@ -19,13 +19,17 @@ POPO in under 10 minutes on 2 CPU cores, issue 5):
     step; 1 CPU thread; /tmp probe, not committed): held-out accuracy stays near 5-13% for about
     1,200 steps (~2 min), then jumps within ~50 steps (0.10 -> 0.33 -> 0.59). So stop the warm start
     by held-out accuracy checked often (e.g. the first check >= 30%), not at a fixed step.
-    From a 59% base, plain positive-only fine-tuning (8 samples for each of 32 prompts at
-    temperature 1, NLL on the correct ones, lr 1e-3 -- a simplification of POPO without the EMA
-    target and similarity term) reached 73% after 72 s and 80% after 170 s.
-  - Fixed width matters: the same model on unpadded ``+``/``-`` (``fixed_width=False``, answers of
-    varying length and sign) stayed below 8% held-out after 1,450 steps; aligned digit positions
-    make the digit-wise rule easy for attention to find.
-  - Exact integer grading leaves no partial credit to game. ``ops=("+", "-")``, ``"*"`` or a larger
+    A second seed jumped at ~600 steps instead (0.18 -> 0.34 in 50 steps).
+    Plain positive-only fine-tuning (8 samples for each of 32 train prompts at temperature 1, NLL on
+    the correct ones, fresh AdamW lr 1e-3; a simplification of POPO without the EMA target and
+    similarity term) from such bases: seed 0 went 59% -> 73% in 72 s and 80% in 170 s; seed 1 went
+    34% -> 50% in ~150 s, then COLLAPSED (held-out 0.42 -> 0.06 -> 0.00 within ~80 steps, samples
+    "000"/"111"). The task is learnable by RL in minutes, but a naive positive-only learner at that
+    step size is unstable on it: the quickstart needs POPO's stabilisers and/or a smaller step.
+  - Why fixed-width addition only: the same model on unpadded ``+``/``-`` (``fixed_width=False``,
+    answers of varying length and sign) stayed below 8% held-out after 1,450 steps. (Width and the
+    second op changed together, so this does not say which one mattered.)
+  - Exact-match grading leaves no partial credit to game. ``ops=("+", "-")``, ``"*"`` or a larger
     ``max_operand`` make the task harder if a larger budget allows.
 """
 
@@ -142,9 +146,9 @@ def parse_answer(response: str) -> str | None:
 def score(response: str, gold: str) -> float:
     """1.0 when the response is exactly the gold answer text (whitespace around it aside), else 0.0.
 
-    Strict on purpose: the format (zero padding, nothing after the answer) is part of the task. A
-    lenient integer match ("52" for "052", "052\n7") let a positive-only learner drift into other
-    formats and collapse in a probe (held-out 0.50 -> 0.01 within 200 steps)."""
+    Strict on purpose: the format (zero padding, nothing after the answer) is part of the task; a
+    lenient integer match ("52" for "052", "052\n7") would reward other formats, and a learner
+    trained on its own positives would then be taught them."""
     gold = str(gold).strip()
     if not _INT_RE.fullmatch(gold):
         raise ValueError(f"synthetic.score: gold must be an integer string, got {gold!r}")
