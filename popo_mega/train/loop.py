@@ -36,26 +36,29 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
-def hf_tensors_on_rank0(trainer, use_ema: bool) -> list[tuple[str, torch.Tensor]]:
-    """The served model's HF-named full tensors on global rank 0 ([] elsewhere). Collective.
+def sync_engine_weights(trainer, engine, use_ema: bool, version: str) -> None:
+    """Stream the served model's HF-named tensors into the engine. Collective over all ranks.
 
-    TP shards are gathered by ``iter_hf_tensors``; each pipeline stage's tensors go to rank 0 over
-    the PP group. (Fine for models that fit one host's memory; for 70B-class models a per-stage
-    bucketed send straight to the engine is the scalable path and is not built yet.)
+    TP shards are gathered by ``iter_hf_tensors`` as they are sent; later pipeline stages stream
+    their tensors to PP rank 0 (``funnel_pipeline_stages``); global rank 0 sends them to the engine
+    in buckets, every other rank drains its iterator in step. With ``use_ema`` the EMA weights are
+    swapped into the policy model for the duration (Eq. P6: the engine serves the target).
     """
     from megatron.core import parallel_state as ps
 
     from popo_mega.model.hf import iter_hf_tensors
+    from popo_mega.rollout.pipeline_funnel import funnel_pipeline_stages
 
     ema_ctx = trainer.ema.swapped_into(trainer.model) if (use_ema and trainer.ema is not None) else contextlib.nullcontext()
     with torch.no_grad(), ema_ctx:
-        items = [(n, t.detach().clone().cpu()) for n, t in
-                 iter_hf_tensors(trainer.model, trainer.arch, trainer.layout, ps.get_tensor_model_parallel_group())]
-    if trainer.rt.pp > 1:
-        gathered: list = [None] * trainer.rt.pp
-        dist.all_gather_object(gathered, items, group=ps.get_pipeline_model_parallel_group())
-        items = [x for stage in gathered for x in stage]
-    return items if trainer.rt.rank == 0 else []
+        tensors = funnel_pipeline_stages(
+            iter_hf_tensors(trainer.model, trainer.arch, trainer.layout, ps.get_tensor_model_parallel_group()),
+            pp_group=ps.get_pipeline_model_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank())
+        if trainer.rt.rank == 0:
+            engine.sync_weights(tensors, version=version)
+        else:
+            for _ in tensors:
+                pass
 
 
 def canonical_metrics(step_stats: dict) -> dict:
@@ -206,9 +209,8 @@ def run(cfg: Config, log=print) -> RunResult:
                 step_stats = trainer.train_step(share)
                 step = trainer.step
             t_sync = time.time()
-            tensors = hf_tensors_on_rank0(trainer, use_ema=cfg.rollout.weights == "ema")
+            sync_engine_weights(trainer, engine, use_ema=cfg.rollout.weights == "ema", version=f"step{step}")
             if is_rank0:
-                engine.sync_weights(tensors, version=f"step{step}")
                 m = {**sel_stats, **canonical_metrics(step_stats), "rollout_s": rollout_s,
                      "sync_s": time.time() - t_sync}
                 if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
