@@ -73,7 +73,7 @@ def snapshot(trainer):
     return out
 
 
-def _steps(rank, world_size, tp, pp, path, n_steps):
+def _steps(rank, world_size, tp, pp, path, n_steps, then_dp2=False):
     from popo_mega.model.loader import build_from_hf
     from popo_mega.runtime import initialize
     from popo_mega.train.step import PolicyTrainer
@@ -94,7 +94,42 @@ def _steps(rank, world_size, tp, pp, path, n_steps):
     out.update(snapshot(trainer))
     if tp == pp == 1:
         out["entropy_all_and_nan"] = _entropy_all_and_nan(rt, path)
+        out["grpo"] = _grpo_step(rt, path)
+    if then_dp2:   # same processes, re-initialised as TP=1 x DP=2 (saves a process start)
+        out["dp2"] = _dp2_steps(path, n_steps)
     return out
+
+
+def _dp2_steps(path, n_steps):
+    """Two DP ranks, each with its share of the positives (negatives are never fed anyway)."""
+    from megatron.core import parallel_state
+
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.runtime import initialize
+    from popo_mega.train.batch import shard_for_data_parallel
+    from popo_mega.train.step import PolicyTrainer
+
+    parallel_state.destroy_model_parallel()
+    cfg = make_cfg(path)
+    rt = initialize(1, 1, seed=0, device="cpu")
+    assert rt.dp == 2
+    trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+    share = shard_for_data_parallel([s for s in make_samples() if s.positive], rt.dp, rt.dp_rank)
+    stats = [trainer.train_step(share) for _ in range(n_steps)]
+    return {"stats": stats, "share": [s.uid for s in share], **snapshot(trainer)}
+
+
+def _grpo_step(rt, path):
+    """A GRPO trainer (token_mean, eps 0.2/0.28) in the TP=1 process: one step on all 6 rollouts."""
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.train.step import PolicyTrainer
+
+    cfg = make_cfg(path, {"algorithm.name": "grpo"})
+    trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+    assert trainer.ema is None and trainer.predictor is None
+    trainer.tokens_seen = 0
+    stats = trainer.train_step(make_samples())
+    return {"stats": stats, "tokens_seen": trainer.tokens_seen}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +142,11 @@ def hf_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp1(hf_path):
     return run_world(_steps, 1, 1, 1, hf_path, 2)[0]
+
+
+@pytest.fixture(scope="module")
+def tp2(hf_path):
+    return run_world(_steps, 2, 2, 1, hf_path, 2, True)
 
 
 def _hf_reference(path, samples):
@@ -207,17 +247,46 @@ def _merge(results):
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_parallel_step_equals_tp1(hf_path, tp1, tp, pp):
-    results = run_world(_steps, 2, tp, pp, hf_path, 2)
+def _check_parallel(results, tp1, what):
     ref = _merge([tp1])
     got = _merge(results)
     # the weights moved by far more than the tolerance, so equality is not vacuous
     moved = max((ref["weights"][k] - tp1["init_weights"][k]).abs().max().item() for k in tp1["init_weights"])
     assert moved > 1e-3
-    _compare(got, ref, f"tp={tp} pp={pp}", tp1["init_weights"])
+    _compare(got, ref, what, tp1["init_weights"])
     assert results[0]["stats"] == results[1]["stats"]   # every rank reports the same stats
     assert got["stats"][1]["loss"] != got["stats"][0]["loss"]
+
+
+def test_tp2_step_equals_tp1(tp1, tp2):
+    _check_parallel(tp2, tp1, "tp=2")
+
+
+def test_dp2_step_equals_tp1(tp1, tp2):
+    dp = [r["dp2"] for r in tp2]
+    assert sorted(dp[0]["share"] + dp[1]["share"]) == sorted(WEIGHTS) and dp[0]["share"] and dp[1]["share"]
+    for r in dp:  # at TP=1 every DP rank holds the full weights: both must equal TP=1 x DP=1
+        _check_parallel([r, r], tp1, "dp=2")
+    assert dp[0]["stats"][0]["tokens_fed"] == tp1["stats"][0]["tokens_fed"]   # summed over DP
+
+
+def test_pp2_step_equals_tp1(hf_path, tp1):
+    _check_parallel(run_world(_steps, 2, 1, 2, hf_path, 2), tp1, "pp=2")
+
+
+def test_grpo_loss_matches_hf_float64(hf_path, tp1):
+    samples = make_samples()
+    ref = _hf_reference(hf_path, samples)
+    num, count = 0.0, 0
+    for s, r in zip(samples, ref):
+        rho = torch.exp(r["logp"] - s.old_logp.double())
+        a = s.advantage
+        num += -torch.minimum(rho * a, rho.clamp(1 - EPS_LOW, 1 + EPS_HIGH) * a).sum().item()
+        count += r["logp"].numel()
+    got = tp1["grpo"]["stats"]["loss"]
+    print(f"GRPO step-1 loss: megatron {got:.8f}, float64 HF reference {num / count:.8f}")
+    assert abs(got - num / count) < 1e-5
+    assert tp1["grpo"]["tokens_seen"] == sum(s.tokens.numel() for s in samples)  # negatives fed, no target pass
 
 
 def _entropy_all_and_nan(rt, path):
