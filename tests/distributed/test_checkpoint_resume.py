@@ -2,7 +2,7 @@
 it must equal the uninterrupted run's step 2 (loss, weights, EMA, predictor).
 
 * TP=2 -> TP=2: bit-identical (same layout: RNG states restored too).
-* TP=2 -> TP=1 (re-sharded load): equal to tolerance.
+* TP=2 -> TP=1 x DP=2 (re-sharded load, same two processes re-initialised): equal to tolerance.
 * Without giving each Adam state its own ``step`` (megatron-core 0.16.1 shares one tensor after
   load) step 2 is wrong: the same comparison then fails, so this test catches that pitfall.
 * A checkpoint directory without the completion marker (a crash mid-save) is never loaded.
@@ -63,19 +63,28 @@ def _save_and_resume(rank, world_size, tp, path, root):
     finally:
         ckpt._unshare_adam_steps = real
     shared = {"stats": [first, c.train_step(samples)], **snapshot(c)}
-    return {"saved": saved, "after1": after1, "info": info, "uninterrupted": uninterrupted, "resumed": resumed, "shared": shared,
+    resharded = _load_at_tp1_dp2(path, root)
+    return {"saved": saved, "after1": after1, "resharded": resharded, "info": info, "uninterrupted": uninterrupted, "resumed": resumed, "shared": shared,
             "listed": [s for s, _ in ckpt.list_checkpoints(root)]}
 
 
-def _load_at_tp1(rank, world_size, path, root):
+def _load_at_tp1_dp2(path, root):
+    """The same processes re-initialised as TP=1 x DP=2: load the TP=2 checkpoint (re-sharded), run
+    step 2 with each DP rank's share of the rollouts."""
+    from megatron.core import parallel_state
+
     from popo_mega.runtime import initialize
     from popo_mega.train import checkpoint as ckpt
+    from popo_mega.train.batch import shard_for_data_parallel
 
+    parallel_state.destroy_model_parallel()
     cfg = make_cfg(path, OVER, tensor=1)
     rt = initialize(1, 1, seed=0, device="cpu")
+    assert rt.dp == 2
     t = _fresh(cfg, rt)
     info = ckpt.load_checkpoint(t, root)
-    return {"info": info, "stats": [None, t.train_step(make_samples())], **snapshot(t)}
+    share = shard_for_data_parallel([s for s in make_samples() if s.positive], rt.dp, rt.dp_rank)
+    return {"info": info, "stats": [None, t.train_step(share)], **snapshot(t)}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +122,10 @@ def test_shared_adam_step_would_be_caught(tp2_run):
         _compare(c, u, "shared Adam step", init=init)
 
 
-def test_resume_tp2_checkpoint_at_tp1(tp2_run):
-    r = run_world(_load_at_tp1, 1, tp2_run["path"], tp2_run["root"])[0]
-    assert r["info"]["step"] == 1 and not r["info"]["rng_restored"]
+def test_resume_tp2_checkpoint_at_tp1_dp2(tp2_run):
     u = tp2_run["results"][0]["uninterrupted"]
-    _compare({**r, "stats": [u["stats"][0], r["stats"][1]]}, u, "tp2 -> tp1", init=tp2_run["results"][0]["after1"])
+    for res in tp2_run["results"]:
+        r = res["resharded"]
+        assert r["info"]["step"] == 1 and not r["info"]["rng_restored"]
+        _compare({**r, "stats": [u["stats"][0], r["stats"][1]]}, u, "tp2 -> tp1 x dp2",
+                 init=tp2_run["results"][0]["after1"])
