@@ -103,7 +103,7 @@ def test_golds_score_one_against_themselves_and_zero_when_wrong():
             add("\\boxed{" + str(int(float(g)) + 1) + "}", g, 0.0, "off by one")
         else:
             add("\\boxed{" + g + " + 1}", g, 0.0, "gold + 1")
-        add(r"\boxed{\frac{1}{7}+\sqrt{2}}", g, 0.0, "unrelated")
+            add(r"\boxed{\frac{1}{7}+\sqrt{2}}", g, 0.0, "unrelated")
     with MathVerifier(num_workers=2, deadline_s=6) as v:
         scores, stats = v.score_batch_with_stats(responses, refs)
     wrong = [(lab, g, r, s) for lab, g, r, s, e in zip(labels, refs, responses, scores, expected) if s != e]
