@@ -8,6 +8,7 @@ docs/plan.md, the largest micro-batch by brute force.
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -176,7 +177,22 @@ def test_cli_hf_config_and_errors(tmp_path, capsys):
     assert "missing key 'num_hidden_layers'" in capsys.readouterr().err
 
 
-def test_cli_reads_a_run_config(capsys):
-    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-72b-popo.yaml"), "--dp", "2"]) == 0
+def test_cli_reads_a_run_config(tmp_path, capsys):
+    import yaml
+
+    raw = {"model": {"hf_path": "/nonexistent/Qwen2.5-72B", "recompute_granularity": "full"},
+           "parallel": {"tensor": 8, "pipeline": 4, "sequence_parallel": True},
+           "train": {"micro_batch_tokens": 12288}, "algorithm": {"name": "grpo"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(path), "--dp", "2"]) == 0
     text = capsys.readouterr().out
-    assert "qwen2.5-72b TP=8 PP=4 DP=2" in text and "recompute=full T=16384" in text
+    assert "qwen2.5-72b TP=8 PP=4 DP=2" in text and "SP=on" in text and "recompute=full T=12288" in text
+    assert re.search(r"^ema(\s+0\.00){4}$", text, re.M)         # GRPO: no EMA on any of the 4 stages
+    assert main(["--config", str(path), "--dp", "2", "--pp", "2", "--no-sequence-parallel"]) == 0
+    assert "TP=8 PP=2 DP=2" in capsys.readouterr().out
+    raw["model"]["hf_path"] = "/nonexistent/some-model"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(path)]) == 2
+    assert "matches no built-in model" in capsys.readouterr().err
+    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-72b-popo.yaml"), "--dp", "2"]) == 0
