@@ -15,7 +15,7 @@ For each op, forward + backward is timed (median over repeats after a warm-up) f
 Effective bandwidth counts the bytes each op must move at least (inputs read, outputs written,
 forward + backward) and is reported as % of the bandwidth of ``torch.clone`` (read + write)
 measured in the same run. Extra memory is the peak memory above the inputs during one forward
-+ backward, including the gradient buffer (CPU: ru_maxrss of a fresh process per measurement;
++ backward, including the gradient buffer (CPU: VmHWM - VmRSS of a fresh process per measurement, after resetting the peak;
 CUDA: torch.cuda.max_memory_allocated).
 Writes one CSV row per (op, impl, dtype) with device, thread count, dtype and shapes.
 """
@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,9 +146,7 @@ def _gloo_group():
     import torch.distributed as dist
     if "gloo" not in _GROUPS:
         if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-            dist.init_process_group("gloo", rank=0, world_size=1)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         _GROUPS["gloo"] = dist.new_group([0])
     return _GROUPS["gloo"]
 
@@ -157,10 +154,15 @@ def _gloo_group():
 def _nccl_group():
     import torch.distributed as dist
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        dist.init_process_group("nccl", rank=0, world_size=1)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return dist.group.WORLD
+
+
+def _free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -201,9 +203,25 @@ def memory_probe(name, impl, dtype_name, device_name, threads):
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Reset the kernel's peak-RSS counter (Linux >= 4.0), return freed heap to the OS, then
+    # measure the high-water mark of one forward + backward above the resident inputs.
+    import ctypes
+    import gc
+    run()          # warm-up: loads libraries, starts the thread pool, builds kernels' caches
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
     run()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return (_status_kb("VmHWM") - base) * 1024
+
+
+def _status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def memory_in_subprocess(name, impl, dtype_name, device_name, threads):

@@ -78,3 +78,24 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.popo_mega.clipped_surrogate,
                           (logp.requires_grad_(True), old, adv, mask, *EPS))
     torch.library.opcheck(torch.ops.popo_mega.clipped_surrogate_grad, (grad, logp.detach(), old, adv, mask, *EPS))
+
+
+def test_traces_under_torch_compile():
+    """The registered op (fake impl + autograd) runs inside a compiled graph (aot_eager backend:
+    dynamo + AOT autograd, no code generation, so it is quick)."""
+    require_extension()
+    logp, old, adv, mask, grad = _case(257, 9, torch.float32)
+
+    def loss_fn(x):
+        loss, stats = torch.ops.popo_mega.clipped_surrogate(x, old, adv, mask, *EPS)
+        return (loss * grad).sum(), stats
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    x1 = logp.clone().requires_grad_(True)
+    x2 = logp.clone().requires_grad_(True)
+    (l1, s1), (l2, s2) = compiled(x1), loss_fn(x2)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(x1.grad, x2.grad)
