@@ -95,6 +95,7 @@ setup(
             "popo-convert=popo_mega.cli:convert_main",
             "popo-rollout-server=popo_mega.cli:rollout_server_main",
             "popo-report=popo_mega.cli:report_main",
+            "popo-plan=popo_mega.cli:plan_main",
         ]
     },
     ext_modules=ext_modules,
