@@ -277,10 +277,13 @@ class PolicyTrainer:
             samples = [s for s in samples if s.positive]  # negatives enter no term: never run them
         if a.name == "a3po":
             samples = a3po_token_advantages(samples, self.step, self.cfg)
-        mbs = self.pack(samples)
-        if not mbs:
-            raise ValueError("train_step: no rollout to train on (POPO: no positive in this rank's share); "
-                             "the caller must skip such batches on every rank")
+        total = torch.tensor([float(len(samples))], device=self.rt.device)
+        if self.rt.dp > 1:
+            dist.all_reduce(total, group=_groups()[2])
+        if total.item() == 0:   # the same decision on every rank: nobody enters the schedule
+            raise ValueError("train_step: no rollout to train on in the whole batch (POPO: no positive); "
+                             "the caller must skip this batch")
+        mbs = self.pack(samples) if samples else [self._empty_micro_batch()]
         if a.name == "popo" and a.popo.alpha != 0:
             self.target_pass(mbs)   # collective over the pipeline: every stage runs it
         norm = self.normalisers(mbs)
@@ -343,6 +346,16 @@ class PolicyTrainer:
                    lr=float(self.optimizer.param_groups[0]["lr"]), tau=tau, skipped=float(skipped),
                    nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
         return out
+
+    def _empty_micro_batch(self) -> MicroBatch:
+        """A 2-token micro-batch whose masks are all zero, for a DP rank with no rollout while other
+        ranks have some: it contributes nothing to any loss term or normaliser, but this rank still
+        runs the schedule and joins the gradient all-reduce (instead of leaving the others hanging)."""
+        dummy = RolloutSample(torch.zeros(2, dtype=torch.int64), 1, uid=0)
+        (mb,) = pack_micro_batches([dummy], max(2, self.cfg.train.micro_batch_tokens))
+        mb.mask.zero_()
+        mb.feature_mask.zero_()
+        return mb
 
     def _local_grads_nonfinite(self) -> float:
         for c in self.chunks:

@@ -93,6 +93,7 @@ def _steps(rank, world_size, tp, pp, path, n_steps, then_dp2=False):
     out["tokens_seen"] = trainer.tokens_seen
     out.update(snapshot(trainer))
     if tp == pp == 1:
+        out["step3"] = {"stats": [trainer.train_step(samples)], **snapshot(trainer)}
         out["entropy_all_and_nan"] = _entropy_all_and_nan(rt, path)
         out["grpo"] = _grpo_step(rt, path)
     if then_dp2:   # same processes, re-initialised as TP=1 x DP=2 (saves a process start)
@@ -116,7 +117,12 @@ def _dp2_steps(path, n_steps):
     trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
     share = shard_for_data_parallel([s for s in make_samples() if s.positive], rt.dp, rt.dp_rank)
     stats = [trainer.train_step(share) for _ in range(n_steps)]
-    return {"stats": stats, "share": [s.uid for s in share], **snapshot(trainer)}
+    out = {"stats": stats, "share": [s.uid for s in share], **snapshot(trainer)}
+    # Step 3: every rollout on DP rank 0, none on rank 1 (it runs an all-masked dummy micro-batch).
+    pos = [s for s in make_samples() if s.positive]
+    s3 = trainer.train_step(pos if rt.dp_rank == 0 else [])
+    out["step3"] = {"stats": [s3], **snapshot(trainer)}
+    return out
 
 
 def _grpo_step(rt, path):
@@ -268,6 +274,11 @@ def test_dp2_step_equals_tp1(tp1, tp2):
     for r in dp:  # at TP=1 every DP rank holds the full weights: both must equal TP=1 x DP=1
         _check_parallel([r, r], tp1, "dp=2")
     assert dp[0]["stats"][0]["tokens_fed"] == tp1["stats"][0]["tokens_fed"]   # summed over DP
+    # a DP rank with no rollout joins with an empty micro-batch; the step equals TP=1's third step
+    ref3 = {**tp1["step3"], "predictor": tp1["step3"]["predictor"]}
+    for r in dp:
+        _compare(r["step3"], ref3, "dp=2, rank 1 empty", tp1["weights"])
+    assert dp[0]["step3"]["stats"][0]["rollouts_fed"] == 4
 
 
 def test_pp2_step_equals_tp1(hf_path, tp1):
