@@ -43,12 +43,12 @@ ESIZE = {torch.float32: 4, torch.bfloat16: 2}
 
 
 # ----------------------------------------------------------------------------- problems
-def problem(name, dtype, device, quick=False):
+def problem(name, dtype, device, quick=False, vocab=19008):
     """Inputs for one op: returns (inputs dict, shape string, minimal bytes moved fwd+bwd)."""
     g = torch.Generator().manual_seed(0)
     e = ESIZE[dtype]
     if name == "logprob_entropy":
-        T, V = (1024, 19008) if quick else (8192, 19008)
+        T, V = (1024, vocab) if quick else (8192, vocab)
         inp = dict(logits=(torch.randn(T, V, generator=g) * 2).to(dtype), target=torch.randint(0, V, (T,), generator=g),
                    g_lp=torch.randn(T, generator=g), g_ent=torch.randn(T, generator=g))
         return _to(inp, device), f"T={T} V/tp={V}", 3 * T * V * e          # fwd read, bwd read + write
@@ -190,11 +190,11 @@ def clone_bandwidth(device):
     return 2 * x.numel() / t
 
 
-def memory_probe(name, impl, dtype_name, device_name, threads):
+def memory_probe(name, impl, dtype_name, device_name, threads, vocab=19008):
     """Peak extra bytes of one forward+backward (run in a fresh process on CPU)."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    inp, _, _ = problem(name, getattr(torch, dtype_name), device)
+    inp, _, _ = problem(name, getattr(torch, dtype_name), device, vocab=vocab)
     run = step_fn(name, impl, inp)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -224,9 +224,9 @@ def _status_kb(key):
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def memory_in_subprocess(name, impl, dtype_name, device_name, threads):
+def memory_in_subprocess(name, impl, dtype_name, device_name, threads, vocab=19008):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", name, impl, dtype_name, "--device", device_name,
-           "--threads", str(threads)]
+           "--threads", str(threads), "--vocab", str(vocab)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
@@ -250,10 +250,12 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    ap.add_argument("--vocab", default="19008", help="kernel 1 vocab shard sizes, comma separated "
+                    "(19008 = Qwen 152,064 at TP=8; 152064 = TP=1)")
     ap.add_argument("--memory-probe", nargs=3, metavar=("OP", "IMPL", "DTYPE"))
     args = ap.parse_args(argv)
     if args.memory_probe:
-        print(json.dumps({"bytes": memory_probe(*args.memory_probe, args.device, args.threads)}))
+        print(json.dumps({"bytes": memory_probe(*args.memory_probe, args.device, args.threads, int(args.vocab))}))
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -264,39 +266,41 @@ def main(argv=None):
     clone_bw = clone_bandwidth(device)
     print(f"device={dev_name} threads={args.threads} clone bandwidth {clone_bw / 1e9:.2f} GB/s", flush=True)
     rows = []
-    for name in args.ops.split(","):
-        for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            inp, shape, nbytes = problem(name, dtype, device, args.quick)
-            eager_t = None
-            for impl in IMPLS[name]:
-                if impl == "compile" and args.no_compile:
-                    continue
-                try:
-                    t = time_it(step_fn(name, impl, inp), device)
-                except Exception as exc:  # e.g. megatron or inductor unavailable: record why
-                    print(f"  {name} {impl} {dtype_name}: failed: {type(exc).__name__}: {exc}"[:300], flush=True)
-                    rows.append(dict(device=device.type, device_name=dev_name, threads=args.threads, op=name,
-                                     impl=impl, dtype=dtype_name, shape=shape, note=f"failed: {type(exc).__name__}"))
-                    continue
-                if impl == "eager":
-                    eager_t = t
-                mem = None
-                if not args.no_memory and not (impl == "compile" and device.type == "cpu") and not args.quick:
-                    mem = (memory_in_subprocess(name, impl, dtype_name, args.device, args.threads)
-                           if device.type == "cpu" else memory_probe(name, impl, dtype_name, args.device, args.threads))
-                bw = nbytes / t
-                row = dict(device=device.type, device_name=dev_name, threads=args.threads, op=name, impl=impl,
-                           dtype=dtype_name, shape=shape, direction="fwd+bwd", time_ms=round(t * 1e3, 3),
-                           speedup_vs_eager=round(eager_t / t, 2) if eager_t else "",
-                           extra_mem_MB=round(mem / 2 ** 20, 1) if mem is not None else "",
-                           min_bytes_MB=round(nbytes / 2 ** 20, 1), eff_GBps=round(bw / 1e9, 2),
-                           pct_clone_bw=round(100 * bw / clone_bw, 1), clone_GBps=round(clone_bw / 1e9, 2),
-                           torch=torch.__version__, note="")
-                rows.append(row)
-                print(f"  {name:18s} {impl:10s} {dtype_name:9s} {shape:22s} {t * 1e3:9.2f} ms  "
-                      f"x{row['speedup_vs_eager']!s:5s} mem {row['extra_mem_MB']!s:>8s} MB  "
-                      f"{row['pct_clone_bw']:5.1f}% clone bw", flush=True)
+    cases = [(name, dtype_name, int(v)) for name in args.ops.split(",") for dtype_name in args.dtypes.split(",")
+             for v in (args.vocab.split(",") if name == "logprob_entropy" else ["0"])]
+    for name, dtype_name, vocab in cases:
+        dtype = getattr(torch, dtype_name)
+        inp, shape, nbytes = problem(name, dtype, device, args.quick, vocab=vocab or 19008)
+        eager_t = None
+        for impl in IMPLS[name]:
+            if impl == "compile" and args.no_compile:
+                continue
+            try:
+                t = time_it(step_fn(name, impl, inp), device)
+            except Exception as exc:  # e.g. megatron or inductor unavailable: record why
+                print(f"  {name} {impl} {dtype_name}: failed: {type(exc).__name__}: {exc}"[:300], flush=True)
+                rows.append(dict(device=device.type, device_name=dev_name, threads=args.threads, op=name,
+                                 impl=impl, dtype=dtype_name, shape=shape, note=f"failed: {type(exc).__name__}"))
+                continue
+            if impl == "eager":
+                eager_t = t
+            mem = None
+            if not args.no_memory and not (impl == "compile" and device.type == "cpu") and not args.quick:
+                mem = (memory_in_subprocess(name, impl, dtype_name, args.device, args.threads, vocab or 19008)
+                       if device.type == "cpu" else
+                       memory_probe(name, impl, dtype_name, args.device, args.threads, vocab or 19008))
+            bw = nbytes / t
+            row = dict(device=device.type, device_name=dev_name, threads=args.threads, op=name, impl=impl,
+                       dtype=dtype_name, shape=shape, direction="fwd+bwd", time_ms=round(t * 1e3, 3),
+                       speedup_vs_eager=round(eager_t / t, 2) if eager_t else "",
+                       extra_mem_MB=round(mem / 2 ** 20, 1) if mem is not None else "",
+                       min_bytes_MB=round(nbytes / 2 ** 20, 1), eff_GBps=round(bw / 1e9, 2),
+                       pct_clone_bw=round(100 * bw / clone_bw, 1), clone_GBps=round(clone_bw / 1e9, 2),
+                       torch=torch.__version__, note="")
+            rows.append(row)
+            print(f"  {name:18s} {impl:10s} {dtype_name:9s} {shape:22s} {t * 1e3:9.2f} ms  "
+                  f"x{row['speedup_vs_eager']!s:5s} mem {row['extra_mem_MB']!s:>8s} MB  "
+                  f"{row['pct_clone_bw']:5.1f}% clone bw", flush=True)
     fields = ["device", "device_name", "threads", "op", "impl", "dtype", "shape", "direction", "time_ms",
               "speedup_vs_eager", "extra_mem_MB", "min_bytes_MB", "eff_GBps", "pct_clone_bw", "clone_GBps", "torch",
               "note"]
