@@ -130,9 +130,10 @@ class SyntheticTaskConfig:
     """popo_mega.rewards.synthetic.SyntheticTask: ``a op b`` with a, b in [0, max_operand]."""
 
     max_operand: int = 99
-    ops: tuple[str, ...] = ("+", "-")
+    ops: tuple[str, ...] = ("+",)
     n_heldout: int = 500
     seed: int = 0
+    fixed_width: bool = True                # zero-padded operands and answers ("07+45=" -> "052")
 
 
 @_cfg

@@ -131,11 +131,8 @@ def run(cfg: Config, log=print) -> RunResult:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
     synthetic_run = cfg.data.train == ("synthetic",)
-    score_fn = synthetic.score if synthetic_run else None
-    if not synthetic_run:
-        from popo_mega.rewards import math as math_rewards
-
-        score_fn = math_rewards.score
+    score_fn = synthetic.score  # held-out checks of the synthetic task
+    verifier = None             # math-verify in a process pool with per-item deadlines (rank 0)
 
     loaded = build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel)
     trainer = PolicyTrainer(cfg, rt, loaded)
@@ -170,6 +167,10 @@ def run(cfg: Config, log=print) -> RunResult:
                                     max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
                                     disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
                                     sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
+            if not synthetic_run:
+                from popo_mega.rewards.math import MathVerifier
+
+                verifier = MathVerifier(num_workers=2)
             metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard,
                                     resume_step=trainer.step + 1)
             log(f"[popo-train] {cfg.algorithm.name} on {cfg.model.hf_path}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
@@ -189,10 +190,17 @@ def run(cfg: Config, log=print) -> RunResult:
                 completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
                 texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
                 golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
-                rewards = torch.tensor([score_fn(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)
+                grade_stats = {}
+                if verifier is None:
+                    scores = synthetic.score_batch(texts, golds)
+                else:
+                    scores, st = verifier.score_batch_with_stats(texts, golds)
+                    grade_stats = {"verifier_timeouts": float(st.timeouts), "no_answer": float(st.no_answer),
+                                   "verifier_errors": float(st.errors + st.crashes)}
+                rewards = torch.tensor(scores, dtype=torch.float32)
                 sel = select([p.ids for p in prompts], completions, rewards, cfg.algorithm, cfg.rollout.group_size,
                              uid_offset=step * len(golds))
-                payload = (sel.samples, sel.stats, time.time() - t0, interrupt.requested)
+                payload = (sel.samples, {**sel.stats, **grade_stats}, time.time() - t0, interrupt.requested)
             samples, sel_stats, rollout_s, stop_now = _broadcast(payload) if world > 1 else payload
             if stop_now:
                 break
@@ -226,6 +234,8 @@ def run(cfg: Config, log=print) -> RunResult:
                 metrics.close()
             if engine is not None:
                 engine.close()
+            if verifier is not None:
+                verifier.close()
         rt_mod.shutdown()
     if is_rank0:
         from popo_mega.train.report import write_report

@@ -52,7 +52,8 @@ def synthetic_task(cfg: DataConfig):
     from popo_mega.rewards.synthetic import SyntheticTask
 
     s = cfg.synthetic
-    return SyntheticTask(max_operand=s.max_operand, ops=tuple(s.ops), n_heldout=s.n_heldout, seed=s.seed)
+    return SyntheticTask(max_operand=s.max_operand, ops=tuple(s.ops), n_heldout=s.n_heldout, seed=s.seed,
+                         fixed_width=s.fixed_width)
 
 
 def encode(examples: list[Example], cfg: DataConfig, tokenizer) -> list[Prompt]:
