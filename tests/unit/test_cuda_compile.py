@@ -25,8 +25,17 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason=f"nvcc not found (looked in
                                                       "CUDA sources not compiled")
 
 
+def _torch_nvcc_flags():
+    """The defines torch's CUDAExtension adds to every nvcc call (so this test sees what the build sees)."""
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+        return list(COMMON_NVCC_FLAGS)
+    except ImportError:
+        return []
+
+
 def _nvcc(path, out_dir):
-    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", *ARCH_FLAGS, "-c", path,
+    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", *_torch_nvcc_flags(), *ARCH_FLAGS, "-c", path,
            "-o", os.path.join(out_dir, os.path.basename(path) + ".o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return path, proc.returncode, proc.stdout + proc.stderr
