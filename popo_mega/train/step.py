@@ -93,6 +93,20 @@ def a3po_token_advantages(samples: list[RolloutSample], step: int, cfg: Config) 
             for b, s in enumerate(samples)]
 
 
+def _cast_stray_params(model, dtype: torch.dtype) -> int:
+    """Cast floating parameters that are not in ``dtype`` to it (returns how many). megatron-core
+    0.16.1's torch-norm fallback creates RMSNorm weights in fp32 inside a bf16 model; megatron's own
+    training wraps the model in Float16Module, which casts them. Mixed dtypes break the megatron
+    optimizer's checkpoint (optimizer state paired with the wrong parameter shapes)."""
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += 1
+    return n
+
+
 def _groups():
     from megatron.core import parallel_state as ps
 
@@ -121,6 +135,7 @@ class PolicyTrainer:
         self.tokens_seen = 0
         t = cfg.train
         dtype = self.model.config.params_dtype
+        _cast_stray_params(self.model, dtype)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=cfg.parallel.distributed_optimizer)
         self.ddp_model = DistributedDataParallel(self.model.config, ddp_cfg, self.model)
@@ -131,7 +146,9 @@ class PolicyTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed + 7919)   # the same initial h_phi on every layout
                 self.predictor = Predictor(self.arch.hidden_size, popo.predictor_hidden, popo.predictor_layers)
-            self.predictor.to(runtime.device)
+            # In the model's dtype (the optimizer keeps fp32 main copies): megatron-core 0.16.1's
+            # distributed-optimizer checkpoint breaks when chunks mix bf16 and fp32 buffers.
+            self.predictor.to(device=runtime.device, dtype=dtype)
             self.ddp_predictor = DistributedDataParallel(self.model.config, ddp_cfg, self.predictor)
             chunks.append(self.ddp_predictor)
         self.chunks = chunks
@@ -241,7 +258,7 @@ class PolicyTrainer:
             pred = target = None
             if self.predictor is not None:
                 feats = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens, mb.feature_mask)
-                pred = self.ddp_predictor(feats)
+                pred = self.ddp_predictor(feats.to(self.model.config.params_dtype)).float()
                 target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
             loss, parts = popo_loss(
                 logp, mb.mask, mb.cu_seqlens, mb.weights, mb.positive, num_positive_tokens=norm[0].item(),

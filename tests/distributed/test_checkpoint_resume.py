@@ -64,7 +64,8 @@ def _save_and_resume(rank, world_size, tp, path, root):
         ckpt._unshare_adam_steps = real
     shared = {"stats": [first, c.train_step(samples)], **snapshot(c)}
     resharded = _load_at_tp1_dp2(path, root)
-    return {"saved": saved, "after1": after1, "resharded": resharded, "info": info, "uninterrupted": uninterrupted, "resumed": resumed, "shared": shared,
+    bf16 = _bf16_resume(path, root + "_bf16")
+    return {"bf16": bf16, "saved": saved, "after1": after1, "resharded": resharded, "info": info, "uninterrupted": uninterrupted, "resumed": resumed, "shared": shared,
             "listed": [s for s, _ in ckpt.list_checkpoints(root)]}
 
 
@@ -87,6 +88,28 @@ def _load_at_tp1_dp2(path, root):
     return {"info": info, "stats": [None, t.train_step(share)], **snapshot(t)}
 
 
+def _bf16_resume(path, root):
+    """bf16 model (fp32 main params in the distributed optimizer) at TP=1 x DP=2: save after step 1,
+    resume in a fresh trainer; step 2 must be bit-identical."""
+    from popo_mega.train import checkpoint as ckpt
+    from popo_mega.runtime import initialize
+    from popo_mega.train.batch import shard_for_data_parallel
+
+    cfg = make_cfg(path, {**OVER, "model.dtype": "bfloat16"}, tensor=1)
+    rt = initialize(1, 1, seed=0, device="cpu")   # already initialised by _load_at_tp1_dp2: reuses it
+    share = shard_for_data_parallel([s for s in make_samples() if s.positive], rt.dp, rt.dp_rank)
+    a = _fresh(cfg, rt)
+    assert all(p.dtype == torch.bfloat16 for p in a.model.parameters())
+    a.train_step(share)
+    ckpt.save_checkpoint(a, root)
+    ua = a.train_step(share)
+    b = _fresh(cfg, rt)
+    ckpt.load_checkpoint(b, root)
+    ub = b.train_step(share)
+    shadow = lambda t: {k: v.clone() for k, v in t.ema.named_tensors()}  # noqa: E731  fp32 EMA itself
+    return {"a": {"stats": ua, "shadow": shadow(a), **snapshot(a)}, "b": {"stats": ub, "shadow": shadow(b), **snapshot(b)}}
+
+
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ckpt")
@@ -107,6 +130,17 @@ def test_resume_same_layout_is_exact(tp2_run):
         for key in ("weights", "ema", "predictor"):
             for name in u[key]:
                 assert torch.equal(u[key][name], s[key][name]), f"{key} {name} differs after resume"
+
+
+def test_bf16_resume_is_exact(tp2_run):
+    for r in tp2_run["results"]:
+        a, b = r["bf16"]["a"], r["bf16"]["b"]
+        assert a["stats"]["loss"] == b["stats"]["loss"] and a["stats"]["skipped"] == 0.0
+        for key in ("weights", "ema", "predictor", "shadow"):
+            for name in a[key]:
+                assert torch.equal(a[key][name], b[key][name]), f"bf16 {key} {name} differs after resume"
+        assert all(t.dtype == torch.float32 for t in a["shadow"].values())
+        assert a["ema"]["model.norm.weight"].dtype == torch.bfloat16  # exported in the model dtype
 
 
 def test_shared_adam_step_would_be_caught(tp2_run):
