@@ -130,6 +130,9 @@ class PolicyTrainer:
 
         self.cfg, self.rt = cfg, runtime
         self.model, self.arch, self.layout = loaded.model, loaded.arch, loaded.layout
+        if self.model.config.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel: the trainer does not support sequence parallelism yet "
+                             "(the pooled P3 features and the packed loss tensors assume full sequences per TP rank)")
         self.algo = cfg.algorithm
         self.step = 0
         self.tokens_seen = 0
@@ -162,6 +165,9 @@ class PolicyTrainer:
             self.optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=t.lr_schedule,
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+        # Optimizer step k (1-based) uses the LR at scheduler position k: with warm-up the first step
+        # gets lr * 1/warmup_steps, not megatron's init_lr (0), which would waste the first batch.
+        self.scheduler.step(increment=1)
         self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
                     if self.algo.name == "popo" else None)
         mcfg = self.model.config
@@ -343,6 +349,7 @@ class PolicyTrainer:
                            device=self.rt.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         skipped = bool(bad.max() > 0)
+        lr = float(self.optimizer.param_groups[0]["lr"])   # the rate this step uses
         grad_norm, tau = float("nan"), float("nan")
         if skipped:
             for c in self.chunks:
@@ -360,7 +367,7 @@ class PolicyTrainer:
         out = {k: float(vec[i]) for i, k in enumerate(keys)}
         out.update(tokens_fed=float(vec[len(keys)]), rollouts_fed=float(vec[len(keys) + 1]),
                    num_microbatches=float(n_mb), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   lr=float(self.optimizer.param_groups[0]["lr"]), tau=tau, skipped=float(skipped),
+                   lr=lr, tau=tau, skipped=float(skipped),
                    nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
         return out
 

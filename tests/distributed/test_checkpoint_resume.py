@@ -127,6 +127,9 @@ def test_resume_same_layout_is_exact(tp2_run):
         assert r["listed"] == [1]
         u, s = r["uninterrupted"], r["resumed"]
         assert u["stats"][1]["loss"] == s["stats"][1]["loss"]
+        # train.lr 1e-3 with 2 warm-up steps: step 1 uses 5e-4, step 2 1e-3, also after the resume
+        assert u["stats"][0]["lr"] == pytest.approx(5e-4) and u["stats"][1]["lr"] == pytest.approx(1e-3)
+        assert s["stats"][1]["lr"] == pytest.approx(1e-3)
         for key in ("weights", "ema", "predictor"):
             for name in u[key]:
                 assert torch.equal(u[key][name], s[key][name]), f"{key} {name} differs after resume"

@@ -96,6 +96,7 @@ def _steps(rank, world_size, tp, pp, path, n_steps, then_dp2=False):
         out["step3"] = {"stats": [trainer.train_step(samples)], **snapshot(trainer)}
         out["entropy_all_and_nan"] = _entropy_all_and_nan(rt, path)
         out["grpo"] = _grpo_step(rt, path)
+        out["a3po"] = _grpo_step(rt, path, "a3po")
     if then_dp2:   # same processes, re-initialised as TP=1 x DP=2 (saves a process start)
         out["dp2"] = _dp2_steps(path, n_steps)
     return out
@@ -125,12 +126,12 @@ def _dp2_steps(path, n_steps):
     return out
 
 
-def _grpo_step(rt, path):
-    """A GRPO trainer (token_mean, eps 0.2/0.28) in the TP=1 process: one step on all 6 rollouts."""
+def _grpo_step(rt, path, name="grpo"):
+    """A GRPO / A3PO trainer (token_mean, eps 0.2/0.28) in the TP=1 process: one step on all 6 rollouts."""
     from popo_mega.model.loader import build_from_hf
     from popo_mega.train.step import PolicyTrainer
 
-    cfg = make_cfg(path, {"algorithm.name": "grpo"})
+    cfg = make_cfg(path, {"algorithm.name": name})
     trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
     assert trainer.ema is None and trainer.predictor is None
     trainer.tokens_seen = 0
@@ -285,19 +286,33 @@ def test_pp2_step_equals_tp1(hf_path, tp1):
     _check_parallel(run_world(_steps, 2, 1, 2, hf_path, 2), tp1, "pp=2")
 
 
-def test_grpo_loss_matches_hf_float64(hf_path, tp1):
+@pytest.mark.parametrize("name", ["grpo", "a3po"])
+def test_grpo_a3po_loss_matches_hf_float64(hf_path, tp1, name):
+    from popo_mega.algorithms.a3po import shape_advantages
+
     samples = make_samples()
     ref = _hf_reference(hf_path, samples)
+    R = max(r["logp"].numel() for r in ref)
+    old = torch.zeros(len(samples), R, dtype=torch.float64)
+    mask = torch.zeros(len(samples), R, dtype=torch.float64)
+    for b, s in enumerate(samples):
+        old[b, :s.old_logp.numel()] = s.old_logp.double()
+        mask[b, :s.old_logp.numel()] = 1
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float64)
+    # A3PO (section 4, step 0, defaults ratio 0.2, rho 2, alpha 0.005); GRPO: A_i on every token
+    shaped = shape_advantages(adv, old, mask, 0) if name == "a3po" else adv[:, None] * mask
     num, count = 0.0, 0
-    for s, r in zip(samples, ref):
+    for b, (s, r) in enumerate(zip(samples, ref)):
         rho = torch.exp(r["logp"] - s.old_logp.double())
-        a = s.advantage
+        a = shaped[b, :rho.numel()]
         num += -torch.minimum(rho * a, rho.clamp(1 - EPS_LOW, 1 + EPS_HIGH) * a).sum().item()
         count += r["logp"].numel()
-    got = tp1["grpo"]["stats"]["loss"]
-    print(f"GRPO step-1 loss: megatron {got:.8f}, float64 HF reference {num / count:.8f}")
+    got = tp1[name]["stats"]["loss"]
+    print(f"{name} step-1 loss: megatron {got:.8f}, float64 HF reference {num / count:.8f}")
     assert abs(got - num / count) < 1e-5
-    assert tp1["grpo"]["tokens_seen"] == sum(s.tokens.numel() for s in samples)  # negatives fed, no target pass
+    assert tp1[name]["tokens_seen"] == sum(s.tokens.numel() for s in samples)  # negatives fed, no target pass
+    if name == "a3po":
+        assert not torch.equal(shaped, adv[:, None] * mask)   # the shaping changed something
 
 
 def _entropy_all_and_nan(rt, path):
