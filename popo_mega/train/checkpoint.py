@@ -38,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "MARKER"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "export_hf", "MARKER"]
 
 MARKER = "popo_checkpoint.json"
 _DIR = re.compile(r"^step_(\d{8})$")
@@ -275,3 +275,26 @@ def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
         _set_rng_state(loaded["rng"])
     return {"step": trainer.step, "extra": common["extra"], "path": path, "rng_restored": same_layout,
             "shared_adam_steps_fixed": fixed}
+
+
+def export_hf(trainer, out_dir: str, weights: str = "policy", metadata_dir: str | None = None) -> str:
+    """Write the policy (``weights="policy"``) or the EMA target (``"ema"``, cast to the model's
+    dtype) as an HF directory that ``from_pretrained`` loads; config and tokenizer files are copied
+    from ``metadata_dir`` (default: model.hf_path). Collective over all ranks (see
+    popo_mega.model.hf.save_hf_checkpoint). Returns ``out_dir``."""
+    from megatron.core import parallel_state as ps
+
+    from popo_mega.model.hf import save_hf_checkpoint
+
+    if weights not in ("policy", "ema"):
+        raise ValueError(f"export_hf: weights must be 'policy' or 'ema', got {weights!r}")
+    if weights == "ema" and trainer.ema is None:
+        raise ValueError(f"export_hf: algorithm {trainer.algo.name!r} keeps no EMA")
+    args = (trainer.model, trainer.arch, trainer.layout, out_dir, metadata_dir or trainer.cfg.model.hf_path)
+    kw = {"tp_group": ps.get_tensor_model_parallel_group(), "pp_group": ps.get_pipeline_model_parallel_group()}
+    if weights == "ema":
+        with torch.no_grad(), trainer.ema.swapped_into(trainer.model):
+            save_hf_checkpoint(*args, **kw)
+    else:
+        save_hf_checkpoint(*args, **kw)
+    return out_dir

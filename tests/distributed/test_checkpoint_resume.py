@@ -41,6 +41,7 @@ def _save_and_resume(rank, world_size, tp, path, root):
     saved = ckpt.save_checkpoint(a, root, extra={"data_cursor": 6}, keep_last=2)
     after1 = snapshot(a)["weights"]
     uninterrupted = {"stats": [first, a.train_step(samples)], **snapshot(a)}
+    ckpt.export_hf(a, root + "_hf_ema", "ema")
     torch.manual_seed(1234)  # disturb the RNG: the load must restore it
 
     # A crash while writing step 9: the directory exists, the marker does not.
@@ -144,6 +145,17 @@ def test_bf16_resume_is_exact(tp2_run):
                 assert torch.equal(a[key][name], b[key][name]), f"bf16 {key} {name} differs after resume"
         assert all(t.dtype == torch.float32 for t in a["shadow"].values())
         assert a["ema"]["model.norm.weight"].dtype == torch.bfloat16  # exported in the model dtype
+
+
+def test_export_ema_as_hf(tp2_run):
+    from transformers import AutoModelForCausalLM
+
+    u = tp2_run["results"][0]["uninterrupted"]
+    model = AutoModelForCausalLM.from_pretrained(tp2_run["root"] + "_hf_ema", dtype=torch.float32)
+    state = model.state_dict()
+    for name, t in u["ema"].items():
+        assert torch.equal(state[name], t), name
+    assert not torch.equal(u["ema"]["model.norm.weight"], u["weights"]["model.norm.weight"])
 
 
 def test_shared_adam_step_would_be_caught(tp2_run):
