@@ -107,8 +107,12 @@ def _bf16_resume(path, root):
     b = _fresh(cfg, rt)
     ckpt.load_checkpoint(b, root)
     ub = b.train_step(share)
+    os.makedirs(os.path.join(root, ".tmp_step_00000007"), exist_ok=True)   # stale, from a crash
+    ckpt.save_checkpoint(b, root, keep_last=1)
+    kept = sorted(os.listdir(root))
     shadow = lambda t: {k: v.clone() for k, v in t.ema.named_tensors()}  # noqa: E731  fp32 EMA itself
-    return {"a": {"stats": ua, "shadow": shadow(a), **snapshot(a)}, "b": {"stats": ub, "shadow": shadow(b), **snapshot(b)}}
+    return {"a": {"stats": ua, "shadow": shadow(a), **snapshot(a)}, "b": {"stats": ub, "shadow": shadow(b), **snapshot(b)},
+            "kept": kept}
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,7 @@ def test_bf16_resume_is_exact(tp2_run):
             for name in a[key]:
                 assert torch.equal(a[key][name], b[key][name]), f"bf16 {key} {name} differs after resume"
         assert all(t.dtype == torch.float32 for t in a["shadow"].values())
+        assert r["bf16"]["kept"] == ["step_00000002"]   # keep_last=1 pruned step 1 and the stale tmp dir
         assert a["ema"]["model.norm.weight"].dtype == torch.bfloat16  # exported in the model dtype
 
 
