@@ -298,6 +298,12 @@ class PolicyTrainer:
         a = self.algo
         if a.name == "popo" and a.popo.entropy_on == "positive":
             samples = [s for s in samples if s.positive]  # negatives enter no term: never run them
+        if a.name != "popo" or a.popo.is_correction == "token":
+            for i, smp in enumerate(samples):
+                if smp.old_logp is None:
+                    raise ValueError(f"train_step: rollout {i} has no old_logp; algorithm {a.name!r}"
+                                     + (" with is_correction: token" if a.name == "popo" else "")
+                                     + " needs the sampling policy's log-probs")
         if a.name == "a3po":
             samples = a3po_token_advantages(samples, self.step, self.cfg)
         total = torch.tensor([float(len(samples))], device=self.rt.device)
