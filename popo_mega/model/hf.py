@@ -293,19 +293,20 @@ def copy_hf_metadata(src_dir: str, out_dir: str, dtype: torch.dtype | None = Non
 
 
 def save_hf_checkpoint(model, arch: Architecture, layout: ShardLayout, out_dir: str, metadata_dir: str,
-                       tp_group=None, pp_group=None) -> None:
+                       tp_group=None, pp_group=None, dp_rank: int = 0) -> None:
     """Write this model (any TP/PP layout) as an HF directory that ``from_pretrained`` loads.
 
-    Each pipeline stage's TP rank 0 writes ``model-0000{s}-of-0000{pp}.safetensors``; global rank 0
-    writes the index, config.json and the tokenizer files copied from ``metadata_dir``. Collective:
-    all ranks of the model call it.
+    Each pipeline stage's TP rank 0 of data-parallel replica 0 writes
+    ``model-0000{s}-of-0000{pp}.safetensors``; global rank 0 writes the index, config.json and the
+    tokenizer files copied from ``metadata_dir``. Collective: all ranks call it, each with its
+    ``dp_rank`` (replicas other than 0 gather but do not write).
     """
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     tensors = {n: t.contiguous().clone() for n, t in iter_hf_tensors(model, arch, layout, tp_group)}
     shard = f"model-{layout.pp_rank + 1:05d}-of-{layout.pp:05d}.safetensors"
-    if layout.tp_rank == 0:
+    if layout.tp_rank == 0 and dp_rank == 0:
         save_file(tensors, os.path.join(out_dir, shard), metadata={"format": "pt"})
     names = {n: shard for n in tensors}
     total = sum(t.numel() * t.element_size() for t in tensors.values())

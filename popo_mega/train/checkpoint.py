@@ -291,7 +291,8 @@ def export_hf(trainer, out_dir: str, weights: str = "policy", metadata_dir: str 
     if weights == "ema" and trainer.ema is None:
         raise ValueError(f"export_hf: algorithm {trainer.algo.name!r} keeps no EMA")
     args = (trainer.model, trainer.arch, trainer.layout, out_dir, metadata_dir or trainer.cfg.model.hf_path)
-    kw = {"tp_group": ps.get_tensor_model_parallel_group(), "pp_group": ps.get_pipeline_model_parallel_group()}
+    kw = {"tp_group": ps.get_tensor_model_parallel_group(), "pp_group": ps.get_pipeline_model_parallel_group(),
+          "dp_rank": ps.get_data_parallel_rank()}
     if weights == "ema":
         with torch.no_grad(), trainer.ema.swapped_into(trainer.model):
             save_hf_checkpoint(*args, **kw)
