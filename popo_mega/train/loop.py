@@ -68,7 +68,7 @@ def canonical_metrics(step_stats: dict) -> dict:
     similarity and entropy are their negatives; the clip fraction is over the tokens the policy
     term saw (positive tokens for POPO).
     """
-    out = dict(step_stats)
+    out = {k: v for k, v in step_stats.items() if k != "step"}  # the logger records the step itself
     if "sim" in out:
         out["similarity"] = -out.pop("sim")
     if "ent" in out:
@@ -140,6 +140,23 @@ def run(cfg: Config, log=print) -> RunResult:
     stream = PromptStream(encode(examples, cfg.data, tokenizer), seed=cfg.data.shuffle_seed)
     heldout = encode(synthetic_task(cfg.data).examples("heldout"), cfg.data, tokenizer) if synthetic_run else []
 
+    from popo_mega.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    resumed = load_checkpoint(trainer, ckpt_root)
+    if resumed is not None:
+        stream.load_state_dict(resumed["extra"]["data"])
+        if is_rank0:
+            log(f"[popo-train] resumed from {resumed['path']} at step {resumed['step']}")
+
+    def checkpoint() -> None:
+        cursor = stream.state_dict()
+        if world > 1:
+            cursor = _broadcast(cursor)  # rank 0 owns the cursor
+        path = save_checkpoint(trainer, ckpt_root, extra={"data": cursor}, keep_last=cfg.train.keep_last)
+        if is_rank0:
+            log(f"[popo-train] checkpoint: {path}")
+
     engine = metrics = None
     interrupt = _Interrupt()
     initial_acc = final_acc = None
@@ -176,9 +193,11 @@ def run(cfg: Config, log=print) -> RunResult:
             log(f"[popo-train] {cfg.algorithm.name} on {cfg.model.hf_path}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
                 f"{len(stream.prompts)} training prompts ({skipped} bad records skipped), "
                 f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.group_size} rollouts per step")
-            if heldout:
+            if heldout and resumed is None:
                 initial_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
                 log(f"[popo-train] held-out accuracy before RL: {100 * initial_acc:.1f}% ({len(heldout)} problems)")
+        if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
+            sync_engine_weights(trainer, engine, use_ema=cfg.rollout.weights == "ema", version=f"step{trainer.step}")
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids)
         step = trainer.step
@@ -202,7 +221,10 @@ def run(cfg: Config, log=print) -> RunResult:
                              uid_offset=step * len(golds))
                 payload = (sel.samples, {**sel.stats, **grade_stats}, time.time() - t0, interrupt.requested)
             samples, sel_stats, rollout_s, stop_now = _broadcast(payload) if world > 1 else payload
-            if stop_now:
+            if stop_now:  # SIGTERM/SIGINT: keep what was learnt, then exit
+                if is_rank0:
+                    log(f"[popo-train] interrupted at step {step}: writing a checkpoint before exit")
+                checkpoint()
                 break
             share = shard_for_data_parallel(samples, rt.dp, rt.dp_rank)
             trainable = [s for s in share if s.positive] if (cfg.algorithm.name == "popo" and
@@ -225,6 +247,8 @@ def run(cfg: Config, log=print) -> RunResult:
                     m["heldout_accuracy"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
                                                             stop_ids, tokenizer)
                 metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
+            if cfg.train.save_interval and (step % cfg.train.save_interval == 0 or step == cfg.train.steps):
+                checkpoint()
         if is_rank0 and heldout:
             final_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
     finally:
