@@ -59,7 +59,9 @@ def greedy_accuracy(model, tokenizer, examples, max_new_tokens: int = 5) -> floa
 def warm_start(task, out_dir: str, *, low: float = 0.25, high: float = 0.55, hidden: int = 128, layers: int = 2,
                lr: float = 3e-3, batch_size: int = 128, eval_every: int = 50, max_steps: int = 4000,
                eval_problems: int = 200, seed: int = 0, log=print) -> float:
-    """Train until held-out accuracy is in [low, high]; save the HF checkpoint; return that accuracy."""
+    """Train until held-out accuracy reaches ``low``; save the best checkpoint whose accuracy is at
+    most ``high`` (a jump past ``high`` between two checks falls back to the previous snapshot);
+    return its accuracy."""
     from popo_mega.rewards.synthetic import load_tokenizer
 
     tok = load_tokenizer()
@@ -68,9 +70,10 @@ def warm_start(task, out_dir: str, *, low: float = 0.25, high: float = 0.55, hid
     probe = task.examples("heldout")[:eval_problems]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
-    t0, acc = time.time(), 0.0
+    t0 = time.time()
+    best_acc, best_state = -1.0, None   # the best snapshot at or below ``high``
     for step in range(1, max_steps + 1):
-        ids, labels = _batch(tok, rng.sample(pairs, batch_size))
+        ids, labels = _batch(tok, rng.sample(pairs, min(batch_size, len(pairs))))
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -79,11 +82,14 @@ def warm_start(task, out_dir: str, *, low: float = 0.25, high: float = 0.55, hid
             acc = greedy_accuracy(model, tok, probe)
             log(f"[warm-start] step {step} loss {loss.item():.3f} held-out accuracy {100 * acc:.1f}% "
                 f"({time.time() - t0:.0f} s)")
-            if acc >= low:
+            if best_acc < acc <= high:
+                best_acc, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+            if acc >= low:  # in the window, or past it (then the best snapshot below the cap is used)
                 break
-    if not low <= acc <= high:
-        raise RuntimeError(f"warm start ended at {100 * acc:.1f}% held-out accuracy, outside [{100 * low:.0f}%, "
-                           f"{100 * high:.0f}%]; adjust eval_every or lr")
+    if best_state is None:
+        raise RuntimeError(f"warm start: no held-out check at or below {100 * high:.0f}% (eval_every={eval_every})")
+    model.load_state_dict(best_state)
+    acc = best_acc
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return acc
