@@ -45,7 +45,7 @@ from popo_mega.algorithms.popo import popo_loss, popo_normalisers
 from popo_mega.algorithms.predictor import Predictor
 from popo_mega.algorithms.similarity import masked_mean_pool
 from popo_mega.config import Config
-from popo_mega.model.logprobs import vocab_parallel_logprob_entropy
+from popo_mega.ops.logprob_entropy import logprob_entropy
 from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches
 
 __all__ = ["PolicyTrainer", "exclude_padded_vocab", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
@@ -204,7 +204,9 @@ class PolicyTrainer:
         tp_group = _groups()[0] if self.rt.tp > 1 else None
         start = self.rt.tp_rank * logits.shape[1]
         logits = exclude_padded_vocab(logits, self.arch.vocab_size, start)
-        return vocab_parallel_logprob_entropy(logits, labels, tp_group, start)
+        # train.kernels: the fused csrc/ kernel ("extension"), its reference twin
+        # (popo_mega.model.logprobs, "reference"), or the kernel when built ("auto").
+        return logprob_entropy(logits, labels, group=tp_group, vocab_start=start, impl=self.cfg.train.kernels)
 
     @torch.no_grad()
     def target_pass(self, mbs: list[MicroBatch]) -> None:

@@ -17,9 +17,9 @@ import torch
 def build_tiny_qwen2(tokenizer, hidden: int = 128, layers: int = 2, seed: int = 0):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -57,7 +57,7 @@ def greedy_accuracy(model, tokenizer, examples, max_new_tokens: int = 5) -> floa
 
 
 def warm_start(task, out_dir: str, *, low: float = 0.25, high: float = 0.55, hidden: int = 128, layers: int = 2,
-               lr: float = 3e-3, batch_size: int = 128, eval_every: int = 50, max_steps: int = 4000,
+               lr: float = 3e-3, batch_size: int = 64, eval_every: int = 25, max_steps: int = 4000,
                eval_problems: int = 200, seed: int = 0, log=print) -> float:
     """Train until held-out accuracy reaches ``low``; save the best checkpoint whose accuracy is at
     most ``high`` (a jump past ``high`` between two checks falls back to the previous snapshot);
@@ -68,7 +68,7 @@ def warm_start(task, out_dir: str, *, low: float = 0.25, high: float = 0.55, hid
     model = build_tiny_qwen2(tok, hidden, layers, seed)
     pairs = task.sft_pairs("train")
     probe = task.examples("heldout")[:eval_problems]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     t0 = time.time()
     best_acc, best_state = -1.0, None   # the best snapshot at or below ``high``
