@@ -256,7 +256,9 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     shard = layout.dp if layout.distributed_optimizer else 1
     last = pp_rank == layout.pp - 1
     pb = layout.param_bytes
-    nb = 4 if layout.impl == "local" else pb     # the local spec's torch RMSNorm weights are fp32
+    # megatron 0.16.1's local spec creates torch RMSNorm weights in fp32, but PolicyTrainer casts them
+    # to the model dtype (a bf16/fp32 mix broke distributed-optimizer checkpoints), so they are pb too.
+    nb = pb
     norms = p["norms"]
     # fp32 main copies exist only for the parameters that are not fp32 already
     main = (4 * (n - norms) if pb != 4 else 0) + (4 * norms if nb != 4 else 0)
@@ -269,8 +271,14 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
         "fp8_cache": 2 * p["layers_linear"] if layout.fp8 else 0,
     }
     if layout.popo and last:
+        # The predictor lives in the model dtype (PolicyTrainer) with an fp32 grad buffer. In an fp32
+        # model its Adam state is its own; otherwise its fp32 main copy + Adam sit in the optimizer.
         q = predictor_params(arch.hidden_size, layout.predictor_hidden, layout.predictor_layers)
-        terms["predictor"] = 8 * q + 8 * q / shard
+        if pb == 4:
+            terms["predictor"] = 8 * q + 8 * q / shard
+        else:
+            terms["predictor"] = pb * q + 4 * q
+            terms["optimizer"] += 12 * q / shard
     act = activation_bytes(arch, layout, pp_rank)
     logits = logits_bytes(arch, layout, p["vocab_padded"]) if last else 0
     terms["activations"] = act["total"]

@@ -79,10 +79,13 @@ def test_static_terms_by_hand():
     q = predictor_params(64, 32, 2)
     t = plan_stage(arch, lay, 0)["terms"]
     assert t["weights"] == 2 * n and t["grads"] == 4 * n and t["ema"] == 4 * n
-    assert t["optimizer"] == 12 * n / 4
-    assert t["predictor"] == 8 * q + 8 * q / 4
+    # bf16 predictor: its fp32 main copy + Adam are sharded with the model's in the optimizer.
+    assert t["optimizer"] == (12 * n + 12 * q) / 4
+    assert t["predictor"] == 2 * q + 4 * q
     no_dist = plan_stage(arch, dataclasses.replace(lay, distributed_optimizer=False), 0)["terms"]
-    assert no_dist["optimizer"] == 12 * n
+    assert no_dist["optimizer"] == 12 * n + 12 * q
+    fp32 = plan_stage(arch, dataclasses.replace(lay, param_bytes=4), 0)["terms"]
+    assert fp32["predictor"] == 8 * q + 8 * q / 4 and fp32["optimizer"] == 8 * n / 4
     grpo = plan_stage(arch, dataclasses.replace(lay, popo=False), 0)["terms"]
     assert grpo["ema"] == grpo["predictor"] == grpo["ema_swap"] == 0
     fp8 = plan_stage(arch, dataclasses.replace(lay, fp8=True), 0)["terms"]
@@ -90,13 +93,17 @@ def test_static_terms_by_hand():
     assert fp8["fp8_cache"] == 2 * linear
 
 
-def test_local_impl_keeps_norm_weights_fp32():
+def test_norms_and_predictor_follow_the_model_dtype():
+    """PolicyTrainer keeps RMSNorm weights and the predictor in the model dtype (bf16 here): every
+    parameter has an fp32 main copy + Adam in the optimizer; the predictor adds its bf16 weights
+    and fp32 grads. q by hand for h=64, predictor 1024 x 2: 64*1024+1024 + 2*1024 + 1024*64+64."""
     arch = _arch(qwen2_config())
     p = stage_params(arch, 1, 1, 0)
-    norms = 2 * 2 * 64 + 64
+    q = 64 * 1024 + 1024 + 2 * 1024 + 1024 * 64 + 64
     t = plan_stage(arch, Layout(impl="local", micro_batch_tokens=256), 0)["terms"]
-    assert t["weights"] == 2 * (p["total"] - norms) + 4 * norms
-    assert t["optimizer"] == 4 * (p["total"] - norms) + 8 * p["total"]
+    assert t["weights"] == 2 * p["total"]
+    assert t["predictor"] == 2 * q + 4 * q
+    assert t["optimizer"] == 12 * p["total"] + 12 * q
 
 
 def test_activation_formula_by_hand_te():
