@@ -79,7 +79,9 @@ def main(argv=None) -> int:
 
 def launch(fn, world_size: int, *args) -> list:
     """Run ``fn(*args)`` on every rank: directly under torchrun, else in ``world_size`` local processes."""
-    if "WORLD_SIZE" in os.environ or world_size == 1:
+    from popo_mega.runtime import under_launcher
+
+    if under_launcher() or world_size == 1:
         return [fn(*args)]
     import socket
     import tempfile

@@ -40,6 +40,16 @@ class Runtime:
         return self.pp_rank == self.pp - 1
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def under_launcher() -> bool:
+    """Whether torchrun (or an equivalent) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` is CUDA when available, else CPU."""
     if device == "auto":
@@ -75,7 +85,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     if dev.type == "cpu":
         cpu_compat.apply()
     rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline parallel = "

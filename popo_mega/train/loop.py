@@ -121,7 +121,7 @@ def run(cfg: Config, log=print) -> RunResult:
     from popo_mega.train.select import select
     from popo_mega.train.step import PolicyTrainer
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = rt_mod.launched_world_size()
     check_layout(cfg, world_size=world)
     rt = rt_mod.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
     run_dir = cfg.train.output_dir
@@ -168,22 +168,14 @@ def run(cfg: Config, log=print) -> RunResult:
             from popo_mega.train.metrics import MetricsLogger
 
             r = cfg.rollout
-            if r.urls:
-                engine = HttpEngine(list(r.urls), api_key=r.api_key, request_timeout_s=r.request_timeout_s,
-                                    failover=r.on_server_failure == "retry", max_retries=r.retries,
-                                    sync_method="disk" if r.sync == "disk" else "auto",
-                                    disk_dir=os.path.join(run_dir, "weights_sync"),
-                                    bucket_bytes=r.bucket_mb << 20,
-                                    sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
-            else:
-                servers = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, host=r.host,
-                                         tp_size=r.server_tp, mem_fraction_static=r.mem_fraction,
-                                         api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir)
-                engine = HttpEngine([s.url for s in servers], servers=servers, api_key=r.api_key,
-                                    request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
-                                    max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
-                                    disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
-                                    sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
+            servers = [] if r.urls else launch_servers(
+                r.backend, cfg.model.hf_path, num_servers=r.num_servers, host=r.host, tp_size=r.server_tp,
+                mem_fraction_static=r.mem_fraction, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir)
+            engine = HttpEngine(list(r.urls) or [s.url for s in servers], servers=servers, api_key=r.api_key,
+                                request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
+                                max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
+                                disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
+                                sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
             if not synthetic_run:
                 from popo_mega.rewards.math import MathVerifier
 
