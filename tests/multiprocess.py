@@ -9,18 +9,13 @@ rank's traceback; a hang is cut at ``timeout`` seconds.
 """
 
 import os
-import socket
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from popo_mega.runtime import free_port
 
 
 def _entry(rank, world_size, port, out_dir, fn, args):

@@ -79,18 +79,15 @@ def main(argv=None) -> int:
 
 def launch(fn, world_size: int, *args) -> list:
     """Run ``fn(*args)`` on every rank: directly under torchrun, else in ``world_size`` local processes."""
-    from popo_mega.runtime import under_launcher
+    from popo_mega.runtime import free_port, under_launcher
 
     if under_launcher() or world_size == 1:
         return [fn(*args)]
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_spawned, args=(world_size, port, tmp, fn, args), nprocs=world_size,
                            start_method="spawn", join=True)

@@ -187,7 +187,7 @@ class DistributedWeightSync:
             raise ValueError(f"DistributedWeightSync: {len(self.tp_sizes)} tp_sizes for {len(self.urls)} servers")
         self.master_address = master_address
         if master_port is None:
-            from popo_mega.rollout.sglang_launcher import free_port
+            from popo_mega.runtime import free_port
             master_port = free_port(master_address)
         self.master_port = master_port
         self.bucket_bytes, self.load_format = bucket_bytes, load_format

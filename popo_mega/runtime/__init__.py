@@ -40,6 +40,15 @@ class Runtime:
         return self.pp_rank == self.pp - 1
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,12 +106,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         if "MASTER_ADDR" not in os.environ:
             if world_size != 1:
                 raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun (launch/train.sh)")
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            init_method = f"tcp://127.0.0.1:{port}"
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         else:
             init_method = "env://"
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method=init_method,
