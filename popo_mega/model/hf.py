@@ -217,7 +217,8 @@ def load_hf_weights(model, arch: Architecture, hf_dir: str, layout: ShardLayout)
 # Megatron -> HF
 # --------------------------------------------------------------------------------------------
 
-def _gather(t: torch.Tensor, dim: int, group, tp: int) -> list[torch.Tensor]:
+def gather_tp_shards(t: torch.Tensor, group, tp: int) -> list[torch.Tensor]:
+    """Every TP rank's shard of ``t``, in rank order (``[t]`` at TP 1); the caller concatenates."""
     if tp == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(tp)]
@@ -239,7 +240,7 @@ def iter_hf_tensors(model, arch: Architecture, layout: ShardLayout, tp_group=Non
             continue
         t = param.detach()
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            full = torch.cat(_gather(t, 0, tp_group, tp), dim=0)[:real_vocab]
+            full = torch.cat(gather_tp_shards(t, tp_group, tp), dim=0)[:real_vocab]
             if name == "embedding.word_embeddings.weight":
                 yield "model.embed_tokens.weight", full
             elif not arch.tie_embeddings or include_tied_output:
@@ -258,7 +259,7 @@ def iter_hf_tensors(model, arch: Architecture, layout: ShardLayout, tp_group=Non
             yield direct, t
         elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             kind = suffix.rsplit(".", 1)[1]
-            full = torch.cat(_gather(t, 0, tp_group, tp), dim=0)
+            full = torch.cat(gather_tp_shards(t, tp_group, tp), dim=0)
             qpg, ng, tail = layout.q_per_group, arch.num_kv_heads, t.shape[1:]
             grouped = full.reshape(ng, (qpg + 2) * hd, *tail)
             q, k, v = grouped.split([qpg * hd, hd, hd], dim=1)
@@ -266,14 +267,14 @@ def iter_hf_tensors(model, arch: Architecture, layout: ShardLayout, tp_group=Non
             yield f"{p}self_attn.k_proj.{kind}", k.reshape(ng * hd, *tail)
             yield f"{p}self_attn.v_proj.{kind}", v.reshape(ng * hd, *tail)
         elif suffix == "self_attention.linear_proj.weight":
-            yield f"{p}self_attn.o_proj.weight", torch.cat(_gather(t, 1, tp_group, tp), dim=1)
+            yield f"{p}self_attn.o_proj.weight", torch.cat(gather_tp_shards(t, tp_group, tp), dim=1)
         elif suffix == "mlp.linear_fc1.weight":
-            parts = _gather(t, 0, tp_group, tp)
+            parts = gather_tp_shards(t, tp_group, tp)
             f = layout.ffn_per_rank
             yield f"{p}mlp.gate_proj.weight", torch.cat([s[:f] for s in parts], dim=0)
             yield f"{p}mlp.up_proj.weight", torch.cat([s[f:] for s in parts], dim=0)
         elif suffix == "mlp.linear_fc2.weight":
-            yield f"{p}mlp.down_proj.weight", torch.cat(_gather(t, 1, tp_group, tp), dim=1)
+            yield f"{p}mlp.down_proj.weight", torch.cat(gather_tp_shards(t, tp_group, tp), dim=1)
         else:
             raise HFCheckpointError(f"no HF name for megatron parameter '{name}'")
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from popo_mega.config import ModelConfig, read_hf_config
 from popo_mega.model.builder import Architecture, build_gpt_model
-from popo_mega.model.hf import ShardLayout, load_hf_weights
+from popo_mega.model.hf import ShardLayout, gather_tp_shards, load_hf_weights
 from popo_mega.runtime import Runtime
 
 
@@ -35,8 +35,4 @@ def build_from_hf(model_cfg: ModelConfig, runtime: Runtime, sequence_parallel: b
 def gather_vocab(logits_shard: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
     """Full-vocabulary logits [..., V] from vocab-parallel shards [..., V_padded/tp] (for checks, not training)."""
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
-    if tp == 1:
-        return logits_shard[..., :vocab_size]
-    parts = [torch.empty_like(logits_shard) for _ in range(tp)]
-    dist.all_gather(parts, logits_shard.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=-1)[..., :vocab_size]
+    return torch.cat(gather_tp_shards(logits_shard, tp_group, tp), dim=-1)[..., :vocab_size]
