@@ -10,17 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
+import hashlib
+
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """SGLang ``sampling_params`` subset used here (names as SGLang spells them)."""
+    """SGLang ``sampling_params`` subset used here (names as SGLang spells them).
+
+    seed: when set, the engine gives the j-th sample of the i-th prompt of a ``generate`` call its
+    own SGLang ``sampling_seed``, ``sample_seed(seed, i, j)``, so that the same call samples the
+    same rollouts on a restarted or re-batched server (SGLang honours it with
+    ``--enable-deterministic-inference``; the embedded server always does).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
     stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+def sample_seed(*parts: int) -> int:
+    """A non-negative 63-bit seed mixed from integers (blake2b; stable across processes and runs)."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass

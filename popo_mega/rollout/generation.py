@@ -5,6 +5,13 @@ the returned log-prob of a sampled token is ``log_softmax(logits / T)`` over the
 i.e. before top-p truncation, and ``log_softmax(logits)`` for greedy requests (T == 0). The trainer
 recomputes the same quantity from its own logits, so the two agree to fp32 rounding.
 
+Sampling is by inverse CDF over the (top-p truncated) sorted distribution, one uniform number per
+row and token. A request that carries SGLang's ``sampling_seed`` draws its uniforms from its own
+``random.Random(seed)``, so its sample depends on the seed and the logits only, not on which other
+requests shared its batch or on the server's history: a restarted server, or a trainer at another
+TP/PP layout, samples the same rollouts (up to logits rounding at a CDF boundary). Unseeded rows
+draw from the server's generator.
+
 Simplification (documented, not hidden): static batching. A batch is prefilled together (left
 padding, explicit position ids) and decoded until every member has finished; rows that finished
 early keep feeding a pad token whose outputs are ignored.
@@ -12,6 +19,7 @@ early keep feeding a pad token whose outputs are ignored.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +37,7 @@ class SequenceRequest:
     max_new_tokens: int = 128
     stop_token_ids: frozenset[int] = frozenset()
     logprob_start_len: int = -1
+    seed: int | None = None  # SGLang's sampling_seed: the row's own uniform stream
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
@@ -36,10 +45,14 @@ class SequenceRequest:
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row and return it with its SGLang-style log-prob.
 
-    logits: [B, V] (any float dtype; computed in fp32), temperature: [B], top_p: [B].
+    logits: [B, V] (any float dtype; computed in fp32), temperature: [B], top_p: [B],
+    uniforms: [B] in [0, 1) (float64), one per row; drawn from ``generator`` when None.
+    Row b takes the first token, in descending-probability order, whose cumulative kept mass
+    exceeds uniforms[b] times the kept total (inverse CDF).
     Returns (tokens [B] int64, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]
     (T == 0 rows: argmax and log_softmax(logits)[token]).
     """
@@ -52,7 +65,12 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     cum = sorted_p.cumsum(dim=-1)
     drop = (cum - sorted_p) > top_p[:, None].float()  # keep the smallest prefix whose mass reaches top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
-    pick = torch.multinomial(sorted_p / sorted_p.sum(dim=-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
+    kept_cdf = sorted_p.double().cumsum(dim=-1)
+    target = (uniforms.to(kept_cdf)[:, None] * kept_cdf[:, -1:])
+    last_kept = (~drop).sum(dim=-1, keepdim=True) - 1
+    pick = torch.searchsorted(kept_cdf, target, right=True).clamp(max=last_kept).squeeze(-1)
     sampled = order.gather(-1, pick[:, None]).squeeze(-1)
     tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
@@ -63,6 +81,7 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
                    generator: torch.Generator | None, device: torch.device) -> None:
     """Sample every sequence of ``seqs`` in place (output_ids, output_logprobs, finish, input_logprobs).
 
+    Rows with a ``seed`` draw their uniforms from ``random.Random(seed)``, the others from ``generator``.
     A sequence stops at its ``max_new_tokens`` (finish ("length", n)), or after emitting a token in
     ``stop_token_ids`` or ``eos_token_ids`` (finish ("stop", token); the token is kept, as in SGLang).
     """
@@ -93,8 +112,12 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
             s.finish = ("length", 0)
     logits = out.logits[:, -1]
     position = position[:, -1:]
+    own = {i: random.Random(s.seed) for i, s in enumerate(seqs) if s.seed is not None}
     while any(active):
-        tokens, logps = sample_next(logits, temperature, top_p, generator)
+        uniforms = torch.rand(batch, generator=generator, dtype=torch.float64)
+        for i, rng in own.items():
+            uniforms[i] = rng.random()
+        tokens, logps = sample_next(logits, temperature, top_p, generator, uniforms.to(device))
         tokens_l, logps_l = tokens.tolist(), logps.tolist()
         for i, s in enumerate(seqs):
             if not active[i]:

@@ -52,6 +52,7 @@ class ServerArgs:
     max_running_requests: int = 64
     weight_version: str = "default"
     num_threads: int = 1
+    parent_pid: int | None = None
 
 
 def parse_args(argv) -> ServerArgs:
@@ -68,8 +69,11 @@ def parse_args(argv) -> ServerArgs:
     p.add_argument("--num-threads", type=int, default=1,
                    help="torch CPU threads (default 1: several processes share the cores; "
                         "2 threads next to a busy trainer ran 10x slower than 1 on 2 cores)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process is no longer our parent (the launching trainer died, "
+                        "even by kill -9): no orphaned servers")
     a = p.parse_args(argv)
-    return ServerArgs(model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
+    return ServerArgs(parent_pid=a.parent_pid, model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
                       random_seed=a.random_seed, api_key=a.api_key,
                       max_running_requests=a.max_running_requests, weight_version=a.weight_version,
                       num_threads=a.num_threads)
@@ -189,7 +193,11 @@ class RolloutServer:
                                       top_p=float(sp.get("top_p", 1.0)),
                                       max_new_tokens=int(sp.get("max_new_tokens", 128)),
                                       stop_token_ids=frozenset(int(t) for t in stop),
-                                      logprob_start_len=start_len if return_logprob else -1)
+                                      logprob_start_len=start_len if return_logprob else -1,
+                                      seed=None if sp.get("sampling_seed") is None else int(sp["sampling_seed"]))
+                if seq.seed is not None and n > 1:  # SGLang would give all n the same sample
+                    raise RequestError("/generate: sampling_seed with n > 1 gives n identical samples; "
+                                       "send n prompts with one seed each")
                 if seq.top_p <= 0 or seq.top_p > 1:
                     raise RequestError(f"/generate: top_p must be in (0, 1], got {seq.top_p}")
                 if seq.temperature < 0:
@@ -420,10 +428,22 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024  # listen backlog: the default 5 reset bursts of 32 concurrent clients
 
 
+def _exit_with_parent(parent_pid: int, httpd, interval_s: float = 0.5) -> None:
+    """Shut the server down once ``parent_pid`` is no longer our parent (it exited or was killed:
+    the kernel re-parents us at once, even while the dead parent is an unreaped zombie)."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    print(f"popo-rollout-server: parent process {parent_pid} is gone; shutting down", flush=True)
+    httpd.shutdown()
+
+
 def serve(args: ServerArgs, ready: threading.Event | None = None) -> None:
     """Load the model and serve until interrupted."""
     server = RolloutServer(args)
     httpd = _HTTPServer((args.host, args.port), _handler(server))
+    if args.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid, httpd), name="parent-watch",
+                         daemon=True).start()
     if ready is not None:
         ready.set()
     print(f"popo-rollout-server: serving {args.model_path} on http://{args.host}:{httpd.server_address[1]} "

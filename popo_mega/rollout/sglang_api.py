@@ -24,10 +24,13 @@ class ProtocolError(ValueError):
 
 def generate_request(prompt_ids: Sequence[int], sampling: SamplingParams, n: int = 1, *,
                      return_logprob: bool = True, logprob_start_len: int | None = None,
-                     rid: str | None = None) -> dict:
+                     rid: str | None = None, seeds: Sequence[int] | None = None) -> dict:
     """The ``/generate`` body for ``n`` samples of one tokenised prompt.
 
     prompt_ids: [P] token ids (P >= 1). ``n`` goes into ``sampling_params.n`` as SGLang expects.
+    seeds: [n] per-sample ``sampling_seed``s. One seed cannot serve n > 1 samples (they would all
+    be equal), so a seeded body is a batch: the prompt n times, one sampling_params with n = 1 and
+    its own seed each; the response is the same list of n objects.
     """
     if len(prompt_ids) == 0:
         raise ValueError("generate_request: empty prompt (input_ids needs at least one token)")
@@ -43,6 +46,11 @@ def generate_request(prompt_ids: Sequence[int], sampling: SamplingParams, n: int
         params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
     body: dict[str, Any] = {"input_ids": [int(t) for t in prompt_ids], "sampling_params": params,
                             "return_logprob": bool(return_logprob)}
+    if seeds is not None:
+        if len(seeds) != n:
+            raise ValueError(f"generate_request: {len(seeds)} seeds for n={n} samples")
+        body["input_ids"] = [body["input_ids"]] * n
+        body["sampling_params"] = [{**params, "n": 1, "sampling_seed": int(s)} for s in seeds]
     if logprob_start_len is not None:
         body["logprob_start_len"] = int(logprob_start_len)
     if rid is not None:

@@ -84,3 +84,35 @@ def test_stop_tokens_end_a_sequence_and_are_kept(tmp_path):
     generate_batch(model, [eos], pad_token_id=0, eos_token_ids=frozenset([stop]), generator=None, device=torch.device("cpu"))
     for s in (again, eos):
         assert s.output_ids == probe.output_ids[: first + 1] and s.finish == ("stop", stop)
+
+
+def test_inverse_cdf_picks_by_hand():
+    """Row b takes the first token (by descending probability) whose cumulative kept mass exceeds
+    u_b times the kept total. probs 0.5/0.3/0.15/0.05 -> cumulative 0.5/0.8/0.95/1.0."""
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # sorted order: token 1, 3, 0, 2
+    logits = probs.log()[None].repeat(6, 1)
+    u = torch.tensor([0.1, 0.49, 0.51, 0.9, 0.99, 0.7], dtype=torch.float64)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.6])  # the last row keeps {1, 3} (mass 0.8)
+    tokens, _ = sample_next(logits, torch.ones(6), top_p, None, u)
+    # row 5: 0.7 * 0.8 = 0.56 lies past 0.5, inside token 3's share of the nucleus
+    assert tokens.tolist() == [1, 1, 3, 0, 2, 3]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch(tmp_path):
+    """A request with a sampling seed samples the same tokens alone, in a batch with other prompts
+    (other padding), and after the server's generator has moved on; another seed samples otherwise."""
+    model = _tiny_model(tmp_path)
+    cpu = torch.device("cpu")
+
+    def sample(seed, company=(), gen_seed=0):
+        target = SequenceRequest(prompt=[4, 5, 6], temperature=1.0, max_new_tokens=12, seed=seed)
+        others = [SequenceRequest(prompt=p, temperature=1.0, max_new_tokens=7) for p in company]
+        generate_batch(model, [*others, target], pad_token_id=0, eos_token_ids=frozenset(),
+                       generator=torch.Generator().manual_seed(gen_seed), device=cpu)
+        return target.output_ids, target.output_logprobs
+
+    alone, lp_alone = sample(11)
+    crowded, lp_crowded = sample(11, company=([1, 2, 3, 4, 5, 6, 7, 8, 9], [9]), gen_seed=5)
+    assert crowded == alone
+    assert torch.allclose(torch.tensor(lp_crowded), torch.tensor(lp_alone), atol=1e-5)
+    assert sample(12)[0] != alone  # 12 tokens over 64 ids from a random model: equal by chance ~never

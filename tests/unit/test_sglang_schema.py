@@ -147,3 +147,33 @@ def test_control_and_weight_bodies_match_io_struct(req_fields):
         fields, required = req_fields(cls)
         assert set(body) <= set(fields), f"{cls}: unknown keys {set(body) - set(fields)}"
         assert set(required) <= set(body), f"{cls}: missing required {set(required) - set(body)}"
+
+
+def test_seeded_request_is_a_valid_batch_and_the_server_honours_it(types, server):
+    """Per-sample seeds: the body is a batch of n copies with one sampling_params (n = 1, its own
+    sampling_seed) each, valid under SGLang's schema; the embedded server then samples each copy
+    from its seed alone, so the same body gives the same rollouts after other traffic."""
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    body = api.generate_request([5, 6, 7], sampling, 3, seeds=[101, 202, 303])
+    req = types.GenerateRequest.from_json_value(body)
+    assert req.input_ids == [[5, 6, 7]] * 3
+    params = [types.SamplingParams.from_json_value(sp) for sp in body["sampling_params"]]
+    assert [(sp.n, sp.sampling_seed) for sp in params] == [(1, 101), (1, 202), (1, 303)]
+    first = server.generate(body)
+    server.generate(api.generate_request([9, 9], sampling, 4))  # unseeded traffic moves the server's generator
+    again = server.generate(body)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in first]
+    assert len({tuple(o["output_ids"]) for o in first}) > 1  # three seeds, not one sample three times
+    for item in first:
+        types.GenerateResponse.from_json_value(item)
+    with pytest.raises(ValueError, match="2 seeds for n=3"):
+        api.generate_request([5], sampling, 3, seeds=[1, 2])
+
+
+def test_server_refuses_one_seed_for_n_samples(server):
+    from popo_mega.rollout.server import RequestError
+
+    body = api.generate_request([5, 6], SamplingParams(max_new_tokens=2), 2)
+    body["sampling_params"]["sampling_seed"] = 7
+    with pytest.raises(RequestError, match="identical samples"):
+        server.generate(body)
