@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import requests
 import torch
 
-from popo_mega.rollout.engine import Completion, SamplingParams
+from popo_mega.rollout.engine import Completion, SamplingParams, sample_seed
 from popo_mega.rollout.sglang_api import (ProtocolError, completions_from_response, generate_request,
                                           memory_occupation_request, pause_generation_request)
 from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
@@ -135,8 +135,9 @@ class HttpEngine:
         except (ValueError, ProtocolError) as exc:
             raise RolloutServerError(str(exc)) from None
 
-    def _generate_one(self, prompt: Sequence[int], sampling: SamplingParams, n: int) -> list[Completion]:
-        body = generate_request(prompt, sampling, n)
+    def _generate_one(self, prompt: Sequence[int], sampling: SamplingParams, n: int, index: int) -> list[Completion]:
+        seeds = None if sampling.seed is None else [sample_seed(sampling.seed, index, j) for j in range(n)]
+        body = generate_request(prompt, sampling, n, seeds=seeds)
         tried: set[str] = set()
         attempts = 1 + (self.max_retries if self.failover else 0)
         last = ""
@@ -159,7 +160,7 @@ class HttpEngine:
         if not prompts:
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(prompts)))
-        futures = [pool.submit(self._generate_one, p, sampling, n) for p in prompts]
+        futures = [pool.submit(self._generate_one, p, sampling, n, i) for i, p in enumerate(prompts)]
         try:
             results = [f.result() for f in futures]
         except BaseException:
@@ -220,6 +221,35 @@ class HttpEngine:
                     return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
             raise WeightSyncError(f"{exc} -- the servers may hold partly updated weights under their old version; "
                                   "sync again (a list of tensors can be replayed through the disk fallback)") from None
+
+    def replace_dead_servers(self, health_timeout_s: float = 300.0) -> list[str]:
+        """Relaunch, in place, every server this engine started that died, and return them to rotation.
+
+        A server counts as dead when a request marked it so or its process has exited. It is
+        started again with its own command (same port, same log) and must pass /health. The new
+        server holds its model path's weights, not the last synced ones: the caller must sync
+        before sampling from it (the weight-update group is re-formed on the next sync). Servers
+        this engine only attached to (``urls`` without a process) cannot be relaunched and stay
+        out of rotation. Returns the relaunched URLs.
+        """
+        from popo_mega.rollout.sglang_launcher import launch
+
+        replaced = []
+        for i, server in enumerate(self._servers):
+            if server.process.poll() is not None and server.url not in self.dead:
+                self._mark_dead(server.url, f"process exited with code {server.process.returncode}")
+            if server.url not in self.dead or server.cmd is None:
+                continue
+            server.stop(timeout_s=5.0)
+            self._servers[i] = launch(server.cmd, server.url, log_path=server.log_path, env=server.env,
+                                      health_timeout_s=health_timeout_s, api_key=self.api_key)
+            with self._lock:
+                del self.dead[server.url]
+            replaced.append(server.url)
+        if replaced and self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        return replaced
 
     def weight_version(self) -> str | None:
         """The version this engine last synced; before any sync, what the first live server reports."""

@@ -58,10 +58,14 @@ def sglang_server_command(model_path: str, *, host: str = "127.0.0.1", port: int
 
 def embedded_server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 30000,
                             device: str = "auto", dtype: str = "auto", api_key: str | None = None,
-                            random_seed: int | None = None, extra_args: tuple[str, ...] = ()) -> list[str]:
-    """argv of the embedded server (same flag names as SGLang where they overlap)."""
+                            random_seed: int | None = None, extra_args: tuple[str, ...] = (),
+                            exit_with_parent: bool = True) -> list[str]:
+    """argv of the embedded server (same flag names as SGLang where they overlap). With
+    ``exit_with_parent`` the server stops when this process dies, kill -9 included."""
     cmd = [sys.executable, "-m", "popo_mega.rollout.server", "--model-path", model_path, "--host", host,
            "--port", str(port), "--device", device, "--dtype", dtype]
+    if exit_with_parent:
+        cmd += ["--parent-pid", str(os.getpid())]
     if api_key:
         cmd += ["--api-key", api_key]
     if random_seed is not None:
@@ -79,11 +83,14 @@ def router_command(worker_urls: list[str], *, host: str = "127.0.0.1", port: int
 
 @dataclass
 class ServerProcess:
-    """A launched server: its URL, its process and where its output goes."""
+    """A launched server: its URL, its process, where its output goes and the command that started it
+    (to relaunch it in place when it dies)."""
 
     url: str
     process: subprocess.Popen
     log_path: str | None = None
+    cmd: list[str] | None = None
+    env: dict | None = None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate, then kill after ``timeout_s``; never raises for a process already gone."""
@@ -128,7 +135,7 @@ def start(cmd: list[str], url: str, *, log_path: str | None = None, env: dict | 
     finally:
         if log_path:
             out.close()
-    return ServerProcess(url, proc, log_path)
+    return ServerProcess(url, proc, log_path, cmd=list(cmd), env=env)
 
 
 def launch(cmd: list[str], url: str, *, log_path: str | None = None, health_timeout_s: float = 300.0,

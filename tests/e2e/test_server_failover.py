@@ -67,3 +67,61 @@ def test_failover_on_completes_the_batch_on_the_other_server(servers):
     assert len(result) == len(PROMPTS) and all(len(row) == 2 for row in result)
     assert all(len(comp.output_ids) == 48 and len(comp.output_logprobs) == 48 for row in result for comp in row)
     assert b.url in engine.dead and c.url not in engine.dead
+
+
+def test_a_dead_launched_server_is_relaunched_in_place(tmp_path):
+    """kill -9 the only server: generate fails with no live server; replace_dead_servers starts it
+    again on the same URL (from its own command), and the engine samples from it again."""
+    from popo_mega.rollout.http_engine import HttpEngine, RolloutServerError
+    from popo_mega.rollout.sglang_launcher import launch_servers
+    from popo_mega.rollout.tiny_model import save_tiny_qwen2
+
+    path = save_tiny_qwen2(str(tmp_path / "model"), seed=1)
+    procs = launch_servers("embedded", path, num_servers=1, device="cpu", log_dir=str(tmp_path), health_timeout_s=120)
+    engine = HttpEngine([procs[0].url], servers=procs, failover=True, max_retries=1, request_timeout_s=60)
+    try:
+        old_pid = procs[0].process.pid
+        procs[0].process.kill()
+        procs[0].process.wait(timeout=10)
+        with pytest.raises(RolloutServerError, match="no live rollout server"):
+            engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4), n=1)
+        assert engine.replace_dead_servers(health_timeout_s=120) == [procs[0].url]
+        assert engine._servers[0].process.pid != old_pid and not engine.dead
+        out = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4), n=2)
+        assert [len(c.output_ids) for row in out for c in row] == [4, 4, 4, 4]
+        assert engine.replace_dead_servers() == []  # nothing dead: nothing relaunched
+    finally:
+        engine.close()
+
+
+def test_an_embedded_server_exits_with_its_launcher(tmp_path):
+    """The trainer that launched a server is killed with -9: the server notices its parent is gone
+    and stops (no orphaned servers holding ports and memory)."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from popo_mega.rollout.tiny_model import save_tiny_qwen2
+
+    path = save_tiny_qwen2(str(tmp_path / "model"), seed=2)
+    script = ("import time; from popo_mega.rollout.sglang_launcher import launch_servers; "
+              f"s = launch_servers('embedded', {path!r}, device='cpu', health_timeout_s=120)[0]; "
+              "print(s.url, flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        url = launcher.stdout.readline().strip()
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{url}/health", timeout=1)
+            except requests.ConnectionError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"{url} still answers 20 s after its launcher was killed")
+    finally:
+        launcher.kill()
