@@ -123,6 +123,8 @@ class RolloutConfig:
     sync: Literal["distributed", "disk"] = "distributed"
     bucket_mb: int = 512
     verify_sync: bool = True
+    deterministic: bool = False             # SGLang --enable-deterministic-inference (honours the per-rollout seeds)
+    max_server_restarts: int = 3            # dead launched servers relaunched per run before giving up
 
 
 @_cfg
@@ -179,6 +181,8 @@ class EvalConfig:
     temperature: float = 0.0
     max_new_tokens: int = 1024
     limit: Optional[int] = None
+    model: Literal["policy", "served"] = "policy"   # held-out accuracy of the online policy, or of what
+                                                    # the engine serves (the EMA with rollout.weights ema)
 
 
 @_cfg

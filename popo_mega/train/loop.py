@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from popo_mega.config import Config
-from popo_mega.rollout.engine import SamplingParams
+from popo_mega.rollout.engine import SamplingParams, sample_seed
+from popo_mega.rollout.http_engine import RolloutServerError
 
 
 @dataclass
@@ -82,6 +83,26 @@ def canonical_metrics(step_stats: dict) -> dict:
     return out
 
 
+def _score_and_select(cfg: Config, step: int, prompts, completions, tokenizer, verifier) -> tuple[list, dict]:
+    """Rank 0: grade the rollouts (exact match on the synthetic task, math-verify otherwise) and
+    select the training samples; returns (samples, stats)."""
+    from popo_mega.rewards import synthetic
+    from popo_mega.train.select import select
+
+    texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
+    golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
+    grade_stats = {}
+    if verifier is None:
+        scores = synthetic.score_batch(texts, golds)
+    else:
+        scores, st = verifier.score_batch_with_stats(texts, golds)
+        grade_stats = {"verifier_timeouts": float(st.timeouts), "no_answer": float(st.no_answer),
+                       "verifier_errors": float(st.errors + st.crashes)}
+    sel = select([p.ids for p in prompts], completions, torch.tensor(scores, dtype=torch.float32), cfg.algorithm,
+                 cfg.rollout.group_size, uid_offset=step * len(golds))
+    return sel.samples, {**sel.stats, **grade_stats}
+
+
 def greedy_accuracy(engine, prompts, score_fn, max_new_tokens: int, stop_ids: tuple[int, ...], tokenizer) -> float:
     sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids)
     outs = engine.generate([p.ids for p in prompts], sampling, n=1)
@@ -118,7 +139,6 @@ def run(cfg: Config, log=print) -> RunResult:
     from popo_mega.rewards import synthetic
     from popo_mega.train.batch import shard_for_data_parallel
     from popo_mega.train.prompts import PromptStream, encode, load_train_examples, synthetic_task
-    from popo_mega.train.select import select
     from popo_mega.train.step import PolicyTrainer
 
     world = rt_mod.launched_world_size()
@@ -170,12 +190,13 @@ def run(cfg: Config, log=print) -> RunResult:
             r = cfg.rollout
             servers = [] if r.urls else launch_servers(
                 r.backend, cfg.model.hf_path, num_servers=r.num_servers, host=r.host, tp_size=r.server_tp,
-                mem_fraction_static=r.mem_fraction, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir)
+                mem_fraction_static=r.mem_fraction, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir,
+                extra_args=("--enable-deterministic-inference",) if r.deterministic and r.backend == "sglang" else ())
             engine = HttpEngine(list(r.urls) or [s.url for s in servers], servers=servers, api_key=r.api_key,
                                 request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
                                 max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
                                 disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
-                                sync_backend="nccl" if rt.device.type == "cuda" else "gloo")
+                                sync_backend="nccl" if rt.device.type == "cuda" else "gloo", verify_probes=r.verify_sync)
             if not synthetic_run:
                 from popo_mega.rewards.math import MathVerifier
 
@@ -190,29 +211,56 @@ def run(cfg: Config, log=print) -> RunResult:
                 log(f"[popo-train] held-out accuracy before RL: {100 * initial_acc:.1f}% ({len(heldout)} problems)")
         if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
             sync_engine_weights(trainer, engine, use_ema=cfg.rollout.weights == "ema", version=f"step{trainer.step}")
-        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids)
+        use_ema = cfg.rollout.weights == "ema"
+        eval_policy = use_ema and cfg.eval.model == "policy" and trainer.ema is not None
+        restarts = 0
+
+        def relaunch(why: str) -> bool:
+            """Rank 0: relaunch dead servers this run started (at most rollout.max_server_restarts)."""
+            nonlocal restarts
+            if restarts >= cfg.rollout.max_server_restarts:
+                return False
+            replaced = engine.replace_dead_servers()
+            restarts += len(replaced)
+            if replaced:
+                log(f"[popo-train] step {step + 1}: {why}; relaunched {', '.join(replaced)} "
+                    f"({restarts}/{cfg.rollout.max_server_restarts} restarts), syncing its weights")
+            return bool(replaced)
+
+        def evaluate(version: str) -> float | None:
+            """Held-out greedy accuracy (collective: with eval.model policy and an EMA-serving engine,
+            every rank takes part in syncing the online weights in; the caller syncs the EMA back)."""
+            if eval_policy:
+                sync_engine_weights(trainer, engine, use_ema=False, version=f"{version}-policy")
+            if not is_rank0:
+                return None
+            return greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+
         step = trainer.step
         while step < cfg.train.steps:
             t0 = time.time()
             payload = None
             if is_rank0:
+                cursor = stream.state_dict()
                 prompts = stream.next_batch(cfg.data.prompts_per_step)
-                completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
-                texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
-                golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
-                grade_stats = {}
-                if verifier is None:
-                    scores = synthetic.score_batch(texts, golds)
-                else:
-                    scores, st = verifier.score_batch_with_stats(texts, golds)
-                    grade_stats = {"verifier_timeouts": float(st.timeouts), "no_answer": float(st.no_answer),
-                                   "verifier_errors": float(st.errors + st.crashes)}
-                rewards = torch.tensor(scores, dtype=torch.float32)
-                sel = select([p.ids for p in prompts], completions, rewards, cfg.algorithm, cfg.rollout.group_size,
-                             uid_offset=step * len(golds))
-                payload = (sel.samples, {**sel.stats, **grade_stats}, time.time() - t0, interrupt.requested)
-            samples, sel_stats, rollout_s, stop_now = _broadcast(payload) if world > 1 else payload
+                sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                          max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
+                                          seed=sample_seed(cfg.train.seed, step))  # same rollouts after a resume
+                try:
+                    completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
+                except RolloutServerError as exc:
+                    completions = None
+                    stream.load_state_dict(cursor)  # the same prompts (and seeds) once a server is back
+                    if not relaunch(f"rollout failed ({exc})"):
+                        raise
+                if completions is not None:
+                    payload = (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier),
+                               time.time() - t0, interrupt.requested)
+            payload = _broadcast(payload) if world > 1 else payload
+            if payload is None:  # a relaunched server: give it this step's weights, then roll out again
+                sync_engine_weights(trainer, engine, use_ema=use_ema, version=f"step{step}")
+                continue
+            samples, sel_stats, rollout_s, stop_now = payload
             if stop_now:  # SIGTERM/SIGINT: keep what was learnt, then exit
                 if is_rank0:
                     log(f"[popo-train] interrupted at step {step}: writing a checkpoint before exit")
@@ -230,19 +278,29 @@ def run(cfg: Config, log=print) -> RunResult:
             else:
                 step_stats = trainer.train_step(share)
                 step = trainer.step
+            accuracy = None
+            if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
+                accuracy = evaluate(f"step{step}")
             t_sync = time.time()
-            sync_engine_weights(trainer, engine, use_ema=cfg.rollout.weights == "ema", version=f"step{step}")
+            if is_rank0:
+                relaunch("before the weight sync")
+            sync_engine_weights(trainer, engine, use_ema=use_ema, version=f"step{step}")
             if is_rank0:
                 m = {**sel_stats, **canonical_metrics(step_stats), "rollout_s": rollout_s,
-                     "sync_s": time.time() - t_sync}
-                if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
-                    m["heldout_accuracy"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
-                                                            stop_ids, tokenizer)
+                     "sync_s": time.time() - t_sync, "server_restarts": float(restarts)}
+                if accuracy is not None:
+                    m["heldout_accuracy"] = accuracy
+                    if eval_policy:  # the EMA is back in the engine: its accuracy too, for comparison
+                        m["heldout_accuracy_served"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
+                                                                       stop_ids, tokenizer)
                 metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
             if cfg.train.save_interval and (step % cfg.train.save_interval == 0 or step == cfg.train.steps):
                 checkpoint()
-        if is_rank0 and heldout:
-            final_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+        if heldout:
+            if eval_policy and is_rank0:  # the engine serves the EMA now
+                served = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+                log(f"[popo-train] held-out accuracy of the served EMA: {100 * served:.1f}%")
+            final_acc = evaluate(f"step{step}")
     finally:
         interrupt.restore()
         if is_rank0:

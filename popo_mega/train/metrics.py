@@ -20,7 +20,10 @@ accepted and stored too, so a new statistic needs no change here):
     loss                   the policy loss of the step (Eq. P5 for POPO; GRPO/A3PO surrogate)
     kl_ema                 KL between the policy and the EMA target model
     clip_fraction          fraction of tokens whose ratio was clipped (GRPO/A3PO)
-    heldout_accuracy       accuracy on the held-out set (logged on eval steps only)
+    heldout_accuracy       accuracy on the held-out set (logged on eval steps only), of the model
+                           ``eval.model`` names (the online policy by default)
+    heldout_accuracy_served  the same for the served EMA, when the policy is evaluated and the
+                           engine serves the EMA (``rollout.weights: ema``)
 
 Conventions.
 - ``step`` is 1-based: ``log(step, ...)`` is called after optimizer step ``step`` of
@@ -67,6 +70,7 @@ CANONICAL_KEYS = (
     "kl_ema",
     "clip_fraction",
     "heldout_accuracy",
+    "heldout_accuracy_served",
 )
 
 METRICS_FILE = "metrics.jsonl"

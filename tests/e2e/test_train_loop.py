@@ -1,68 +1,39 @@
 """popo-train end to end on the CPU: embedded server, Megatron policy, POPO, metrics, checkpoints, resume, SIGTERM.
 
-The base is a tiny Qwen2 warm-started for a few seconds on a 16-problem synthetic task, so that
-rollouts contain positives (POPO learns only from them). Every run is a real `popo-train` process.
+The base is the micro warm-started model of conftest.py. Every run is a real `popo-train` process.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TASK = ["data.synthetic.max_operand=3", "data.synthetic.n_heldout=4"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from popo_mega.rewards.synthetic import SyntheticTask
-    from popo_mega.train.warmstart import warm_start
-
-    out = str(tmp_path_factory.mktemp("base"))
-    warm_start(SyntheticTask(max_operand=3, n_heldout=4, seed=0), out, low=0.0, high=1.0, hidden=64, lr=3e-3,
-               batch_size=32, eval_every=40, max_steps=40, eval_problems=4)
-    return out
-
-
-def _args(base, run_dir, steps, extra=()):
-    return [sys.executable, "-m", "popo_mega.train.cli", "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
-            f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_interval=2",
-            "train.keep_last=1", "data.prompts_per_step=4", "rollout.group_size=4", "eval.interval=2",
-            "algorithm.popo.predictor_hidden=32", *TASK, *extra]
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from tests.e2e.runs import REPO, read_metrics, train_args
 
 
 def test_train_resume_and_sigterm(base, tmp_path):
     run_dir = str(tmp_path / "run")
-    r = subprocess.run(_args(base, run_dir, 4), capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = subprocess.run(train_args(base, run_dir, 4), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-3].startswith("initial accuracy: ") and lines[-2].startswith("final accuracy: ")
     assert lines[-1] == f"report: {run_dir}/report.png" and os.path.getsize(f"{run_dir}/report.png") > 1000
-    rows = _metrics(run_dir)
+    rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert all(0.0 <= row["reward"] <= 1.0 and row["rollouts"] == 16 for row in rows)
     assert any(row.get("skipped", 0.0) == 0.0 for row in rows), "no step trained: the base gives no positive"
     assert sorted(os.listdir(f"{run_dir}/checkpoints")) == ["step_00000004"]  # keep_last=1
 
     # Resume: the same command with more steps continues at step 5 from the step-4 checkpoint.
-    r = subprocess.run(_args(base, run_dir, 6), capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = subprocess.run(train_args(base, run_dir, 6), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stdout and "step_00000004 at step 4" in r.stdout
-    assert [row["step"] for row in _metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(f"{run_dir}/checkpoints")) == ["step_00000006"]
 
     # SIGTERM: the run writes a checkpoint at the step it reached, then exits cleanly.
     sig_dir = str(tmp_path / "sig")
-    proc = subprocess.Popen(_args(base, sig_dir, 10000, ["train.save_interval=0"]), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_args(base, sig_dir, 10000, ["train.save_interval=0"]), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

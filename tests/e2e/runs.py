@@ -1,0 +1,24 @@
+"""The popo-train command line of the end-to-end tests, and reading a run's metrics."""
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TASK = ["data.synthetic.max_operand=3", "data.synthetic.n_heldout=4"]
+
+
+def train_args(base, run_dir, steps, extra=(), nproc: int = 1):
+    """argv of a popo-train run of the quickstart config on the micro task (under torchrun when nproc > 1)."""
+    launcher = [sys.executable, "-m", "popo_mega.train.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "popo_mega.train.cli"]
+    return [*launcher, "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
+            f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_interval=2",
+            "train.keep_last=1", "data.prompts_per_step=4", "rollout.group_size=4", "eval.interval=2",
+            "algorithm.popo.predictor_hidden=32", *TASK, *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
