@@ -24,9 +24,10 @@ def main(argv=None) -> int:
         print(f"popo-train: {e}", file=sys.stderr)
         return 2
     result = run(cfg)
+    pct = lambda a: "n/a" if a is None else f"{100 * a:.1f}%"  # noqa: E731 - None: the evaluation failed
     if result.initial_accuracy is not None:
-        print(f"initial accuracy: {100 * result.initial_accuracy:.1f}%")
-        print(f"final accuracy: {100 * result.final_accuracy:.1f}%")
+        print(f"initial accuracy: {pct(result.initial_accuracy)}")
+        print(f"final accuracy: {pct(result.final_accuracy)}")
     if result.report_png:
         print(f"report: {result.report_png}")
     return 0

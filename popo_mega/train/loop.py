@@ -37,29 +37,38 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
-def sync_engine_weights(trainer, engine, use_ema: bool, version: str) -> None:
+def sync_engine_weights(trainer, engine, use_ema: bool, version: str) -> str | None:
     """Stream the served model's HF-named tensors into the engine. Collective over all ranks.
 
     TP shards are gathered by ``iter_hf_tensors`` as they are sent; later pipeline stages stream
     their tensors to PP rank 0 (``funnel_pipeline_stages``); global rank 0 sends them to the engine
     in buckets, every other rank drains its iterator in step. With ``use_ema`` the EMA weights are
     swapped into the policy model for the duration (Eq. P6: the engine serves the target).
+
+    Returns None, or on rank 0 the error of a failed send (a server died): rank 0 then drains the
+    rest of its iterator, so that the gathers of the other ranks still complete, and the caller
+    decides (see ``run``: relaunch and sync again, or stop).
     """
     from megatron.core import parallel_state as ps
 
     from popo_mega.model.hf import iter_hf_tensors
     from popo_mega.rollout.pipeline_funnel import funnel_pipeline_stages
+    from popo_mega.rollout.weight_sync import WeightSyncError
 
+    failure = None
     ema_ctx = trainer.ema.swapped_into(trainer.model) if (use_ema and trainer.ema is not None) else contextlib.nullcontext()
     with torch.no_grad(), ema_ctx:
         tensors = funnel_pipeline_stages(
             iter_hf_tensors(trainer.model, trainer.arch, trainer.layout, ps.get_tensor_model_parallel_group()),
             pp_group=ps.get_pipeline_model_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank())
         if trainer.rt.rank == 0:
-            engine.sync_weights(tensors, version=version)
-        else:
-            for _ in tensors:
-                pass
+            try:
+                engine.sync_weights(tensors, version=version)
+            except (RolloutServerError, WeightSyncError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+        for _ in tensors:  # every other rank; rank 0 after a failure
+            pass
+    return failure
 
 
 def canonical_metrics(step_stats: dict) -> dict:
@@ -209,11 +218,10 @@ def run(cfg: Config, log=print) -> RunResult:
             if heldout and resumed is None:
                 initial_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
                 log(f"[popo-train] held-out accuracy before RL: {100 * initial_acc:.1f}% ({len(heldout)} problems)")
-        if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
-            sync_engine_weights(trainer, engine, use_ema=cfg.rollout.weights == "ema", version=f"step{trainer.step}")
         use_ema = cfg.rollout.weights == "ema"
         eval_policy = use_ema and cfg.eval.model == "policy" and trainer.ema is not None
         restarts = 0
+        step = trainer.step
 
         def relaunch(why: str) -> bool:
             """Rank 0: relaunch dead servers this run started (at most rollout.max_server_restarts)."""
@@ -227,16 +235,35 @@ def run(cfg: Config, log=print) -> RunResult:
                     f"({restarts}/{cfg.rollout.max_server_restarts} restarts), syncing its weights")
             return bool(replaced)
 
+        def sync(ema_weights: bool, version: str) -> None:
+            """Collective weight sync; a server that dies on the way is relaunched and synced again."""
+            while True:
+                failure = sync_engine_weights(trainer, engine, use_ema=ema_weights, version=version)
+                failure = _broadcast(failure) if world > 1 else failure
+                if failure is None:
+                    return
+                retry = relaunch(f"weight sync failed ({failure})") if is_rank0 else None
+                if not (_broadcast(retry) if world > 1 else retry):
+                    raise RolloutServerError(f"weight sync {version} failed: {failure}")
+
+        def heldout_accuracy() -> float | None:
+            """Rank 0: greedy held-out accuracy of what the engine serves (None if a server died:
+            the next sync relaunches it)."""
+            try:
+                return greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+            except RolloutServerError as exc:
+                log(f"[popo-train] step {step}: held-out evaluation failed ({exc})")
+                return None
+
         def evaluate(version: str) -> float | None:
             """Held-out greedy accuracy (collective: with eval.model policy and an EMA-serving engine,
             every rank takes part in syncing the online weights in; the caller syncs the EMA back)."""
             if eval_policy:
-                sync_engine_weights(trainer, engine, use_ema=False, version=f"{version}-policy")
-            if not is_rank0:
-                return None
-            return greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+                sync(False, f"{version}-policy")
+            return heldout_accuracy() if is_rank0 else None
 
-        step = trainer.step
+        if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
+            sync(use_ema, f"step{trainer.step}")
         while step < cfg.train.steps:
             t0 = time.time()
             payload = None
@@ -258,7 +285,7 @@ def run(cfg: Config, log=print) -> RunResult:
                                time.time() - t0, interrupt.requested)
             payload = _broadcast(payload) if world > 1 else payload
             if payload is None:  # a relaunched server: give it this step's weights, then roll out again
-                sync_engine_weights(trainer, engine, use_ema=use_ema, version=f"step{step}")
+                sync(use_ema, f"step{step}")
                 continue
             samples, sel_stats, rollout_s, stop_now = payload
             if stop_now:  # SIGTERM/SIGINT: keep what was learnt, then exit
@@ -284,21 +311,21 @@ def run(cfg: Config, log=print) -> RunResult:
             t_sync = time.time()
             if is_rank0:
                 relaunch("before the weight sync")
-            sync_engine_weights(trainer, engine, use_ema=use_ema, version=f"step{step}")
+            sync(use_ema, f"step{step}")
             if is_rank0:
                 m = {**sel_stats, **canonical_metrics(step_stats), "rollout_s": rollout_s,
                      "sync_s": time.time() - t_sync, "server_restarts": float(restarts)}
                 if accuracy is not None:
                     m["heldout_accuracy"] = accuracy
-                    if eval_policy:  # the EMA is back in the engine: its accuracy too, for comparison
-                        m["heldout_accuracy_served"] = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens,
-                                                                       stop_ids, tokenizer)
+                    served = heldout_accuracy() if eval_policy else None  # the EMA is back in the engine
+                    if served is not None:
+                        m["heldout_accuracy_served"] = served
                 metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
             if cfg.train.save_interval and (step % cfg.train.save_interval == 0 or step == cfg.train.steps):
                 checkpoint()
         if heldout:
-            if eval_policy and is_rank0:  # the engine serves the EMA now
-                served = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
+            served = heldout_accuracy() if (eval_policy and is_rank0) else None  # the engine serves the EMA now
+            if served is not None:
                 log(f"[popo-train] held-out accuracy of the served EMA: {100 * served:.1f}%")
             final_acc = evaluate(f"step{step}")
     finally:

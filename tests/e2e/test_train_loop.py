@@ -47,3 +47,27 @@ def test_train_resume_and_sigterm(base, tmp_path):
     assert "interrupted at step" in out
     step = int(out.split("interrupted at step ")[1].split(":")[0])
     assert step >= 2 and os.listdir(f"{sig_dir}/checkpoints") == [f"step_{step:08d}"]
+
+
+def test_a_killed_rollout_server_is_relaunched_and_the_run_goes_on(base, tmp_path):
+    """kill -9 the run's only embedded server mid-run: the loop relaunches it, syncs the current
+    weights into it, samples the step again, and finishes every step."""
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(train_args(base, run_dir, 8, ["train.save_interval=0"]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= 2:
+            break
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "popo_mega.rollout.server"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "relaunched http://" in out
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    assert rows[-1]["server_restarts"] == 1.0
