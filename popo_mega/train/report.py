@@ -6,7 +6,7 @@
 Reads each run's metrics.jsonl (:func:`popo_mega.train.metrics.read_metrics`) and draws one
 subplot per metric, one curve per run, labelled by the run directory's name (its full path when
 two runs share a name). Metric names are those of ``popo_mega.train.metrics.CANONICAL_KEYS``;
-default: reward, positive_rate, entropy, similarity, response_length.
+default: heldout_accuracy, reward, positive_rate, entropy, similarity, response_length.
 
 - A metric missing from some runs (e.g. ``similarity`` in a GRPO run) is drawn for the others,
   with a note on stderr. A metric asked for explicitly and missing from every run is an error;
@@ -33,7 +33,7 @@ from typing import Sequence
 
 from popo_mega.train.metrics import CANONICAL_KEYS, read_metrics
 
-DEFAULT_METRICS = ("reward", "positive_rate", "entropy", "similarity", "response_length")
+DEFAULT_METRICS = ("heldout_accuracy", "reward", "positive_rate", "entropy", "similarity", "response_length")
 PANEL_W, PANEL_H, DPI = 6.0, 3.5, 100
 
 

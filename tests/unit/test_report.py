@@ -69,7 +69,8 @@ def test_metric_absent_everywhere_is_an_error(two_runs, tmp_path):
 
 
 def test_default_metrics_drop_missing_ones(two_runs, tmp_path, capsys):
-    # Defaults: reward, positive_rate, entropy, similarity, response_length; no run has the last.
+    # Defaults: heldout_accuracy, reward, positive_rate, entropy, similarity, response_length; no run
+    # has the first or the last.
     out = write_report(list(two_runs), tmp_path / "d.png")
     assert "no run has 'response_length'" in capsys.readouterr().err
     assert png_size(out) == (1200, 700)  # 4 panels: 2 x 2
