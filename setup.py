@@ -96,6 +96,7 @@ setup(
             "popo-rollout-server=popo_mega.cli:rollout_server_main",
             "popo-report=popo_mega.cli:report_main",
             "popo-plan=popo_mega.cli:plan_main",
+            "popo-train=popo_mega.cli:train_main",
         ]
     },
     ext_modules=ext_modules,
