@@ -22,3 +22,17 @@ def train_args(base, run_dir, steps, extra=(), nproc: int = 1):
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def wait_for_steps(proc, run_dir, steps: int, timeout_s: float = 240.0) -> None:
+    """Poll until the run in ``proc`` has logged ``steps`` steps (or exited, or ``timeout_s`` passed)."""
+    import time
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= steps:
+                    return
+        time.sleep(0.2)

@@ -6,9 +6,8 @@ The base is the micro warm-started model of conftest.py. Every run is a real `po
 import os
 import signal
 import subprocess
-import time
 
-from tests.e2e.runs import REPO, read_metrics, train_args
+from tests.e2e.runs import REPO, read_metrics, train_args, wait_for_steps
 
 
 def test_train_resume_and_sigterm(base, tmp_path):
@@ -35,12 +34,7 @@ def test_train_resume_and_sigterm(base, tmp_path):
     sig_dir = str(tmp_path / "sig")
     proc = subprocess.Popen(train_args(base, sig_dir, 10000, ["train.save_interval=0"]), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        path = os.path.join(sig_dir, "metrics.jsonl")
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= 2:
-            break
-        time.sleep(0.5)
+    wait_for_steps(proc, sig_dir, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-4000:]
@@ -55,12 +49,7 @@ def test_a_killed_rollout_server_is_relaunched_and_the_run_goes_on(base, tmp_pat
     run_dir = str(tmp_path / "run")
     proc = subprocess.Popen(train_args(base, run_dir, 8, ["train.save_interval=0"]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_steps(proc, run_dir, 2)
     children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "popo_mega.rollout.server"],
                               capture_output=True, text=True).stdout.split()
     assert len(children) == 1, children
