@@ -1,5 +1,6 @@
-// CPU implementations of the popo_mega ops: TORCH_CHECKs on dtype, device, shape and contiguity,
-// then a call into the plain C++ kernels of csrc/cpu/ with torch's intra-op thread count.
+// CPU implementations of the popo_mega ops: the argument checks of checks.h (plus the cu_seqlens
+// offsets, cheap to read here), then a call into the plain C++ kernels of csrc/cpu/ with torch's
+// intra-op thread count.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -15,14 +16,20 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
+// cu_seqlens offsets: 0 first, T last, non-decreasing (read on the host; free on CPU).
+void check_offsets(const char* op, const at::Tensor& cu, int64_t num_tokens) {
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t B = cu.size(0) - 1;
+  TORCH_CHECK(c[0] == 0 && c[B] == num_tokens, op, ": cu_seqlens must start at 0 and end at T=", num_tokens,
+              ", got first=", c[0], " last=", c[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(c[b + 1] >= c[b], op, ": cu_seqlens must be non-decreasing (index ", b + 1, ")");
+}
+
 at::Tensor logprob_entropy_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start) {
   const char* op = "popo_mega::logprob_entropy_stats";
   check_cpu(logits, op, "logits");
-  check_2d(logits, op, "logits");
-  DType dt = float_dtype(logits, op, "logits");
-  check_1d(target, logits.size(0), op, "target");
-  check_dtype(target, at::kLong, op, "target");
-  check_device(target, logits, op, "target");
+  DType dt = check_logprob_args(op, logits, target);
   auto stats = at::empty({4, logits.size(0)}, logits.options().dtype(at::kFloat));
   logprob_entropy_fwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), target.data_ptr<int64_t>(),
                           vocab_start, stats.data_ptr<float>(), at::get_num_threads());
@@ -34,139 +41,75 @@ at::Tensor logprob_entropy_grad(const at::Tensor& logits, const at::Tensor& targ
                                 const at::Tensor& grad_entropy) {
   const char* op = "popo_mega::logprob_entropy_grad";
   check_cpu(logits, op, "logits");
-  check_2d(logits, op, "logits");
-  DType dt = float_dtype(logits, op, "logits");
-  const int64_t T = logits.size(0);
-  check_1d(target, T, op, "target");
-  check_dtype(target, at::kLong, op, "target");
-  const at::Tensor* vecs[] = {&logz, &entropy, &grad_logp, &grad_entropy};
-  const char* names[] = {"logz", "entropy", "grad_logp", "grad_entropy"};
-  for (int i = 0; i < 4; ++i) {
-    check_1d(*vecs[i], T, op, names[i]);
-    check_dtype(*vecs[i], at::kFloat, op, names[i]);
-    check_device(*vecs[i], logits, op, names[i]);
-  }
+  DType dt = check_logprob_grad_args(op, logits, target, logz, entropy, grad_logp, grad_entropy);
   auto grad = at::empty_like(logits);
-  logprob_entropy_bwd_cpu(logits.data_ptr(), dt, T, logits.size(1), target.data_ptr<int64_t>(), vocab_start,
-                          logz.data_ptr<float>(), entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
+  logprob_entropy_bwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), target.data_ptr<int64_t>(),
+                          vocab_start, logz.data_ptr<float>(), entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
                           grad_entropy.data_ptr<float>(), grad.data_ptr(), at::get_num_threads());
   return grad;
-}
-
-void check_surrogate(const char* op, const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& adv,
-                     const at::Tensor& mask, double eps_low, double eps_high) {
-  check_cpu(logp, op, "logp");
-  TORCH_CHECK(logp.dim() == 1 && logp.is_contiguous(), op, ": logp must be 1-D and contiguous, got ", logp.sizes());
-  float_dtype(logp, op, "logp");
-  const int64_t n = logp.size(0);
-  check_1d(old_logp, n, op, "old_logp");
-  check_1d(adv, n, op, "advantages");
-  check_1d(mask, n, op, "mask");
-  check_dtype(old_logp, logp.scalar_type(), op, "old_logp");
-  check_dtype(adv, logp.scalar_type(), op, "advantages");
-  mask_is_bool(mask, op);
-  check_device(old_logp, logp, op, "old_logp");
-  check_device(adv, logp, op, "advantages");
-  check_device(mask, logp, op, "mask");
-  TORCH_CHECK(eps_low >= 0 && eps_high >= 0, op, ": eps_low and eps_high must be >= 0, got ", eps_low, ", ",
-              eps_high);
 }
 
 std::tuple<at::Tensor, at::Tensor> clipped_surrogate(const at::Tensor& logp, const at::Tensor& old_logp,
                                                      const at::Tensor& adv, const at::Tensor& mask, double eps_low,
                                                      double eps_high) {
   const char* op = "popo_mega::clipped_surrogate";
-  check_surrogate(op, logp, old_logp, adv, mask, eps_low, eps_high);
+  check_cpu(logp, op, "logp");
+  bool bool_mask;
+  DType dt = check_surrogate_args(op, logp, old_logp, adv, mask, eps_low, eps_high, &bool_mask);
   auto loss = at::empty_like(logp);
   auto stats = at::empty({4}, logp.options().dtype(at::kFloat));
-  clipped_surrogate_fwd_cpu(logp.data_ptr(), old_logp.data_ptr(), adv.data_ptr(), mask.data_ptr(),
-                            mask_is_bool(mask, op), float_dtype(logp, op, "logp"), logp.size(0), float(eps_low),
-                            float(eps_high), loss.data_ptr(), stats.data_ptr<float>(), at::get_num_threads());
+  clipped_surrogate_fwd_cpu(logp.data_ptr(), old_logp.data_ptr(), adv.data_ptr(), mask.data_ptr(), bool_mask, dt,
+                            logp.size(0), float(eps_low), float(eps_high), loss.data_ptr(), stats.data_ptr<float>(),
+                            at::get_num_threads());
   return std::make_tuple(loss, stats);
 }
 
 at::Tensor clipped_surrogate_grad(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
                                   const at::Tensor& adv, const at::Tensor& mask, double eps_low, double eps_high) {
   const char* op = "popo_mega::clipped_surrogate_grad";
-  check_surrogate(op, logp, old_logp, adv, mask, eps_low, eps_high);
-  check_1d(grad_loss, logp.size(0), op, "grad_loss");
-  check_dtype(grad_loss, logp.scalar_type(), op, "grad_loss");
-  check_device(grad_loss, logp, op, "grad_loss");
+  check_cpu(logp, op, "logp");
+  bool bool_mask;
+  DType dt = check_surrogate_args(op, logp, old_logp, adv, mask, eps_low, eps_high, &bool_mask);
+  check_surrogate_grad_loss(op, grad_loss, logp);
   auto grad = at::empty_like(logp);
   clipped_surrogate_bwd_cpu(grad_loss.data_ptr(), logp.data_ptr(), old_logp.data_ptr(), adv.data_ptr(),
-                            mask.data_ptr(), mask_is_bool(mask, op), float_dtype(logp, op, "logp"), logp.size(0),
-                            float(eps_low), float(eps_high), grad.data_ptr(), at::get_num_threads());
+                            mask.data_ptr(), bool_mask, dt, logp.size(0), float(eps_low), float(eps_high),
+                            grad.data_ptr(), at::get_num_threads());
   return grad;
-}
-
-void check_segments(const char* op, const at::Tensor& ref, const at::Tensor& cu, const at::Tensor& mask,
-                    int64_t num_tokens) {
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 && cu.is_contiguous(), op,
-              ": cu_seqlens must be a contiguous [B+1] tensor, got ", cu.sizes());
-  check_dtype(cu, at::kLong, op, "cu_seqlens");
-  check_cpu(cu, op, "cu_seqlens");
-  check_1d(mask, num_tokens, op, "mask");
-  mask_is_bool(mask, op);
-  check_device(mask, ref, op, "mask");
-  const int64_t* c = cu.data_ptr<int64_t>();
-  const int64_t B = cu.size(0) - 1;
-  TORCH_CHECK(c[0] == 0 && c[B] == num_tokens, op, ": cu_seqlens must start at 0 and end at T=", num_tokens,
-              ", got first=", c[0], " last=", c[B]);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(c[b + 1] >= c[b], op, ": cu_seqlens must be non-decreasing (index ", b + 1, ")");
 }
 
 at::Tensor masked_mean_pool(const at::Tensor& hidden, const at::Tensor& cu, const at::Tensor& mask) {
   const char* op = "popo_mega::masked_mean_pool";
   check_cpu(hidden, op, "hidden");
-  check_2d(hidden, op, "hidden");
-  DType dt = float_dtype(hidden, op, "hidden");
-  check_segments(op, hidden, cu, mask, hidden.size(0));
+  bool bool_mask;
+  DType dt = check_pool_args(op, hidden, cu, mask, &bool_mask);
+  check_offsets(op, cu, hidden.size(0));
   const int64_t B = cu.size(0) - 1;
   auto out = at::empty({B, hidden.size(1)}, hidden.options());
   masked_mean_pool_fwd_cpu(hidden.data_ptr(), dt, hidden.size(0), hidden.size(1), cu.data_ptr<int64_t>(), B,
-                           mask.data_ptr(), mask_is_bool(mask, op), out.data_ptr(), at::get_num_threads());
+                           mask.data_ptr(), bool_mask, out.data_ptr(), at::get_num_threads());
   return out;
 }
 
 at::Tensor masked_mean_pool_grad(const at::Tensor& grad_out, const at::Tensor& cu, const at::Tensor& mask) {
   const char* op = "popo_mega::masked_mean_pool_grad";
   check_cpu(grad_out, op, "grad_out");
-  check_2d(grad_out, op, "grad_out");
-  DType dt = float_dtype(grad_out, op, "grad_out");
-  TORCH_CHECK(mask.dim() == 1, op, ": mask must be [T], got ", mask.sizes());
+  bool bool_mask;
+  DType dt = check_pool_grad_args(op, grad_out, cu, mask, &bool_mask);
   const int64_t T = mask.size(0);
-  check_segments(op, grad_out, cu, mask, T);
+  check_offsets(op, cu, T);
   const int64_t B = cu.size(0) - 1;
-  TORCH_CHECK(grad_out.size(0) == B, op, ": grad_out must be [B=", B, ", H], got ", grad_out.sizes());
   auto grad = at::empty({T, grad_out.size(1)}, grad_out.options());
-  masked_mean_pool_bwd_cpu(grad_out.data_ptr(), dt, T, grad_out.size(1), cu.data_ptr<int64_t>(), B,
-                           mask.data_ptr(), mask_is_bool(mask, op), grad.data_ptr(), at::get_num_threads());
+  masked_mean_pool_bwd_cpu(grad_out.data_ptr(), dt, T, grad_out.size(1), cu.data_ptr<int64_t>(), B, mask.data_ptr(),
+                           bool_mask, grad.data_ptr(), at::get_num_threads());
   return grad;
-}
-
-void check_cosine(const char* op, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weights,
-                  const at::Tensor& normaliser) {
-  check_cpu(pred, op, "pred");
-  check_2d(pred, op, "pred");
-  check_2d(target, op, "target");
-  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": target must have pred's shape ", pred.sizes(), ", got ",
-              target.sizes());
-  float_dtype(pred, op, "pred");
-  float_dtype(target, op, "target");
-  check_1d(weights, pred.size(0), op, "weights");
-  check_dtype(weights, at::kFloat, op, "weights");
-  TORCH_CHECK(normaliser.dim() == 0, op, ": normaliser must be a 0-dim tensor, got ", normaliser.sizes());
-  check_dtype(normaliser, at::kFloat, op, "normaliser");
-  check_device(target, pred, op, "target");
-  check_device(weights, pred, op, "weights");
-  check_device(normaliser, pred, op, "normaliser");
 }
 
 at::Tensor cosine_penalty(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& weights,
                           const at::Tensor& normaliser) {
   const char* op = "popo_mega::cosine_penalty";
-  check_cosine(op, pred, target, weights, normaliser);
+  check_cpu(pred, op, "pred");
+  check_cosine_args(op, pred, target, weights, normaliser);
   auto loss = at::empty({}, pred.options().dtype(at::kFloat));
   cosine_penalty_fwd_cpu(pred.data_ptr(), float_dtype(pred, op, "pred"), target.data_ptr(),
                          float_dtype(target, op, "target"), weights.data_ptr<float>(), normaliser.item<float>(),
@@ -177,8 +120,9 @@ at::Tensor cosine_penalty(const at::Tensor& pred, const at::Tensor& target, cons
 at::Tensor cosine_penalty_grad(const at::Tensor& grad_loss, const at::Tensor& pred, const at::Tensor& target,
                                const at::Tensor& weights, const at::Tensor& normaliser) {
   const char* op = "popo_mega::cosine_penalty_grad";
-  check_cosine(op, pred, target, weights, normaliser);
-  TORCH_CHECK(grad_loss.dim() == 0, op, ": grad_loss must be a 0-dim tensor, got ", grad_loss.sizes());
+  check_cpu(pred, op, "pred");
+  check_cosine_args(op, pred, target, weights, normaliser);
+  check_cosine_grad_loss(op, grad_loss, pred);
   auto grad = at::empty_like(pred);
   cosine_penalty_bwd_cpu(grad_loss.item<float>(), pred.data_ptr(), float_dtype(pred, op, "pred"), target.data_ptr(),
                          float_dtype(target, op, "target"), weights.data_ptr<float>(), normaliser.item<float>(),
