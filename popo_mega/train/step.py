@@ -377,6 +377,8 @@ class PolicyTrainer:
                    num_microbatches=float(n_mb), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    lr=lr, tau=tau, skipped=float(skipped),
                    nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
+        if self.ema is None:
+            del out["tau"]  # no EMA (GRPO, A3PO): nothing to report, rather than a NaN flagged on the console
         return out
 
     def _empty_micro_batch(self) -> MicroBatch:
