@@ -110,6 +110,7 @@ def policy_loss(
     eps_high: float = 0.2,
     beta_kl: float = 0.0,
     ref_logp: Tensor | None = None,
+    impl: str = "reference",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO / DAPO clipped policy loss with optional k3 KL (section 2), one packed micro-batch.
 
@@ -126,13 +127,20 @@ def policy_loss(
         eps_low, eps_high: clip range (defaults 0.2 / 0.2; DAPO/A3PO use 0.2 / 0.28).
         beta_kl:    weight of the k3 KL term (default 0).
         ref_logp:   [T] reference-policy log-probs; required when beta_kl != 0.
+        impl:       "reference" (``surrogate.clipped_surrogate``), or "extension" / "auto" for the
+                    fused kernel through ``popo_mega.ops`` (the trainer passes ``train.kernels``).
 
     Returns:
         loss: 0-dim loss with grad.
         stats: "pg" and "kl" (0-dim, aggregated, detached) and the detached sums of
             ``clipped_surrogate`` ("clip_low_count", "clip_high_count", "rho_sum", "token_count").
     """
-    per_tok, stats = clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high)
+    if impl == "reference":
+        per_tok, stats = clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high)
+    else:
+        from popo_mega import ops  # the fused kernel; ops imports this package's reference twins
+
+        per_tok, stats = ops.clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high, impl=impl)
     pg = aggregate(per_tok, mask, agg, normaliser, cu_seqlens)
     loss = pg
     kl = torch.zeros((), dtype=pg.dtype, device=pg.device)

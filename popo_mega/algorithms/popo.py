@@ -20,6 +20,8 @@ averages over the dp ranks needs the loss multiplied by the dp world size.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -135,6 +137,14 @@ def add_target_noise(target: Tensor, sigma: float, generator: torch.Generator | 
     return (target.to(torch.float32) + sigma * noise).to(target.dtype)
 
 
+def _ops():
+    """``popo_mega.ops`` (the fused kernels), imported when first asked for: it imports this package's
+    reference functions as its twins."""
+    from popo_mega import ops
+
+    return ops
+
+
 def _check_entropy_on(entropy_on: str) -> None:
     if entropy_on not in ENTROPY_ON:
         raise ValueError(f"popo: entropy_on must be one of {ENTROPY_ON}, got {entropy_on!r}")
@@ -160,6 +170,7 @@ def popo_loss(
     entropy_token_count=None,
     entropy_on: str = "positive",
     beta: float = 0.01,
+    impl: str = "reference",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total POPO loss L = L_pg + alpha L_sim + beta L_ent (Eq. P5) of one packed micro-batch.
 
@@ -186,6 +197,10 @@ def popo_loss(
         entropy_token_count: GLOBAL count of the tokens L_ent averages over; required with ``entropy``.
         entropy_on: "all" (every response token in the batch) or "positive" (positives only).
         beta:       weight of L_ent (default 0.01).
+        impl:       who computes the clipped surrogate and the cosine penalty: "reference" (the
+                    pure functions of this package) or, through ``popo_mega.ops``, "extension"
+                    (the fused csrc/ kernels) or "auto" (the kernels where built, else reference);
+                    the trainer passes ``train.kernels``.
 
     Returns:
         total: 0-dim float32 (float64 for float64 logp) loss with grad (this micro-batch's share of the full-batch loss).
@@ -227,7 +242,8 @@ def popo_loss(
         if old_logp is None or old_logp.shape != logp.shape:
             raise ValueError("popo_loss: is_correction='token' needs old_logp [T] (log-probs of the sampling policy)")
         # m_pos is 0 off the positive set; clipped_surrogate zeroes the log-ratio there.
-        per_tok, sur_stats = clipped_surrogate(logpf, old_logp.to(acc), w_tok, m_pos, eps_low, eps_high)
+        surrogate = clipped_surrogate if impl == "reference" else partial(_ops().clipped_surrogate, impl=impl)
+        per_tok, sur_stats = surrogate(logpf, old_logp.to(acc), w_tok, m_pos, eps_low, eps_high)
         per_tok = torch.where(pos_valid, per_tok, torch.zeros_like(per_tok))
         stats = {k: sur_stats[k] for k in ("clip_low_count", "clip_high_count", "rho_sum")}
     pg = per_tok.sum() / _as_denominator(num_positive_tokens, "num_positive_tokens", logpf)
@@ -238,7 +254,8 @@ def popo_loss(
             raise ValueError("popo_loss: pred needs target [B, H] and weight_sum (global sum of weights)")
         if pred.shape[0] != num_seqs:
             raise ValueError(f"popo_loss: pred must be [B={num_seqs}, H], got {tuple(pred.shape)}")
-        sim = cosine_penalty(pred, target, w_seq, weight_sum)
+        penalty = cosine_penalty if impl == "reference" else partial(_ops().cosine_penalty, impl=impl)
+        sim = penalty(pred, target, w_seq, weight_sum)
         with torch.no_grad():
             weighted_cos_sum = -sim.detach() * _as_denominator(weight_sum, "weight_sum", logpf)
     else:

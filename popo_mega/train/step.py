@@ -43,7 +43,7 @@ from popo_mega.algorithms.ema import EMA
 from popo_mega.algorithms.grpo import policy_loss
 from popo_mega.algorithms.popo import popo_loss, popo_normalisers
 from popo_mega.algorithms.predictor import Predictor
-from popo_mega.algorithms.similarity import masked_mean_pool
+from popo_mega.ops import masked_mean_pool
 from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
 from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches
@@ -225,7 +225,7 @@ class PolicyTrainer:
             logp, _ = self._logp_entropy(output[0, :T], mb.labels)
             mb.extras["target_logp"] = logp * mb.mask
             mb.extras["target_features"] = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens,
-                                                            mb.feature_mask)
+                                                            mb.feature_mask, impl=self.cfg.train.kernels)
             return None
 
         with self.ema.swapped_into(self.model):
@@ -265,7 +265,8 @@ class PolicyTrainer:
             p = a.popo
             pred = target = None
             if self.predictor is not None:
-                feats = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens, mb.feature_mask)
+                feats = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens, mb.feature_mask,
+                                         impl=self.cfg.train.kernels)
                 pred = self.ddp_predictor(feats.to(self.model.config.params_dtype)).float()
                 target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
             loss, parts = popo_loss(
@@ -273,14 +274,14 @@ class PolicyTrainer:
                 old_logp=mb.old_logp if p.is_correction == "token" else None, is_correction=p.is_correction,
                 eps_low=a.eps_low, eps_high=a.eps_high, pred=pred, target=target, weight_sum=norm[1].item(),
                 alpha=p.alpha, entropy=ent if p.beta != 0 else None, entropy_token_count=norm[2].item(),
-                entropy_on=p.entropy_on, beta=p.beta)
+                entropy_on=p.entropy_on, beta=p.beta, impl=self.cfg.train.kernels)
             keys = POPO_STATS
         else:
             g = a.grpo
             agg_norm = norm[0].item() if g.aggregation == "token_mean" else norm[1].item()
             loss, parts = policy_loss(logp, mb.old_logp, mb.token_advantages, mb.mask, normaliser=agg_norm,
                                       agg=g.aggregation, cu_seqlens=mb.cu_seqlens, eps_low=a.eps_low,
-                                      eps_high=a.eps_high)
+                                      eps_high=a.eps_high, impl=self.cfg.train.kernels)
             keys = PG_STATS
         parts = {**parts, "loss": loss}
         stats = torch.stack([parts[k].detach().double().reshape(()).clone() for k in keys])

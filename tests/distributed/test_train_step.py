@@ -97,6 +97,7 @@ def _steps(rank, world_size, tp, pp, path, n_steps, then_dp2=False):
         out["entropy_all_and_nan"] = _entropy_all_and_nan(rt, path)
         out["grpo"] = _grpo_step(rt, path)
         out["a3po"] = _grpo_step(rt, path, "a3po")
+        out["kernels"] = _kernel_paths(rt, path)
     if then_dp2:   # same processes, re-initialised as TP=1 x DP=2 (saves a process start)
         out["dp2"] = _dp2_steps(path, n_steps)
     return out
@@ -137,6 +138,22 @@ def _grpo_step(rt, path, name="grpo"):
     trainer.tokens_seen = 0
     stats = trainer.train_step(make_samples())
     return {"stats": stats, "tokens_seen": trainer.tokens_seen}
+
+
+def _kernel_paths(rt, path):
+    """One POPO step and one GRPO step with train.kernels=extension and =reference (fresh trainers)."""
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.ops import _extension
+    from popo_mega.train.step import PolicyTrainer
+
+    out = {"built": _extension.load()}
+    for name in ("popo", "grpo"):
+        for impl in ("extension", "reference"):
+            cfg = make_cfg(path, {"algorithm.name": name, "train.kernels": impl})
+            trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+            samples = make_samples() if name == "grpo" else [s for s in make_samples() if s.positive]
+            out[name, impl] = {"stats": trainer.train_step(samples), "weights": full_weights(trainer)}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +330,28 @@ def test_grpo_a3po_loss_matches_hf_float64(hf_path, tp1, name):
     assert tp1[name]["tokens_seen"] == sum(s.tokens.numel() for s in samples)  # negatives fed, no target pass
     if name == "a3po":
         assert not torch.equal(shaped, adv[:, None] * mask)   # the shaping changed something
+
+
+@pytest.mark.parametrize("name", ["popo", "grpo"])
+def test_fused_kernels_in_the_step_equal_the_reference(tp1, name):
+    """train.kernels=extension routes the log-probs, the clipped surrogate and (POPO) the pooling and
+    cosine penalty through the csrc/ kernels; the step must equal the pure-PyTorch reference's."""
+    k = tp1["kernels"]
+    assert k["built"], "the compiled extension is not built (bash launch/test.sh builds it)"
+    ext, ref = k[name, "extension"], k[name, "reference"]
+    for key in ("loss", "pg", "clip_low_count", "clip_high_count", "rho_sum", "grad_norm"):
+        if key in ref["stats"]:
+            assert ext["stats"][key] == pytest.approx(ref["stats"][key], rel=1e-5, abs=1e-6), key
+    if name == "popo":
+        assert ext["stats"]["weighted_cos_sum"] == pytest.approx(ref["stats"]["weighted_cos_sum"], rel=1e-5)
+    # Adam's first step moves a near-zero-gradient element by O(lr) whatever its rounding (see
+    # _compare): single elements agree to a fraction of lr, the whole update to 2e-3 relative L2
+    init = tp1["init_weights"]
+    diff = max((ext["weights"][n] - ref["weights"][n]).abs().max().item() for n in ref["weights"])
+    assert diff < 2e-4, diff
+    da = torch.cat([(ext["weights"][n] - init[n]).flatten() for n in init])
+    db = torch.cat([(ref["weights"][n] - init[n]).flatten() for n in init])
+    assert ((da - db).norm() / db.norm()).item() < 2e-3
 
 
 def _entropy_all_and_nan(rt, path):
