@@ -9,7 +9,7 @@
 
 It ends by printing ``initial accuracy: X%``, ``final accuracy: Y%`` and the report path.
 
-    python -m popo_mega.quickstart [--out runs/quickstart] [--steps 1000] [key.sub=value ...]
+    python -m popo_mega.quickstart [--out runs/quickstart] [--steps 700] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ BASE_LOW, BASE_HIGH = 0.45, 0.55  # the warm start stops in this held-out window
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m popo_mega.quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=800, help="RL steps (train.steps)")
+    p.add_argument("--steps", type=int, default=700, help="RL steps (train.steps)")
     p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                     "configs", "quickstart_cpu.yaml"))
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for the RL run")
