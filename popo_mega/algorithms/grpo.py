@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from popo_mega.algorithms.packing import check_cu_seqlens, per_sequence_sum
-from popo_mega.algorithms.surrogate import clipped_surrogate
 
 __all__ = ["group_advantages", "k3_kl", "aggregate", "policy_loss", "AGGREGATIONS", "ADV_EPS"]
 
@@ -135,12 +134,9 @@ def policy_loss(
         stats: "pg" and "kl" (0-dim, aggregated, detached) and the detached sums of
             ``clipped_surrogate`` ("clip_low_count", "clip_high_count", "rho_sum", "token_count").
     """
-    if impl == "reference":
-        per_tok, stats = clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high)
-    else:
-        from popo_mega import ops  # the fused kernel; ops imports this package's reference twins
+    from popo_mega import ops  # impl dispatch; "reference" runs surrogate.clipped_surrogate (ops imports it)
 
-        per_tok, stats = ops.clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high, impl=impl)
+    per_tok, stats = ops.clipped_surrogate(logp, old_logp, advantages, mask, eps_low, eps_high, impl=impl)
     pg = aggregate(per_tok, mask, agg, normaliser, cu_seqlens)
     loss = pg
     kl = torch.zeros((), dtype=pg.dtype, device=pg.device)

@@ -20,14 +20,10 @@ averages over the dp ranks needs the loss multiplied by the dp world size.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
 from popo_mega.algorithms.packing import broadcast_to_tokens, check_cu_seqlens
-from popo_mega.algorithms.similarity import cosine_penalty
-from popo_mega.algorithms.surrogate import clipped_surrogate
 
 __all__ = ["positive_weights", "popo_normalisers", "popo_loss", "add_target_noise",
            "WEIGHT_MODES", "IS_CORRECTIONS", "ENTROPY_ON"]
@@ -137,14 +133,6 @@ def add_target_noise(target: Tensor, sigma: float, generator: torch.Generator | 
     return (target.to(torch.float32) + sigma * noise).to(target.dtype)
 
 
-def _ops():
-    """``popo_mega.ops`` (the fused kernels), imported when first asked for: it imports this package's
-    reference functions as its twins."""
-    from popo_mega import ops
-
-    return ops
-
-
 def _check_entropy_on(entropy_on: str) -> None:
     if entropy_on not in ENTROPY_ON:
         raise ValueError(f"popo: entropy_on must be one of {ENTROPY_ON}, got {entropy_on!r}")
@@ -209,6 +197,8 @@ def popo_loss(
             "positive_token_count", "clip_low_count", "clip_high_count", "rho_sum",
             "weighted_cos_sum" (sum_i w_i cos_i), "entropy_sum" (sum of m H over the entropy set).
     """
+    from popo_mega import ops  # impl dispatch; "reference" runs surrogate.py / similarity.py (ops imports them)
+
     _check_entropy_on(entropy_on)
     if is_correction not in IS_CORRECTIONS:
         raise ValueError(f"popo_loss: is_correction must be one of {IS_CORRECTIONS}, got {is_correction!r}")
@@ -242,8 +232,8 @@ def popo_loss(
         if old_logp is None or old_logp.shape != logp.shape:
             raise ValueError("popo_loss: is_correction='token' needs old_logp [T] (log-probs of the sampling policy)")
         # m_pos is 0 off the positive set; clipped_surrogate zeroes the log-ratio there.
-        surrogate = clipped_surrogate if impl == "reference" else partial(_ops().clipped_surrogate, impl=impl)
-        per_tok, sur_stats = surrogate(logpf, old_logp.to(acc), w_tok, m_pos, eps_low, eps_high)
+        per_tok, sur_stats = ops.clipped_surrogate(logpf, old_logp.to(acc), w_tok, m_pos, eps_low, eps_high,
+                                                   impl=impl)
         per_tok = torch.where(pos_valid, per_tok, torch.zeros_like(per_tok))
         stats = {k: sur_stats[k] for k in ("clip_low_count", "clip_high_count", "rho_sum")}
     pg = per_tok.sum() / _as_denominator(num_positive_tokens, "num_positive_tokens", logpf)
@@ -254,8 +244,7 @@ def popo_loss(
             raise ValueError("popo_loss: pred needs target [B, H] and weight_sum (global sum of weights)")
         if pred.shape[0] != num_seqs:
             raise ValueError(f"popo_loss: pred must be [B={num_seqs}, H], got {tuple(pred.shape)}")
-        penalty = cosine_penalty if impl == "reference" else partial(_ops().cosine_penalty, impl=impl)
-        sim = penalty(pred, target, w_seq, weight_sum)
+        sim = ops.cosine_penalty(pred, target, w_seq, weight_sum, impl=impl)
         with torch.no_grad():
             weighted_cos_sum = -sim.detach() * _as_denominator(weight_sum, "weight_sum", logpf)
     else:
