@@ -7,10 +7,9 @@ are token ids; text is the caller's business (it owns the tokenizer and the temp
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence, runtime_checkable
-
-import hashlib
 
 import torch
 

@@ -73,10 +73,10 @@ def parse_args(argv) -> ServerArgs:
                    help="exit when this process is no longer our parent (the launching trainer died, "
                         "even by kill -9): no orphaned servers")
     a = p.parse_args(argv)
-    return ServerArgs(parent_pid=a.parent_pid, model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
+    return ServerArgs(model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
                       random_seed=a.random_seed, api_key=a.api_key,
                       max_running_requests=a.max_running_requests, weight_version=a.weight_version,
-                      num_threads=a.num_threads)
+                      num_threads=a.num_threads, parent_pid=a.parent_pid)
 
 
 class RequestError(Exception):

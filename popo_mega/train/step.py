@@ -376,10 +376,10 @@ class PolicyTrainer:
         out = {k: float(vec[i]) for i, k in enumerate(keys)}
         out.update(tokens_fed=float(vec[len(keys)]), rollouts_fed=float(vec[len(keys) + 1]),
                    num_microbatches=float(n_mb), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   lr=lr, tau=tau, skipped=float(skipped),
+                   lr=lr, skipped=float(skipped),
                    nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
-        if self.ema is None:
-            del out["tau"]  # no EMA (GRPO, A3PO): nothing to report, rather than a NaN flagged on the console
+        if self.ema is not None:  # GRPO, A3PO: no EMA, no tau (a NaN would be flagged on the console)
+            out["tau"] = tau
         return out
 
     def _empty_micro_batch(self) -> MicroBatch:
