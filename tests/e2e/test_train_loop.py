@@ -43,11 +43,9 @@ def test_train_resume_and_sigterm(base, tmp_path):
     assert step >= 2 and os.listdir(f"{sig_dir}/checkpoints") == [f"step_{step:08d}"]
 
 
-def test_a_killed_rollout_server_is_relaunched_and_the_run_goes_on(base, tmp_path):
-    """kill -9 the run's only embedded server mid-run: the loop relaunches it, syncs the current
-    weights into it, samples the step again, and finishes every step."""
-    run_dir = str(tmp_path / "run")
-    proc = subprocess.Popen(train_args(base, run_dir, 8, ["train.save_interval=0"]), stdout=subprocess.PIPE,
+def _kill_the_server_mid_run(base, run_dir, extra=()):
+    """Start an 8-step run, kill -9 its only embedded server after step 2; return (returncode, output)."""
+    proc = subprocess.Popen(train_args(base, run_dir, 8, ["train.save_interval=0", *extra]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
     wait_for_steps(proc, run_dir, 2)
     children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "popo_mega.rollout.server"],
@@ -55,8 +53,23 @@ def test_a_killed_rollout_server_is_relaunched_and_the_run_goes_on(base, tmp_pat
     assert len(children) == 1, children
     os.kill(int(children[0]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+    return proc.returncode, out
+
+
+def test_a_killed_rollout_server_is_relaunched_and_the_run_goes_on(base, tmp_path):
+    """kill -9 the run's only embedded server mid-run: the loop relaunches it, syncs the current
+    weights into it, samples the step again, and finishes every step."""
+    run_dir = str(tmp_path / "run")
+    rc, out = _kill_the_server_mid_run(base, run_dir)
+    assert rc == 0, out[-4000:]
     assert "relaunched http://" in out
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == list(range(1, 9))
     assert rows[-1]["server_restarts"] == 1.0
+
+
+def test_no_restarts_left_ends_the_run_with_the_server_named(base, tmp_path):
+    """rollout.max_server_restarts=0: the same kill ends the run with an error naming the dead server."""
+    rc, out = _kill_the_server_mid_run(base, str(tmp_path / "run"), ["rollout.max_server_restarts=0"])
+    assert rc != 0
+    assert "RolloutServerError" in out and "http://127.0.0.1:" in out and "relaunched" not in out
