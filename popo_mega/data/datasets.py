@@ -14,10 +14,12 @@ whole (a broken JSON array, an unknown extension) always raises.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from popo_mega.rewards.extract import gsm8k_answer
 
@@ -51,6 +53,16 @@ class BadRecord:
     def __str__(self) -> str:
         loc = f"{self.source}:{self.line}" if self.where == "line" else f"{self.source}: row {self.line}"
         return f"{loc}: {self.reason}"
+
+
+def location_kind(path: str) -> str:
+    """How a record of ``path`` is located in messages: "row" for Parquet, "line" otherwise."""
+    return "row" if path.lower().endswith((".parquet", ".pq")) else "line"
+
+
+def count_by_source(records: Iterable[BadRecord]) -> dict[str, int]:
+    """{source file: number of records}, in the order the sources first appear."""
+    return dict(collections.Counter(r.source for r in records))
 
 
 @dataclass
@@ -166,7 +178,7 @@ def load_examples(path: str, *, question_key: str | None = None, answer_key: str
         raise FileNotFoundError(f"data file not found: {path}")
     examples: list[Example] = []
     skipped: list[BadRecord] = []
-    where = "row" if path.lower().endswith((".parquet", ".pq")) else "line"
+    where = location_kind(path)
     q_names = question_key or "/".join(QUESTION_KEYS)
     a_names = answer_key or "/".join(ANSWER_KEYS)
     for line, rec, err in _records(path):

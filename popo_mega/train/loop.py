@@ -147,7 +147,8 @@ def run(cfg: Config, log=print) -> RunResult:
     from popo_mega.model.loader import build_from_hf
     from popo_mega.rewards import synthetic
     from popo_mega.train.batch import shard_for_data_parallel
-    from popo_mega.train.prompts import PromptStream, encode, load_train_examples, synthetic_task
+    from popo_mega.train.prompts import (PromptStream, describe_too_long, encode, load_train_examples,
+                                         synthetic_task, too_long_metrics)
     from popo_mega.train.step import PolicyTrainer
 
     world = rt_mod.launched_world_size()
@@ -166,8 +167,9 @@ def run(cfg: Config, log=print) -> RunResult:
     loaded = build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel)
     trainer = PolicyTrainer(cfg, rt, loaded)
     examples, skipped = load_train_examples(cfg.data)
-    stream = PromptStream(encode(examples, cfg.data, tokenizer), seed=cfg.data.shuffle_seed)
-    heldout = encode(synthetic_task(cfg.data).examples("heldout"), cfg.data, tokenizer) if synthetic_run else []
+    encoded = encode(examples, cfg.data, tokenizer)  # over-long prompts left out and counted (issue 11)
+    stream = PromptStream(encoded.prompts, seed=cfg.data.shuffle_seed)
+    heldout = encode(synthetic_task(cfg.data).examples("heldout"), cfg.data, tokenizer).prompts if synthetic_run else []
 
     from popo_mega.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -211,9 +213,11 @@ def run(cfg: Config, log=print) -> RunResult:
 
                 verifier = MathVerifier(num_workers=2)
             metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard,
-                                    resume_step=trainer.step + 1)
+                                    resume_step=trainer.step + 1, console_interval=cfg.train.log_interval,
+                                    startup_metrics={"bad_records_skipped": float(skipped), **too_long_metrics(encoded)})
             log(f"[popo-train] {cfg.algorithm.name} on {cfg.model.hf_path}: tp={rt.tp} pp={rt.pp} dp={rt.dp}, "
-                f"{len(stream.prompts)} training prompts ({skipped} bad records skipped), "
+                f"{len(stream.prompts)} training prompts ({skipped} bad records skipped, "
+                f"{describe_too_long(encoded, cfg.data.max_prompt_tokens)}), "
                 f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.group_size} rollouts per step")
             if heldout and resumed is None:
                 initial_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)

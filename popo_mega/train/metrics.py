@@ -45,6 +45,12 @@ Conventions.
   measured from the previous ``log`` call (the first from the logger's construction).
 - Only ``rank == 0`` writes anything; other ranks' loggers are no-ops, so the trainer can call
   ``log`` on every rank after reducing its statistics.
+- The console line is printed every ``console_interval`` steps (``train.log_interval``), at the
+  last step, and at any step with a non-finite metric; metrics.jsonl and TensorBoard still get
+  every step.
+- ``startup_metrics`` (counts known before training, e.g. the prompts left out for being longer
+  than ``data.max_prompt_tokens``) are added to the first record this logger writes: after a
+  resume they are recorded again at the resumed run's first step.
 """
 
 from __future__ import annotations
@@ -160,25 +166,32 @@ class MetricsLogger:
             are dropped from an existing metrics.jsonl.
         eta_window: number of recent step times averaged for the ETA.
         stream: where the console line goes (default stdout); ``None`` for no console output.
+        console_interval: print the console line every this many steps (``train.log_interval``).
+        startup_metrics: metrics added to the first record this logger writes.
         clock: monotonic clock for step times (injectable for tests).
         wall_clock: unix time for ``wall_time``.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, tensorboard: bool = True,
                  rank: int = 0, resume_step: int | None = None, eta_window: int = 20,
-                 stream: TextIO | None = sys.stdout,
+                 stream: TextIO | None = sys.stdout, console_interval: int = 1,
+                 startup_metrics: dict[str, float] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if eta_window < 1:
             raise ValueError(f"eta_window must be >= 1, got {eta_window}")
+        if isinstance(console_interval, bool) or not isinstance(console_interval, int) or console_interval < 1:
+            raise ValueError(f"console_interval (train.log_interval) must be an int >= 1, got {console_interval!r}")
         if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 1):
             raise ValueError(f"resume_step must be an int >= 1 (first step to log), got {resume_step!r}")
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.rank = rank
         self.stream = stream
+        self.console_interval = console_interval
+        self._startup = _check_metrics(startup_metrics or {})
         self._clock = clock
         self._wall_clock = wall_clock
         self._step_times: collections.deque[float] = collections.deque(maxlen=eta_window)
@@ -233,6 +246,9 @@ class MetricsLogger:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {n!r}")
         values = _check_metrics(metrics)
+        if self._startup:
+            values = {**self._startup, **values}
+            self._startup = {}
         for name, n in (("rollouts", rollouts), ("tokens", tokens)):
             # A metric repeating a record field is fine when it agrees (e.g. the selection's
             # stats carry "rollouts"); it is stored once, as the record field.
@@ -261,7 +277,8 @@ class MetricsLogger:
             for k in ("rollouts_per_s", "tokens_per_s", "step_time_s", *values):
                 self._tb.add_scalar(k, record[k], global_step=step)
             self._tb.flush()
-        if self.stream is not None:
+        show = step % self.console_interval == 0 or step == self.total_steps
+        if self.stream is not None and (show or not all(math.isfinite(v) for v in values.values())):
             print(format_progress(step, self.total_steps, values,
                                   rollouts_per_s=record["rollouts_per_s"],
                                   tokens_per_s=record["tokens_per_s"], eta_s=eta),

