@@ -114,8 +114,8 @@ class RolloutConfig:
     num_servers: int = 1
     server_tp: int = 1
     mem_fraction: float = 0.8
-    host: str = "127.0.0.1"
-    port: int = 30000
+    host: str = "127.0.0.1"                 # launched servers listen here, each on a free port (no port key:
+                                            # a fixed one would collide between runs; attach with urls)
     api_key: Optional[str] = None
     request_timeout_s: float = 600.0
     retries: int = 2
