@@ -82,7 +82,9 @@ class GrpoConfig:
     std_normalize: bool = True
     beta_kl: float = 0.0
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
-    dynamic_sampling: bool = False
+    dynamic_sampling: bool = False          # DAPO: drop groups whose rewards are all equal, then refill
+    max_refill_rounds: int = 4              # dynamic sampling: extra rollout rounds per step to refill
+                                            # data.prompts_per_step informative groups (train/refill.py)
 
 
 @_cfg

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from popo_mega.config import Config
 from popo_mega.rollout.engine import SamplingParams, sample_seed
 from popo_mega.rollout.http_engine import RolloutServerError
+from popo_mega.train.refill import stream_rollouts
 
 
 @dataclass
@@ -92,24 +93,35 @@ def canonical_metrics(step_stats: dict) -> dict:
     return out
 
 
-def _score_and_select(cfg: Config, step: int, prompts, completions, tokenizer, verifier) -> tuple[list, dict]:
+def _score_and_select(cfg: Config, step: int, prompts, completions, tokenizer, verifier,
+                      roll_more=None) -> tuple[list, dict]:
     """Rank 0: grade the rollouts (exact match on the synthetic task, math-verify otherwise) and
-    select the training samples; returns (samples, stats)."""
+    select the training samples; returns (samples, stats). With DAPO dynamic sampling, ``roll_more``
+    (``refill.stream_rollouts``) first tops the step up to data.prompts_per_step informative groups."""
     from popo_mega.rewards import synthetic
+    from popo_mega.train.refill import Rollouts, refill
     from popo_mega.train.select import select
 
-    texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
-    golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
-    grade_stats = {}
-    if verifier is None:
-        scores = synthetic.score_batch(texts, golds)
-    else:
-        scores, st = verifier.score_batch_with_stats(texts, golds)
-        grade_stats = {"verifier_timeouts": float(st.timeouts), "no_answer": float(st.no_answer),
-                       "verifier_errors": float(st.errors + st.crashes)}
-    sel = select([p.ids for p in prompts], completions, torch.tensor(scores, dtype=torch.float32), cfg.algorithm,
-                 cfg.rollout.group_size, uid_offset=step * len(golds))
-    return sel.samples, {**sel.stats, **grade_stats}
+    def grade(prompts, completions) -> Rollouts:
+        texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
+        golds = [p.gold for p in prompts for _ in range(cfg.rollout.group_size)]
+        grade_stats = {}
+        if verifier is None:
+            scores = synthetic.score_batch(texts, golds)
+        else:
+            scores, st = verifier.score_batch_with_stats(texts, golds)
+            grade_stats = {"verifier_timeouts": float(st.timeouts), "no_answer": float(st.no_answer),
+                           "verifier_errors": float(st.errors + st.crashes)}
+        return Rollouts(prompts, completions, list(scores), grade_stats)
+
+    graded, fill_stats = grade(prompts, completions), {}
+    if roll_more is not None:
+        graded, fill_stats = refill(graded, lambda rnd, k: grade(*roll_more(rnd, k)), target=cfg.data.prompts_per_step,
+                                    group_size=cfg.rollout.group_size, max_rounds=cfg.algorithm.grpo.max_refill_rounds)
+    sel = select([p.ids for p in graded.prompts], graded.completions, torch.tensor(graded.rewards, dtype=torch.float32),
+                 cfg.algorithm, cfg.rollout.group_size,
+                 uid_offset=step * cfg.data.prompts_per_step * cfg.rollout.group_size)
+    return sel.samples, {**sel.stats, **graded.counts, **fill_stats}
 
 
 def greedy_accuracy(engine, prompts, score_fn, max_new_tokens: int, stop_ids: tuple[int, ...], tokenizer) -> float:
@@ -277,16 +289,16 @@ def run(cfg: Config, log=print) -> RunResult:
                 sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
                                           seed=sample_seed(cfg.train.seed, step))  # same rollouts after a resume
+                refilling = cfg.algorithm.name != "popo" and cfg.algorithm.grpo.dynamic_sampling
                 try:
                     completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
-                except RolloutServerError as exc:
-                    completions = None
+                    payload = (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier, roll_more=(
+                        stream_rollouts(stream, engine, sampling, cfg.rollout.group_size) if refilling else None)),
+                        time.time() - t0, interrupt.requested)
+                except RolloutServerError as exc:  # also from a refill round
                     stream.load_state_dict(cursor)  # the same prompts (and seeds) once a server is back
                     if not relaunch(f"rollout failed ({exc})"):
                         raise
-                if completions is not None:
-                    payload = (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier),
-                               time.time() - t0, interrupt.requested)
             payload = _broadcast(payload) if world > 1 else payload
             if payload is None:  # a relaunched server: give it this step's weights, then roll out again
                 sync(use_ema, f"step{step}")

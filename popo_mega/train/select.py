@@ -4,7 +4,8 @@ POPO (docs/algorithms.md, P1): only positives carry weight; with ``entropy_on: p
 negatives are dropped here, so they never reach the policy's forward pass (training cost scales
 with positive tokens). Prompts with no positive contribute nothing and are counted.
 GRPO / A3PO: group-relative advantages (section 2); with ``dynamic_sampling`` groups whose rewards
-are all equal (zero advantage) are dropped (DAPO) and counted, and the caller refills.
+are all equal (zero advantage) are dropped (DAPO) and counted; the loop refills the batch to
+``data.prompts_per_step`` informative groups first (popo_mega/train/refill.py).
 
 Every rollout of prompt g is at rows g*G .. g*G+G-1 of the flat lists (G = group size).
 """
@@ -33,6 +34,14 @@ def _sample(prompt: list[int], c: Completion, **kw) -> RolloutSample:
                          prompt_len=len(prompt), old_logp=torch.tensor(c.output_logprobs, dtype=torch.float32), **kw)
 
 
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] bool: the groups whose rewards are not all equal (DAPO's dynamic-sampling filter).
+
+    rewards: [P*G], rows g*G .. g*G+G-1 for prompt g."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped != grouped[:, :1]).any(dim=1)
+
+
 def select(prompts: list[list[int]], completions: list[list[Completion]], rewards: torch.Tensor,
            algo: AlgorithmConfig, group_size: int, uid_offset: int = 0) -> Selection:
     """Samples for the policy step and the selection statistics.
@@ -44,6 +53,8 @@ def select(prompts: list[list[int]], completions: list[list[Completion]], reward
         raise ValueError(f"select: expected {len(prompts)} x {group_size} rollouts and as many rewards, "
                          f"got {[len(g) for g in completions]} and {rewards.numel()}")
     n_prompts = len(prompts)
+    if n_prompts == 0:  # a refilled step that found no informative group: nothing to train on
+        return Selection([], {"rollouts": 0.0})
     lengths = torch.tensor([max(1, len(c.output_ids)) for _, c in flat], dtype=torch.float32)
     stats = {"reward": float(rewards.float().mean()), "response_length": float(lengths.mean()),
              "rollouts": float(len(flat))}
@@ -68,7 +79,7 @@ def select(prompts: list[list[int]], completions: list[list[Completion]], reward
 
     adv = group_advantages(rewards.float(), group_size, std_normalize=algo.grpo.std_normalize)
     flat_group = rewards.view(n_prompts, group_size)
-    informative = (flat_group != flat_group[:, :1]).any(dim=1)
+    informative = informative_groups(rewards, group_size)
     stats.update(positive_rate=float((rewards > 0).float().mean()),
                  prompts_with_positive=float((flat_group > 0).any(dim=1).float().mean()),
                  prompts_skipped=float((~informative).sum()) if algo.grpo.dynamic_sampling else 0.0)

@@ -75,3 +75,116 @@ def test_prompt_stream_is_deterministic_and_resumable():
     assert [p.ids[0] for p in b.next_batch(6)] == rest
     with pytest.raises(ValueError, match="checkpoint cursor is for 5 prompts / seed 3"):
         PromptStream(prompts, seed=9).load_state_dict(state)
+
+
+# --- DAPO dynamic sampling refill (popo_mega/train/refill.py) -------------------------------------
+
+def _round(prompt_names, rewards, G=2):
+    from popo_mega.train.refill import Rollouts
+
+    comps = [[_c([9] * (1 + i % 2), [-1.0] * (1 + i % 2)) for i in range(G)] for _ in prompt_names]
+    return Rollouts(list(prompt_names), comps, list(rewards), {"verifier_timeouts": 1.0})
+
+
+def test_refill_tops_up_to_target_informative_groups():
+    from popo_mega.train.refill import refill
+
+    # G=2, target 3. First round: groups (1,0) (1,1) (0,0) -> 1 informative. Rate 1/3, 2 missing:
+    # ask ceil(2 / (1/3)) = 6 prompts, capped at a full batch (3).
+    first = _round(["p0", "p1", "p2"], [1, 0, 1, 1, 0, 0])
+    calls = []
+
+    def more(rnd, k):
+        calls.append((rnd, k))
+        return _round(["q0", "q1", "q2"][:k], [0, 1, 0, 0, 1, 0][:2 * k])
+
+    kept, st = refill(first, more, target=3, group_size=2, max_rounds=4)
+    assert calls == [(1, 3)]
+    assert kept.prompts == ["p0", "q0", "q2"] and kept.rewards == [1, 0, 0, 1, 1, 0]
+    assert kept.counts == {"verifier_timeouts": 2.0}
+    assert st["refill_rounds"] == 1.0 and st["refill_prompts"] == 3.0 and st["informative_shortfall"] == 0.0
+    assert st["prompts_skipped"] == 3.0 and st["rollouts"] == 12.0
+    assert st["reward"] == pytest.approx(5 / 12) and st["positive_rate"] == pytest.approx(5 / 12)
+    assert st["prompts_with_positive"] == pytest.approx(4 / 6)  # p0 p1 q0 q2
+    assert st["response_length"] == pytest.approx(1.5)  # lengths 1, 2 in every group
+
+
+def test_refill_stops_at_the_bound_and_counts_rounds():
+    from popo_mega.train.refill import refill
+
+    calls = []
+
+    def more(rnd, k):  # never informative: every rollout correct
+        calls.append((rnd, k))
+        return _round([f"r{rnd}.{i}" for i in range(k)], [1] * (2 * k))
+
+    kept, st = refill(_round(["a", "b"], [1, 1, 0, 0]), more, target=2, group_size=2, max_rounds=3)
+    assert calls == [(1, 2), (2, 2), (3, 2)]  # informative rate 0: a full batch per round
+    assert kept.prompts == [] and st["refill_rounds"] == 3.0 and st["refill_prompts"] == 6.0
+    assert st["informative_shortfall"] == 2.0 and st["prompts_skipped"] == 8.0 and st["rollouts"] == 16.0
+    kept, st = refill(_round(["a", "b"], [1, 1, 0, 0]), more, target=2, group_size=2, max_rounds=0)
+    assert st["refill_rounds"] == 0.0 and len(calls) == 3  # max_refill_rounds 0: no refill at all
+
+
+class ScriptedEngine:
+    """generate() answers from a script: call i gives every prompt the i-th list of G response
+    texts (the synthetic task's exact-match answers); records the prompts and seeds it was sent."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), []
+
+    def generate(self, prompt_ids, sampling, n):
+        texts = self.script.pop(0)
+        assert len(texts) == n
+        self.calls.append((len(prompt_ids), sampling.seed))
+        return [[_c([ord(ch) for ch in t], [-1.0] * len(t)) for t in texts] for _ in prompt_ids]
+
+
+class CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_loop_refill_with_a_scripted_engine_stops_at_max_refill_rounds():
+    from popo_mega.rollout.engine import SamplingParams
+    from popo_mega.train.loop import _score_and_select
+    from popo_mega.train.refill import stream_rollouts
+
+    cfg = config_from_dict({"algorithm": {"name": "grpo", "grpo": {"dynamic_sampling": True, "max_refill_rounds": 2}},
+                            "rollout": {"group_size": 2}, "data": {"prompts_per_step": 3}})
+    stream = PromptStream([Prompt(ids=[i], gold="7", question=str(i)) for i in range(50)], seed=0)
+    engine = ScriptedEngine([["7", "7"]] * 4)  # all correct: never informative
+    sampling = SamplingParams(seed=11)
+    prompts = stream.next_batch(3)
+    first = engine.generate([p.ids for p in prompts], sampling, n=2)
+    samples, st = _score_and_select(cfg, 5, prompts, first, CharTokenizer(), None,
+                                    roll_more=stream_rollouts(stream, engine, sampling, 2))
+    assert samples == [] and st["refill_rounds"] == 2.0 and st["informative_shortfall"] == 3.0
+    assert len(engine.calls) == 3 and len(engine.script) == 1  # the first round + 2 refill rounds
+    assert [n for n, _ in engine.calls] == [3, 3, 3] and stream.position == 9
+    assert len({seed for _, seed in engine.calls}) == 3  # each round samples with its own seed
+    assert st["rollouts"] == 18.0 and st["prompts_skipped"] == 9.0 and st["reward"] == 1.0
+
+
+def test_loop_refill_with_a_scripted_engine_fills_the_step():
+    from popo_mega.rollout.engine import SamplingParams
+    from popo_mega.train.loop import _score_and_select
+    from popo_mega.train.refill import stream_rollouts
+
+    cfg = config_from_dict({"algorithm": {"name": "grpo", "grpo": {"dynamic_sampling": True}},
+                            "rollout": {"group_size": 2}, "data": {"prompts_per_step": 3}})
+    stream = PromptStream([Prompt(ids=[i], gold="7", question=str(i)) for i in range(50)], seed=0)
+    # round 0: uninformative (7, 7); round 1: informative (7, 8) for all 3 prompts asked.
+    engine = ScriptedEngine([["7", "7"], ["7", "8"]])
+    sampling = SamplingParams(seed=11)
+    prompts = stream.next_batch(3)
+    first = engine.generate([p.ids for p in prompts], sampling, n=2)
+    samples, st = _score_and_select(cfg, 0, prompts, first, CharTokenizer(), None,
+                                    roll_more=stream_rollouts(stream, engine, sampling, 2))
+    assert st["refill_rounds"] == 1.0 and st["informative_shortfall"] == 0.0 and st["prompts_skipped"] == 3.0
+    assert len(samples) == 6 and [s.positive for s in samples] == [True, False] * 3
+    # GRPO advantages of a (1, 0) group: +-0.5 / std(1, 0) = +-0.5 / sqrt(0.5)
+    assert [round(s.advantage, 4) for s in samples[:2]] == [round(0.5 / math.sqrt(0.5), 4), round(-0.5 / math.sqrt(0.5), 4)]
+    # the kept prompts are the refill round's: the stream's next 3 (a twin stream shows which)
+    twin = PromptStream(stream.prompts, seed=0).next_batch(6)
+    assert [s.tokens[0].item() for s in samples[::2]] == [p.ids[0] for p in twin[3:]]
