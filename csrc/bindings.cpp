@@ -11,10 +11,11 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(popo_mega, m) {
-  // Kernel 1: stats [4, T] fp32 = (max, sum exp(z-max), sum exp(z-max)(z-max), target logit).
-  m.def("logprob_entropy_stats(Tensor logits, Tensor target, int vocab_start) -> Tensor");
-  m.def("logprob_entropy_grad(Tensor logits, Tensor target, int vocab_start, Tensor logz, Tensor entropy, "
-        "Tensor grad_logp, Tensor grad_entropy) -> Tensor");
+  // Kernel 1: stats [4, T] fp32 = (max, sum exp(z-max), sum exp(z-max)(z-max), target logit) over the
+  // shard's columns with global id < vocab_size (the rest is vocabulary padding: skipped, grad 0).
+  m.def("logprob_entropy_stats(Tensor logits, Tensor target, int vocab_start, int vocab_size) -> Tensor");
+  m.def("logprob_entropy_grad(Tensor logits, Tensor target, int vocab_start, int vocab_size, Tensor logz, "
+        "Tensor entropy, Tensor grad_logp, Tensor grad_entropy) -> Tensor");
   // Kernel 2: (loss [N], stats [4] = clip_low_count, clip_high_count, rho_sum, token_count).
   m.def("clipped_surrogate(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float eps_low, "
         "float eps_high) -> (Tensor, Tensor)");

@@ -54,6 +54,15 @@ inline DType check_logprob_args(const char* op, const at::Tensor& logits, const 
   return dt;
 }
 
+// Real (non-padding) columns of a shard [T, V/tp] starting at global id vocab_start, in a vocabulary
+// of vocab_size real ids: clamp(vocab_size - vocab_start, 0, V/tp). A shard may be all padding.
+inline int64_t logprob_valid_cols(const char* op, const at::Tensor& logits, int64_t vocab_start, int64_t vocab_size) {
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
+  TORCH_CHECK(vocab_size >= 1, op, ": vocab_size must be >= 1, got ", vocab_size);
+  const int64_t valid = vocab_size - vocab_start;
+  return valid < 0 ? 0 : (valid > logits.size(1) ? logits.size(1) : valid);
+}
+
 // ... and the backward's saved logz, entropy and incoming grads: [T] float32 each.
 inline DType check_logprob_grad_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
                                      const at::Tensor& logz, const at::Tensor& entropy, const at::Tensor& grad_logp,

@@ -26,24 +26,27 @@ void check_offsets(const char* op, const at::Tensor& cu, int64_t num_tokens) {
     TORCH_CHECK(c[b + 1] >= c[b], op, ": cu_seqlens must be non-decreasing (index ", b + 1, ")");
 }
 
-at::Tensor logprob_entropy_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start) {
+at::Tensor logprob_entropy_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                                 int64_t vocab_size) {
   const char* op = "popo_mega::logprob_entropy_stats";
   check_cpu(logits, op, "logits");
   DType dt = check_logprob_args(op, logits, target);
+  const int64_t valid = logprob_valid_cols(op, logits, vocab_start, vocab_size);
   auto stats = at::empty({4, logits.size(0)}, logits.options().dtype(at::kFloat));
-  logprob_entropy_fwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), target.data_ptr<int64_t>(),
+  logprob_entropy_fwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), valid, target.data_ptr<int64_t>(),
                           vocab_start, stats.data_ptr<float>(), at::get_num_threads());
   return stats;
 }
 
 at::Tensor logprob_entropy_grad(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                                const at::Tensor& logz, const at::Tensor& entropy, const at::Tensor& grad_logp,
-                                const at::Tensor& grad_entropy) {
+                                int64_t vocab_size, const at::Tensor& logz, const at::Tensor& entropy,
+                                const at::Tensor& grad_logp, const at::Tensor& grad_entropy) {
   const char* op = "popo_mega::logprob_entropy_grad";
   check_cpu(logits, op, "logits");
   DType dt = check_logprob_grad_args(op, logits, target, logz, entropy, grad_logp, grad_entropy);
+  const int64_t valid = logprob_valid_cols(op, logits, vocab_start, vocab_size);
   auto grad = at::empty_like(logits);
-  logprob_entropy_bwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), target.data_ptr<int64_t>(),
+  logprob_entropy_bwd_cpu(logits.data_ptr(), dt, logits.size(0), logits.size(1), valid, target.data_ptr<int64_t>(),
                           vocab_start, logz.data_ptr<float>(), entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
                           grad_entropy.data_ptr<float>(), grad.data_ptr(), at::get_num_threads());
   return grad;

@@ -8,15 +8,18 @@ namespace popo {
 
 enum class DType : int { F32 = 0, BF16 = 1 };
 
-// Kernel 1, forward: per row of logits [rows, cols] (this rank's vocab shard) writes into
-// stats [4, rows] (fp32): m = max z, s = sum exp(z-m), q = sum exp(z-m)(z-m), zt = z[target -
-// vocab_start] or 0 when the target lies outside [vocab_start, vocab_start + cols).
-void logprob_entropy_fwd_cpu(const void* logits, DType dtype, int64_t rows, int64_t cols,
+// Kernel 1, forward: per row of logits [rows, cols] (this rank's vocab shard, row stride cols)
+// writes into stats [4, rows] (fp32), over the first `valid` columns only (0 <= valid <= cols;
+// the rest is vocabulary padding and never read): m = max z, s = sum exp(z-m),
+// q = sum exp(z-m)(z-m), zt = z[target - vocab_start] or 0 when the target lies outside
+// [vocab_start, vocab_start + valid). valid == 0 gives m = -inf, s = q = 0.
+void logprob_entropy_fwd_cpu(const void* logits, DType dtype, int64_t rows, int64_t cols, int64_t valid,
                              const int64_t* target, int64_t vocab_start, float* stats, int num_threads);
 
 // Kernel 1, backward: grad [rows, cols] (dtype) = g_lp*(onehot - p) - g_ent*p*(z - logz + H),
-// p = exp(z - logz); logz, entropy, g_lp, g_ent: [rows] fp32.
-void logprob_entropy_bwd_cpu(const void* logits, DType dtype, int64_t rows, int64_t cols,
+// p = exp(z - logz), on the first `valid` columns; 0 on the padding columns [valid, cols).
+// logz, entropy, g_lp, g_ent: [rows] fp32.
+void logprob_entropy_bwd_cpu(const void* logits, DType dtype, int64_t rows, int64_t cols, int64_t valid,
                              const int64_t* target, int64_t vocab_start, const float* logz,
                              const float* entropy, const float* grad_logp, const float* grad_entropy,
                              void* grad, int num_threads);

@@ -30,9 +30,12 @@ template <> inline bf16_t from_f32<bf16_t>(float f) {  // round to nearest even,
 
 // exp(x) in fp32 within ~2 ulp (Cephes expf polynomial after a ln2 range reduction), written
 // with plain arithmetic so that the compiler vectorises loops that call it. Inputs below -87.3
-// give ~1e-38 instead of a denormal; above 88.7 are clamped (callers pass x <= 0).
+// give exactly 0 (as expf underflows), never a clamped ~1e-38: callers multiply the result by x
+// itself, and 1e-38 * x with x ~ -1.7e38 (bf16 padding at finfo.min/2) would add ~-2 per element
+// to the entropy sums instead of 0. Inputs above 88.7 are clamped (callers pass x <= 0).
 inline float exp_approx(float x) {
-  x = x < -87.3f ? -87.3f : x;
+  const bool underflow = x < -87.3f;
+  x = underflow ? -87.3f : x;
   x = x > 88.7f ? 88.7f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + shifter) - shifter;
@@ -48,7 +51,7 @@ inline float exp_approx(float x) {
   int32_t bits = (int32_t(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return underflow ? 0.f : p * scale;
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

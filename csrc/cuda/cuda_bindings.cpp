@@ -26,27 +26,30 @@ void check_launch(cudaError_t err, const char* op) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-at::Tensor logprob_entropy_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start) {
+at::Tensor logprob_entropy_stats(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
+                                 int64_t vocab_size) {
   const char* op = "popo_mega::logprob_entropy_stats";
   check_cuda(logits, op, "logits");
   DType dt = check_logprob_args(op, logits, target);
+  const int64_t valid = logprob_valid_cols(op, logits, vocab_start, vocab_size);
   c10::cuda::CUDAGuard guard(logits.device());
   auto stats = at::empty({4, logits.size(0)}, logits.options().dtype(at::kFloat));
-  check_launch(logprob_entropy_fwd_cuda(logits.data_ptr(), dt, logits.size(0), logits.size(1),
+  check_launch(logprob_entropy_fwd_cuda(logits.data_ptr(), dt, logits.size(0), logits.size(1), valid,
                                         target.data_ptr<int64_t>(), vocab_start, stats.data_ptr<float>(), stream()),
                op);
   return stats;
 }
 
 at::Tensor logprob_entropy_grad(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                                const at::Tensor& logz, const at::Tensor& entropy, const at::Tensor& grad_logp,
-                                const at::Tensor& grad_entropy) {
+                                int64_t vocab_size, const at::Tensor& logz, const at::Tensor& entropy,
+                                const at::Tensor& grad_logp, const at::Tensor& grad_entropy) {
   const char* op = "popo_mega::logprob_entropy_grad";
   check_cuda(logits, op, "logits");
   DType dt = check_logprob_grad_args(op, logits, target, logz, entropy, grad_logp, grad_entropy);
+  const int64_t valid = logprob_valid_cols(op, logits, vocab_start, vocab_size);
   c10::cuda::CUDAGuard guard(logits.device());
   auto grad = at::empty_like(logits);
-  check_launch(logprob_entropy_bwd_cuda(logits.data_ptr(), dt, logits.size(0), logits.size(1),
+  check_launch(logprob_entropy_bwd_cuda(logits.data_ptr(), dt, logits.size(0), logits.size(1), valid,
                                         target.data_ptr<int64_t>(), vocab_start, logz.data_ptr<float>(),
                                         entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
                                         grad_entropy.data_ptr<float>(), grad.data_ptr(), stream()),

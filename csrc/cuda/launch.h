@@ -10,10 +10,10 @@
 
 namespace popo {
 
-cudaError_t logprob_entropy_fwd_cuda(const void* logits, DType dtype, int64_t rows, int64_t cols,
+cudaError_t logprob_entropy_fwd_cuda(const void* logits, DType dtype, int64_t rows, int64_t cols, int64_t valid,
                                      const int64_t* target, int64_t vocab_start, float* stats, cudaStream_t stream);
 
-cudaError_t logprob_entropy_bwd_cuda(const void* logits, DType dtype, int64_t rows, int64_t cols,
+cudaError_t logprob_entropy_bwd_cuda(const void* logits, DType dtype, int64_t rows, int64_t cols, int64_t valid,
                                      const int64_t* target, int64_t vocab_start, const float* logz,
                                      const float* entropy, const float* grad_logp, const float* grad_entropy,
                                      void* grad, cudaStream_t stream);
