@@ -25,6 +25,11 @@ accepted and stored too, so a new statistic needs no change here):
     heldout_accuracy_served  the same for the served EMA, when the policy is evaluated and the
                            engine serves the EMA (``rollout.weights: ema``)
 
+Other keys the loop logs include ``prompts_too_long`` (and ``prompts_too_long/<file>``) and
+``bad_records_skipped`` (start-up metrics, in the first record), the selection's
+``prompts_skipped`` and, with dynamic sampling, ``refill_rounds`` / ``refill_prompts`` /
+``informative_shortfall`` (popo_mega/train/refill.py).
+
 Conventions.
 - ``step`` is 1-based: ``log(step, ...)`` is called after optimizer step ``step`` of
   ``total_steps`` has finished, so ``total_steps - step`` steps remain. Steps must increase.
