@@ -188,6 +188,17 @@ class EvalConfig:
 
 
 @_cfg
+class PlacementConfig:
+    """Which GPUs of each node run the trainer and which the rollout servers (popo_mega/rollout/placement.py)."""
+
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    nodes: Optional[int] = None             # nodes the run is written for (launch/train.sh checks NNODES);
+    gpus_per_node: Optional[int] = None     # unset: as launched (NNODES, the GPUs the node shows)
+    trainer_gpus_per_node: Optional[int] = None   # disaggregated: the first N GPUs of each node; unset: all
+                                                  # that the servers leave and the layout can use
+
+
+@_cfg
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -196,6 +207,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     source: str = "<defaults>"              # the YAML file this came from (for error messages)
 
 
@@ -313,7 +325,11 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | t
         # Check the override alone first, so that its error names the override rather than the file.
         _build(Config, probe, "", f"command-line override '{text}' (config {source})")
         _merge(raw, parts, value, source)
-    return dataclasses.replace(_build(Config, raw, "", source), source=source)
+    cfg = dataclasses.replace(_build(Config, raw, "", source), source=source)
+    from popo_mega.rollout.placement import place
+
+    place(cfg, check_only=True)  # the GPU placement must fit: errors name the placement/rollout/parallel key
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:

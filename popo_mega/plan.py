@@ -348,6 +348,24 @@ def format_table(result: dict, name: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_server_memory(arch, layout: Layout, result: dict, placement) -> str:
+    """What a rollout server has per GPU: SGLang takes rollout.mem_fraction of the memory free when it
+    starts (SGLang 0.5.23) for its weights (the whole model in the model dtype / server TP) and KV cache.
+    Colocated, the trainer's static state (the worst stage's weights, grads, optimizer, EMA, predictor)
+    stays on the GPU meanwhile; only the step's transients are given back."""
+    server = placement.servers[0]
+    weights = layout.param_bytes * stage_params(arch, 1, 1, 0, layout.make_vocab_size_divisible_by)["total"] \
+        / len(server.gpus)
+    trainer = max(s["static"] for s in result["stages"]) if placement.mode == "colocated" else 0.0
+    share = server.mem_fraction * (layout.gpu_mem_gib * GIB - trainer)
+    kv = share - weights
+    where = (f"beside {trainer / GIB:.2f} GiB of trainer state" if trainer
+             else "on GPUs of its own")
+    verdict = f"{kv / GIB:.2f} GiB left for the KV cache" if kv > 0 else "DOES NOT FIT: no room for the KV cache"
+    return (f"servers: {share / GIB:.2f} GiB per GPU (mem_fraction {server.mem_fraction}, {where}) for "
+            f"{weights / GIB:.2f} GiB of weights (TP {len(server.gpus)}) -> {verdict}")
+
+
 def _arch_from_name(name: str):
     from popo_mega.model.builder import Architecture
 
@@ -397,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "flags given explicitly override it")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
-    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--dp", type=int, help="data-parallel size (default: the config's placement, else 1)")
+    p.add_argument("--nodes", type=int, help="nodes, for the placement of a config that leaves placement.nodes unset")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node, where placement.gpus_per_node is unset")
     p.add_argument("--fp8", action="store_true", default=None)
     p.add_argument("--micro-batch-tokens", type=int)
     p.add_argument("--seq-len", type=int)
@@ -416,14 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args) -> tuple:
-    """(Architecture, Layout, name) from parsed arguments (a --config supplies defaults)."""
+    """(Architecture, Layout, name, Placement or None) from parsed arguments (a --config supplies
+    defaults, and its GPU placement the data-parallel size when its node count is known)."""
     kw: dict = {}
-    arch = name = None
+    arch = name = placement = None
     if args.config:
         from popo_mega.config import load_config
+        from popo_mega.rollout.placement import place
 
         cfg = load_config(args.config)
         arch, name = _arch_from_run_config(cfg)
+        if (cfg.placement.nodes or args.nodes) and (cfg.placement.gpus_per_node or args.gpus_per_node):
+            placement = place(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+            kw["dp"] = placement.data_parallel
+            kw["server_gpu_fraction"] = cfg.rollout.mem_fraction
         kw.update(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
                   distributed_optimizer=cfg.parallel.distributed_optimizer, fp8=cfg.model.fp8 is not None,
                   recompute=cfg.model.recompute_granularity or "none",
@@ -446,18 +472,28 @@ def resolve(args) -> tuple:
             kw[flag] = value
     if args.algorithm:
         kw["popo"] = args.algorithm == "popo"
-    return arch, Layout(**kw), name
+    kw.pop("server_gpu_fraction", None)
+    return arch, Layout(**kw), name, placement
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        arch, layout, name = resolve(args)
+        arch, layout, name, placement = resolve(args)
         result = plan(arch, layout)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(result, name))
+    if placement is not None:
+        from popo_mega.rollout.placement import format_placement
+
+        print(format_placement(placement))
+        if placement.servers:
+            print(format_server_memory(arch, layout, result, placement))
+    elif args.config:
+        print("placement: decided at launch (placement.nodes / placement.gpus_per_node unset; "
+              "give --nodes and --gpus-per-node to see it)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"name": name, **result}, f, indent=1)

@@ -9,10 +9,15 @@
 (``python -m popo_mega.rollout.server``) otherwise. Several SGLang servers can be put behind
 ``sglang-router`` (``launch_router``); the client then sees one URL. Attaching to running servers
 is simply passing their URLs to ``HttpEngine`` (use ``wait_for_health`` first).
+
+A training run calls :func:`start_run_servers` on every rank: each node starts the servers that
+``popo_mega.rollout.placement`` puts on it, on their own GPUs (``disaggregated``) or on the trainer's
+with ``--enable-memory-saver`` (``colocated``, see :func:`released_during_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -43,8 +48,13 @@ def sglang_available() -> bool:
 def sglang_server_command(model_path: str, *, host: str = "127.0.0.1", port: int = 30000, tp_size: int = 1,
                           mem_fraction_static: float | None = None, base_gpu_id: int = 0,
                           api_key: str | None = None, random_seed: int | None = None,
-                          extra_args: tuple[str, ...] = ()) -> list[str]:
-    """argv of ``python -m sglang.launch_server`` (flag names as SGLang spells them)."""
+                          memory_saver: bool = False, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """argv of ``python -m sglang.launch_server`` (flag names as SGLang 0.5.23 spells them).
+
+    memory_saver: ``--enable-memory-saver`` (``/release_memory_occupation`` frees the weights and KV
+    cache for a colocated trainer's step) with ``--enable-weights-cpu-backup`` (the released weights
+    come back on resume, so the server can answer before the next weight sync).
+    """
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host,
            "--port", str(port), "--tp-size", str(tp_size), "--base-gpu-id", str(base_gpu_id)]
     if mem_fraction_static is not None:
@@ -53,6 +63,8 @@ def sglang_server_command(model_path: str, *, host: str = "127.0.0.1", port: int
         cmd += ["--api-key", api_key]
     if random_seed is not None:
         cmd += ["--random-seed", str(random_seed)]
+    if memory_saver:
+        cmd += ["--enable-memory-saver", "--enable-weights-cpu-backup"]
     return cmd + list(extra_args)
 
 
@@ -155,11 +167,19 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
                    ports: list[int] | None = None, tp_size: int = 1, mem_fraction_static: float | None = None,
                    device: str = "auto", dtype: str = "auto", api_key: str | None = None,
                    random_seed: int | None = None, log_dir: str | None = None,
-                   health_timeout_s: float = 300.0, extra_args: tuple[str, ...] = ()) -> list[ServerProcess]:
+                   health_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (),
+                   slots: list | None = None, node_gpus: list[str] | None = None,
+                   advertise_host: str | None = None) -> list[ServerProcess]:
     """Launch ``num_servers`` servers of ``kind`` ("sglang", "embedded" or "auto"), all healthy on return.
 
-    SGLang server i uses GPUs [i*tp_size, (i+1)*tp_size). If one fails to come up, the ones already
-    started are stopped before the error propagates.
+    slots: the placement's :class:`~popo_mega.rollout.placement.ServerSlot` of each server (then
+    ``num_servers``, ``tp_size`` and ``mem_fraction_static`` come from them), with ``node_gpus`` the
+    node's GPUs as CUDA names them (slot GPU ids index it). Each server sees the whole node
+    (CUDA_VISIBLE_DEVICES) and starts at ``--base-gpu-id`` (colocated servers index GPUs as the trainer
+    does); an embedded server sees only its GPU. Without slots (no GPUs to place), SGLang server i uses
+    GPUs [i*tp_size, (i+1)*tp_size). advertise_host: the host in the returned URLs (a server bound to
+    0.0.0.0 is reached by this node's name). If one fails to come up, the ones already started are
+    stopped before the error propagates.
     """
     if kind == "auto":
         kind = "sglang" if sglang_available() else "embedded"
@@ -168,27 +188,154 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
     if kind == "sglang" and not sglang_available():
         raise RuntimeError("sglang is not installed: pip install 'popo_mega[sglang]' (GPU machines), "
                            "or use kind='embedded'")
+    if slots is not None:
+        num_servers = len(slots)
+        if node_gpus is None:
+            raise ValueError("launch_servers: slots need node_gpus (the node's GPUs as CUDA names them)")
     ports = ports or [free_port(host) for _ in range(num_servers)]
     if len(ports) != num_servers:
         raise ValueError(f"launch_servers: {len(ports)} ports for {num_servers} servers")
     started: list[ServerProcess] = []
     try:  # start all, then wait for all: the servers load their models in parallel
         for i, port in enumerate(ports):
+            slot = slots[i] if slots is not None else None
+            env, index = None, (slot.index if slot is not None else i)
             if kind == "sglang":
-                cmd = sglang_server_command(model_path, host=host, port=port, tp_size=tp_size,
-                                            mem_fraction_static=mem_fraction_static, base_gpu_id=i * tp_size,
-                                            api_key=api_key, random_seed=random_seed, extra_args=extra_args)
+                if slot is None:
+                    placed = dict(tp_size=tp_size, mem_fraction_static=mem_fraction_static, base_gpu_id=i * tp_size)
+                else:
+                    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(node_gpus)}
+                    placed = dict(tp_size=len(slot.gpus), mem_fraction_static=slot.mem_fraction,
+                                  base_gpu_id=slot.base_gpu_id, memory_saver=slot.memory_saver)
+                cmd = sglang_server_command(model_path, host=host, port=port, api_key=api_key,
+                                            random_seed=random_seed, extra_args=extra_args, **placed)
             else:
-                cmd = embedded_server_command(model_path, host=host, port=port, device=device, dtype=dtype,
+                if slot is not None:
+                    env = {**os.environ, "CUDA_VISIBLE_DEVICES": node_gpus[slot.gpus[0]]}
+                cmd = embedded_server_command(model_path, host=host, port=port,
+                                              device="cuda" if slot is not None else device, dtype=dtype,
                                               api_key=api_key, random_seed=random_seed, extra_args=extra_args)
-            log = os.path.join(log_dir, f"{kind}_server_{i}.log") if log_dir else None
-            started.append(start(cmd, f"http://{host}:{port}", log_path=log))
+            log = os.path.join(log_dir, f"{kind}_server_{index}.log") if log_dir else None
+            started.append(start(cmd, f"http://{advertise_host or host}:{port}", log_path=log, env=env))
         for s in started:
             wait_for_health(s.url, timeout_s=health_timeout_s, process=s.process, api_key=api_key, log_path=s.log_path)
     except BaseException:
         stop_servers(started)
         raise
     return started
+
+
+@dataclass
+class RunServers:
+    """The servers of a training run, as :func:`start_run_servers` leaves them on one rank."""
+
+    local: list[ServerProcess]      # started by this process (stopped by it; relaunched by rank 0's engine)
+    urls: list[str]                 # rank 0: every server's URL in server order; other ranks: []
+    master_address: str            # where the servers reach rank 0 for the weight-update group
+
+
+def node_gpu_names(gpus_per_node: int | None = None) -> list[str]:
+    """This node's GPUs as CUDA names them: POPO_NODE_GPUS (launch/train.sh keeps the node's list there
+    before it narrows torchrun's CUDA_VISIBLE_DEVICES to the trainer's GPUs), else this process's
+    CUDA_VISIBLE_DEVICES, else 0..device_count-1."""
+    for var in ("POPO_NODE_GPUS", "CUDA_VISIBLE_DEVICES"):
+        names = [v for v in os.environ.get(var, "").split(",") if v.strip()]
+        if names:
+            return names
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
+    """Start the run's rollout servers where ``rollout.*`` and ``placement.*`` put them. Collective.
+
+    On GPUs, local rank 0 of each node starts the servers :func:`~popo_mega.rollout.placement.place`
+    puts on its node, on their GPUs, and rank 0 gathers every URL; the node count and rank are
+    torchrun's (WORLD_SIZE / LOCAL_WORLD_SIZE, GROUP_RANK). A node whose torchrun runs another number
+    of processes than the placement's trainer GPUs there is an error (two processes on one GPU is
+    what NCCL rejects as "Duplicate GPU detected"). On CPU, rank 0 starts every server. With
+    ``rollout.urls`` nothing is started. Servers on other nodes are stopped by their node's process,
+    and cannot be relaunched by rank 0's engine.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    from popo_mega.config import ConfigError
+    from popo_mega.rollout.placement import place
+
+    r = cfg.rollout
+    if r.urls:
+        return RunServers([], list(r.urls), "127.0.0.1")
+    extra = ("--enable-deterministic-inference",) if r.deterministic and r.backend == "sglang" else ()
+    common = dict(host=r.host, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=log_dir, extra_args=extra)
+    if rt.device.type != "cuda":
+        local = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, tp_size=r.server_tp,
+                               mem_fraction_static=r.mem_fraction, **common) if rt.rank == 0 else []
+        return RunServers(local, [s.url for s in local], "127.0.0.1")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    nodes, node_rank = rt.world_size // local_world, int(os.environ.get("GROUP_RANK", "0"))
+    gpus = node_gpu_names()
+    placement = place(cfg, nodes=nodes, gpus_per_node=cfg.placement.gpus_per_node or len(gpus))
+    if len(gpus) < placement.gpus_per_node:
+        raise ConfigError(f"{cfg.source}: key 'placement.gpus_per_node' = {placement.gpus_per_node}, but node "
+                          f"{node_rank} shows {len(gpus)} GPU(s) ({','.join(gpus)})")
+    node = placement.nodes[node_rank]
+    if len(node.trainer_gpus) != local_world:
+        raise ConfigError(f"{cfg.source}: torchrun runs {local_world} process(es) on node {node_rank}, but the "
+                          f"placement ({placement.mode}) gives the trainer {len(node.trainer_gpus)} GPU(s) there "
+                          "(placement.trainer_gpus_per_node): start the run with launch/train.sh")
+    advertise = socket.gethostname() if r.host in ("0.0.0.0", "::") else r.host
+    local, error = [], None
+    if rt.local_rank == 0 and node.servers:
+        try:
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+            local = launch_servers(r.backend, cfg.model.hf_path, slots=list(node.servers), node_gpus=gpus,
+                                   advertise_host=advertise, **common)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below, so none waits forever
+            error = f"node {node_rank}: {type(exc).__name__}: {exc}"
+    found = [(error, [(slot.index, s.url) for slot, s in zip(node.servers, local)])]
+    if rt.world_size > 1:
+        box = [None] * rt.world_size
+        dist.all_gather_object(box, found[0])
+        found = box
+    errors = [e for e, _ in found if e]
+    if errors:
+        stop_servers(local)
+        raise RuntimeError("rollout servers failed to start: " + "; ".join(errors))
+    urls = [u for _, u in sorted(iu for _, lst in found for iu in lst)] if rt.rank == 0 else []
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1") if nodes > 1 else "127.0.0.1"
+    return RunServers(local, urls, master)
+
+
+@contextlib.contextmanager
+def released_during_step(engine, colocated: bool, world_size: int):
+    """Colocated servers give their GPU memory to the policy step, and take it back after. Collective.
+
+    Rank 0 (the engine's owner) posts ``/release_memory_occupation`` to every server before any rank
+    starts the step; after it every rank returns its cached blocks to CUDA (``torch.cuda.empty_cache``:
+    the trainer's allocator would otherwise keep the activations' memory) and rank 0 posts
+    ``/resume_memory_occupation``. A no-op when the servers have GPUs of their own.
+    """
+    if not colocated:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    if engine is not None:
+        engine.release_memory_occupation()
+    if world_size > 1:
+        dist.barrier()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if world_size > 1:
+        dist.barrier()
+    if engine is not None:
+        engine.resume_memory_occupation()
 
 
 def launch_router(worker_urls: list[str], *, host: str = "127.0.0.1", port: int | None = None,

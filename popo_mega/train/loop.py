@@ -200,22 +200,21 @@ def run(cfg: Config, log=print) -> RunResult:
         if is_rank0:
             log(f"[popo-train] checkpoint: {path}")
 
-    engine = metrics = None
+    engine = metrics = run_servers = None
     interrupt = _Interrupt()
     initial_acc = final_acc = None
     report_png = None
     try:
+        from popo_mega.rollout.sglang_launcher import released_during_step, start_run_servers
+
+        run_servers = start_run_servers(cfg, rt, log_dir=run_dir)  # collective: each node starts its servers
         if is_rank0:
             from popo_mega.rollout.http_engine import HttpEngine
-            from popo_mega.rollout.sglang_launcher import launch_servers
             from popo_mega.train.metrics import MetricsLogger
 
             r = cfg.rollout
-            servers = [] if r.urls else launch_servers(
-                r.backend, cfg.model.hf_path, num_servers=r.num_servers, host=r.host, tp_size=r.server_tp,
-                mem_fraction_static=r.mem_fraction, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=run_dir,
-                extra_args=("--enable-deterministic-inference",) if r.deterministic and r.backend == "sglang" else ())
-            engine = HttpEngine(list(r.urls) or [s.url for s in servers], servers=servers, api_key=r.api_key,
+            engine = HttpEngine(run_servers.urls, servers=run_servers.local, master_address=run_servers.master_address,
+                                api_key=r.api_key,
                                 request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
                                 max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
                                 disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
@@ -319,7 +318,8 @@ def run(cfg: Config, log=print) -> RunResult:
                 step_stats = {"skipped": 1.0, "tokens_fed": 0.0}
                 step = trainer.step = trainer.step + 1
             else:
-                step_stats = trainer.train_step(share)
+                with released_during_step(engine, cfg.placement.mode == "colocated", world):  # colocated servers
+                    step_stats = trainer.train_step(share)
                 step = trainer.step
             accuracy = None
             if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
@@ -353,6 +353,10 @@ def run(cfg: Config, log=print) -> RunResult:
                 engine.close()
             if verifier is not None:
                 verifier.close()
+        elif run_servers is not None:  # servers this node started for rank 0
+            from popo_mega.rollout.sglang_launcher import stop_servers
+
+            stop_servers(run_servers.local)
         rt_mod.shutdown()
     if is_rank0:
         from popo_mega.train.report import write_report

@@ -203,3 +203,45 @@ def test_cli_reads_a_run_config(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     assert "matches no built-in model" in capsys.readouterr().err
     assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-72b-popo.yaml"), "--dp", "2"]) == 0
+
+
+def test_cli_prints_each_shipped_configs_placement(capsys):
+    """DP comes from the placement; the node lines are written out by hand from the shipped YAMLs."""
+    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-32b-popo.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "qwen2.5-32b TP=4 PP=2 DP=4" in text
+    assert "placement disaggregated: 8 node(s) x 8 GPUs; trainer TP=4 PP=2 DP=4 on 32 GPUs; 8 server(s) x TP 4" in text
+    for n in range(8):
+        assert f"  node {n}: trainer GPUs 0-3 | server {n}: GPUs 4-7 (base-gpu-id 4)\n" in text
+    assert "on GPUs of its own" in text
+    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-72b-popo.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "qwen2.5-72b TP=8 PP=4 DP=2" in text and "--enable-memory-saver" in text
+    for n in range(8):
+        assert f"  node {n}: trainer GPUs 0-7 | server {n}: GPUs 0-7 (base-gpu-id 0)\n" in text
+    # colocated: the server's share is mem_fraction x (80 GiB - the trainer's static state)
+    static = float(re.search(r"beside ([\d.]+) GiB of trainer state", text).group(1))
+    share = float(re.search(r"servers: ([\d.]+) GiB per GPU \(mem_fraction 0.6", text).group(1))
+    assert share == pytest.approx(0.6 * (80 - static), abs=0.02)
+    assert main(["--config", os.path.join(ROOT, "configs", "qwen2.5-math-7b-popo.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "TP=2 PP=1 DP=2" in text
+    assert "  node 0: trainer GPUs 0-3 | server 0: GPUs 4 (base-gpu-id 4) | server 1: GPUs 5 (base-gpu-id 5) | " \
+           "server 2: GPUs 6 (base-gpu-id 6) | server 3: GPUs 7 (base-gpu-id 7)\n" in text
+
+
+def test_cli_placement_left_to_the_launch(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"hf_path": "/nonexistent/Qwen2.5-Math-7B"},
+                                    "parallel": {"tensor": 2}, "rollout": {"num_servers": 2}}))
+    assert main(["--config", str(path)]) == 0
+    assert "placement: decided at launch" in capsys.readouterr().out
+    assert main(["--config", str(path), "--nodes", "2", "--gpus-per-node", "4"]) == 2  # 2 nodes: loopback host
+    assert "key 'rollout.host' = '127.0.0.1'" in capsys.readouterr().err
+    assert main(["--config", str(path), "--nodes", "1", "--gpus-per-node", "4"]) == 0
+    text = capsys.readouterr().out
+    # one node of 4: servers on GPUs 2 and 3 leave 2 GPUs = one TP=2 group
+    assert "TP=2 PP=1 DP=1" in text and "  node 0: trainer GPUs 0-1 | server 0: GPUs 2 (base-gpu-id 2) | " \
+                                         "server 1: GPUs 3 (base-gpu-id 3)\n" in text
