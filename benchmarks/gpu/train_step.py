@@ -1,0 +1,161 @@
+"""bf16 POPO train steps of a ~0.5B Qwen2 at TP=1 on one GPU, with the embedded rollout server.
+
+    python benchmarks/gpu/train_step.py [--steps 4] [--out benchmarks/results/train_step_cuda.json]
+
+Per step, as popo_mega.train.loop does it: rollouts from the embedded server (``popo-rollout-server``
+in its own process, HF transformers in bf16 on the same GPU), ``PolicyTrainer.train_step`` (EMA
+target pass, forward + backward through megatron-core with the fused kernels, optimizer, EMA
+update), then the weight sync of the EMA into the server. Reports generated tokens/s, trained
+tokens/s (``tokens_fed`` / wall time of ``train_step``), the trainer's peak CUDA memory
+(``torch.cuda.max_memory_allocated`` of this process; the server's memory is separate), and
+sync seconds, per step and as medians over the steps after the first (warm-up).
+
+Simplified, and why: the model is RANDOM (Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads,
+2 KV heads, FFN 4,864, vocab 151,936, tied embeddings; no weights can be downloaded on the device),
+so no reward could be earned; rewards are therefore assigned, not graded: half of each group's
+rollouts are marked positive with equal POPO weights, which is what the train step sees in a run
+with a 50 % pass rate. Prompts are random token ids (64 tokens). The weight sync goes through disk
+(``/update_weights_from_disk``): trainer and server share one GPU, where NCCL's broadcast refuses
+two ranks on one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def save_random_qwen2(path: str) -> int:
+    """A random bf16 Qwen2 of Qwen2.5-0.5B's shape (initialised on the GPU: seconds); returns its size."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B, eos_token_id=None, bos_token_id=None,
+                                             pad_token_id=None)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    p.add_argument("--group", type=int, default=8, help="rollouts per prompt")
+    p.add_argument("--new-tokens", type=int, default=128, help="max new tokens per rollout (no EOS: all are this long)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--kernels", default="extension", choices=["extension", "reference", "auto"])
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step_cuda.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("train_step.py: needs a CUDA device", file=sys.stderr)
+        return 2
+
+    from popo_mega.config import load_config
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.rollout.engine import SamplingParams
+    from popo_mega.rollout.http_engine import HttpEngine
+    from popo_mega.rollout.sglang_launcher import launch_servers, stop_servers
+    from popo_mega.runtime import initialize
+    from popo_mega.train.batch import RolloutSample
+    from popo_mega.train.loop import sync_engine_weights
+    from popo_mega.train.step import PolicyTrainer
+
+    tmp = tempfile.mkdtemp(prefix="popo_train_step_")
+    model_path = os.path.join(tmp, "model")
+    n_params = save_random_qwen2(model_path)
+    overrides = [f"model.hf_path={model_path}", "model.dtype=bfloat16", "model.transformer_impl=local",
+                 f"train.output_dir={os.path.join(tmp, 'run')}", f"train.micro_batch_tokens={args.micro_batch_tokens}",
+                 f"train.kernels={args.kernels}", "train.lr=1.0e-6", f"rollout.group_size={args.group}",
+                 f"data.prompts_per_step={args.prompts}", f"rollout.max_new_tokens={args.new_tokens}",
+                 "algorithm.popo.predictor_hidden=1024"]
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart_cpu.yaml"), overrides)
+    rt = initialize(1, 1, seed=0, device="cuda")
+    t0 = time.perf_counter()
+    trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+    build_s = time.perf_counter() - t0
+    servers = launch_servers("embedded", model_path, num_servers=1, device="cuda", dtype="bfloat16",
+                             log_dir=tmp, health_timeout_s=600)
+    rows = []
+    try:
+        engine = HttpEngine([servers[0].url], servers=servers, sync_method="disk",
+                            disk_dir=os.path.join(tmp, "sync"), request_timeout_s=1200)
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens)
+        g = torch.Generator().manual_seed(0)
+        for step in range(args.steps):
+            prompts = [torch.randint(0, 151000, (64,), generator=g).tolist() for _ in range(args.prompts)]
+            t0 = time.perf_counter()
+            completions = engine.generate(prompts, sampling, n=args.group)
+            rollout_s = time.perf_counter() - t0
+            samples, uid = [], 0
+            for prompt, group in zip(prompts, completions):
+                positives = len(group) // 2
+                for j, c in enumerate(group):
+                    samples.append(RolloutSample(
+                        tokens=torch.tensor(prompt + list(c.output_ids), dtype=torch.int64), prompt_len=len(prompt),
+                        old_logp=torch.tensor(c.output_logprobs, dtype=torch.float32),
+                        weight=1.0 / positives if j < positives else 0.0, advantage=1.0 if j < positives else -1.0,
+                        positive=j < positives, uid=uid))
+                    uid += 1
+            generated = sum(len(c.output_ids) for group in completions for c in group)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            stats = trainer.train_step(samples)
+            torch.cuda.synchronize()
+            train_s = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated()
+            t0 = time.perf_counter()
+            failure = sync_engine_weights(trainer, engine, use_ema=True, version=f"step{step + 1}")
+            sync_s = time.perf_counter() - t0
+            if failure is not None:
+                raise RuntimeError(f"weight sync failed at step {step + 1}: {failure}")
+            fed = float(stats.get("tokens_fed", 0.0))
+            rows.append({"step": step + 1, "rollouts": len(samples), "generated_tokens": generated,
+                         "rollout_s": round(rollout_s, 3), "generated_tokens_per_s": round(generated / rollout_s, 1),
+                         "tokens_fed": fed, "train_s": round(train_s, 3), "train_tokens_per_s": round(fed / train_s, 1),
+                         "peak_memory_gib": round(peak / 2 ** 30, 3), "sync_s": round(sync_s, 3),
+                         "loss": float(stats.get("loss", float("nan")))})
+            print(rows[-1], flush=True)
+    finally:
+        stop_servers(servers)
+    steady = rows[1:] or rows
+    med = lambda k: statistics.median(r[k] for r in steady)  # noqa: E731
+    result = {
+        "bench": "train_step", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": "bfloat16", "tp": 1,
+        "model": {**QWEN25_05B, "parameters": n_params, "weights": "random"}, "kernels": args.kernels,
+        "prompts_per_step": args.prompts, "group_size": args.group, "prompt_tokens": 64,
+        "new_tokens": args.new_tokens, "micro_batch_tokens": args.micro_batch_tokens, "positives_per_group": args.group // 2,
+        "build_s": round(build_s, 2), "weight_sync": "disk (one GPU shared by trainer and server)",
+        "median_after_first_step": {k: med(k) for k in ("generated_tokens_per_s", "train_tokens_per_s", "train_s",
+                                                         "rollout_s", "sync_s", "peak_memory_gib")},
+        "steps": rows,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["median_after_first_step"]), "->", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
