@@ -28,7 +28,7 @@ accepted and stored too, so a new statistic needs no change here):
 Other keys the loop logs include ``prompts_too_long`` (and ``prompts_too_long/<file>``) and
 ``bad_records_skipped`` (start-up metrics, in the first record), the selection's
 ``prompts_skipped`` and, with dynamic sampling, ``refill_rounds`` / ``refill_prompts`` /
-``informative_shortfall`` (popo_mega/train/refill.py).
+``informative_unused`` / ``informative_shortfall`` (popo_mega/train/refill.py).
 
 Conventions.
 - ``step`` is 1-based: ``log(step, ...)`` is called after optimizer step ``step`` of

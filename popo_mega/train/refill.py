@@ -45,7 +45,8 @@ def refill(first: Rollouts, more: Callable[[int, int], Rollouts], *, target: int
     they were sampled; ``stats`` describe every rollout generated in the step (all rounds):
     reward, positive_rate, prompts_with_positive, response_length, rollouts, prompts_skipped
     (uninformative groups dropped), refill_rounds, refill_prompts (prompts of the extra rounds),
-    informative_shortfall (target - kept groups), plus the grader's counts summed over rounds.
+    informative_unused (informative groups beyond ``target``, dropped), informative_shortfall
+    (target - kept groups), plus the grader's counts summed over rounds.
     """
     if target < 1 or max_rounds < 0:
         raise ValueError(f"refill: target must be >= 1 and max_rounds >= 0, got {target} and {max_rounds}")
@@ -82,11 +83,12 @@ def refill(first: Rollouts, more: Callable[[int, int], Rollouts], *, target: int
         extra_prompts += k
         batch = more(rounds, k)
     kept.counts = counts
-    n, seen = max(1, len(rewards_all)), max(1, seen)
+    n = max(1, len(rewards_all))
     stats = {"reward": sum(rewards_all) / n, "positive_rate": sum(x > 0 for x in rewards_all) / n,
-             "prompts_with_positive": with_positive / seen, "response_length": sum(lengths_all) / n,
-             "rollouts": float(n), "prompts_skipped": float(seen - n_informative),
+             "prompts_with_positive": with_positive / max(1, seen), "response_length": sum(lengths_all) / n,
+             "rollouts": float(len(rewards_all)), "prompts_skipped": float(seen - n_informative),
              "refill_rounds": float(rounds), "refill_prompts": float(extra_prompts),
+             "informative_unused": float(n_informative - len(kept.prompts)),
              "informative_shortfall": float(target - len(kept.prompts)), **counts}
     return kept, stats
 

@@ -103,10 +103,14 @@ def test_refill_tops_up_to_target_informative_groups():
     assert kept.prompts == ["p0", "q0", "q2"] and kept.rewards == [1, 0, 0, 1, 1, 0]
     assert kept.counts == {"verifier_timeouts": 2.0}
     assert st["refill_rounds"] == 1.0 and st["refill_prompts"] == 3.0 and st["informative_shortfall"] == 0.0
+    assert st["informative_unused"] == 0.0
     assert st["prompts_skipped"] == 3.0 and st["rollouts"] == 12.0
     assert st["reward"] == pytest.approx(5 / 12) and st["positive_rate"] == pytest.approx(5 / 12)
     assert st["prompts_with_positive"] == pytest.approx(4 / 6)  # p0 p1 q0 q2
     assert st["response_length"] == pytest.approx(1.5)  # lengths 1, 2 in every group
+    # A first round with more informative groups than the target: the extra ones are counted.
+    kept, st = refill(_round(["a", "b", "c"], [1, 0, 0, 1, 1, 0]), more, target=2, group_size=2, max_rounds=4)
+    assert kept.prompts == ["a", "b"] and st["informative_unused"] == 1.0 and st["refill_rounds"] == 0.0
 
 
 def test_refill_stops_at_the_bound_and_counts_rounds():
