@@ -149,7 +149,7 @@ class DataConfig:
     answer_key: Optional[str] = None
     bad_records: Literal["skip", "error"] = "skip"
     prompts_per_step: int = 64
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = 1024           # longer prompts are left out and counted per file (start-up log, metrics)
     shuffle_seed: int = 0
 
 
