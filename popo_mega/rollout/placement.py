@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                               "were launched")
         visible = [v for v in (args.visible_gpus or "").split(",") if v]
         gpus = pc.gpus_per_node if pc.gpus_per_node is not None else (len(visible) if args.visible_gpus else None)
+        if (pc.nodes or args.nodes) is None or gpus is None:
+            raise ConfigError(f"{cfg.source}: placement.nodes / placement.gpus_per_node are unset: pass --nodes "
+                              "and --visible-gpus (launch/train.sh does)")
         p = place(cfg, nodes=args.nodes, gpus_per_node=gpus)
         if args.shell:
             for k, v in node_shell_settings(p, args.node_rank, visible).items():
