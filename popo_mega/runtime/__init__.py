@@ -70,6 +70,35 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _one_cuda_connection() -> None:
+    """``CUDA_DEVICE_MAX_CONNECTIONS=1`` unless the user set it, before the CUDA context exists.
+
+    With one hardware work queue the GPU runs kernels in the order they were issued, which is what
+    lets megatron-core overlap tensor-parallel communication with the compute queued after it
+    (megatron warns when it is not 1; Megatron-LM's launch scripts export it). The driver reads it
+    when the context is created: ``torch.cuda.is_available()`` does not create one, the
+    ``set_device`` that follows does. If CUDA was initialised earlier it is too late: say so."""
+    if "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        import warnings
+
+        warnings.warn("CUDA was initialised before popo_mega.runtime.initialize: CUDA_DEVICE_MAX_CONNECTIONS=1 "
+                      "cannot take effect (export it before starting Python)", RuntimeWarning, stacklevel=3)
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+
+
+def all_ranks_true(flag: bool, device: torch.device, group=None) -> bool:
+    """Whether ``flag`` is True on every rank of ``group`` (default: all ranks). Collective.
+
+    A MIN all-reduce of a one-element tensor on ``device``, the runtime's device: on GPU the
+    default group is NCCL, which refuses CPU tensors ("No backend type associated with device
+    type cpu")."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item() > 0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -100,6 +129,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         raise ValueError(f"world size {world_size} is not divisible by tensor x pipeline parallel = "
                          f"{tensor_parallel} x {pipeline_parallel}")
     if dev.type == "cuda":
+        _one_cuda_connection()
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     if not dist.is_initialized():

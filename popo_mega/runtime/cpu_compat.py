@@ -25,6 +25,13 @@ Item 1 (``DotProductAttention`` allocates on CUDA) is not a patch: our local lay
 
 Usage: ``popo_mega.runtime.initialize`` calls :func:`apply` when the device is CPU. :func:`apply`
 is idempotent; :func:`is_applied` tells whether it ran; nothing here is ever undone in-process.
+
+Test-only switch: ``apply(pretend_cuda=True)`` is for the pretend-CUDA dry run (tests/pretend_cuda.py),
+where tensors made for ``cuda`` are CPU tensors that a torch-function mode tracks as CUDA. There
+items 3, 5 and 7 are left out (the mode itself turns ``.cuda()`` and ``device="cuda"`` into CPU
+tensors it tags as CUDA, and reports their ``type()`` as CUDA types; rewriting the device first would
+hide them as CPU tensors) and item 2 returns the ordinal 0, as ``torch.cuda.current_device()`` does
+on a GPU. Items 4, 6 and 8 are the same.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 import torch.utils._device
 
 _APPLIED = False
+_PRETEND_CUDA = False
 
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor",
@@ -70,10 +78,22 @@ def is_applied() -> bool:
     return _APPLIED
 
 
-def apply() -> None:
-    """Patch torch (and megatron-core's RNG helpers) so that megatron-core 0.16.1 runs on CPU."""
-    global _APPLIED
+def is_pretend_cuda() -> bool:
+    """Whether the test-only pretend-CUDA variant was applied (see the module docstring)."""
+    return _PRETEND_CUDA
+
+
+def apply(pretend_cuda: bool = False) -> None:
+    """Patch torch (and megatron-core's RNG helpers) so that megatron-core 0.16.1 runs on CPU.
+
+    ``pretend_cuda`` (tests only): the variant for tests/pretend_cuda.py. A later plain ``apply()``
+    (as ``initialize(device="cpu")`` makes) keeps whichever variant came first; asking for the
+    pretend variant after the plain one is an error (the factories are already rewritten)."""
+    global _APPLIED, _PRETEND_CUDA
     if _APPLIED:
+        if pretend_cuda and not _PRETEND_CUDA:
+            raise RuntimeError("cpu_compat.apply(pretend_cuda=True) after the plain apply(): call it first, "
+                               "in a fresh process")
         return
     if torch.cuda.is_available():
         raise RuntimeError("popo_mega.runtime.cpu_compat.apply() is for CPU-only runs; CUDA is available here")
@@ -83,9 +103,10 @@ def apply() -> None:
 
     cpu = torch.device("cpu")
     # 2.
-    torch.cuda.current_device = lambda: cpu
+    torch.cuda.current_device = (lambda: 0) if pretend_cuda else (lambda: cpu)
     # 3.
-    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, memory_format=torch.preserve_format: self
+    if not pretend_cuda:
+        torch.Tensor.cuda = lambda self, device=None, non_blocking=False, memory_format=torch.preserve_format: self
     # 4.
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
@@ -97,8 +118,9 @@ def apply() -> None:
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     logging.getLogger(mcore_random.__name__).setLevel(logging.ERROR)
     # 5.
-    for name in _FACTORIES:
-        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    if not pretend_cuda:
+        for name in _FACTORIES:
+            setattr(torch, name, _cpu_factory(getattr(torch, name)))
     # 6.
     torch.cuda.synchronize = lambda device=None: None
     # 7.
@@ -110,5 +132,7 @@ def apply() -> None:
             return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
         return original_type(self, dtype, non_blocking, **kwargs)
 
-    torch.Tensor.type = tensor_type
+    if not pretend_cuda:
+        torch.Tensor.type = tensor_type
     _APPLIED = True
+    _PRETEND_CUDA = pretend_cuda

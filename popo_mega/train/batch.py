@@ -24,7 +24,7 @@ unpadded T and every per-token loss tensor has length T.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -123,6 +123,28 @@ class MicroBatch:
     def model_inputs(self) -> dict:
         """The keys that popo_mega.model.forward.forward_only passes to the model."""
         return {"tokens": self.tokens, "position_ids": self.position_ids, "packed_seq_params": self.packed_seq_params}
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """This micro-batch with every tensor on ``device``: the model inputs, the loss tensors, the
+        per-rollout tensors, the ``extras`` and the PackedSeqParams' cu_seqlens (int32, as TE's
+        fused attention requires them on the GPU). The packer builds on the CPU (cheap, no sync per
+        rollout); the trainer moves each micro-batch once, here, before any pass over the model."""
+        memo: dict[int, Tensor] = {}   # cu_seqlens_q and _kv are one tensor: keep them one
+
+        def move(v):
+            if not isinstance(v, Tensor):
+                return v
+            if id(v) not in memo:
+                memo[id(v)] = v.to(device)
+            return memo[id(v)]
+
+        psp = self.packed_seq_params
+        if psp is not None:
+            psp = replace(psp, **{f.name: move(getattr(psp, f.name)) for f in fields(psp)
+                                  if isinstance(getattr(psp, f.name), Tensor)})
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self)
+                 if f.name not in ("packed_seq_params", "extras")}
+        return MicroBatch(**moved, packed_seq_params=psp, extras={k: move(v) for k, v in self.extras.items()})
 
 
 def _packed_seq_params(cu: Tensor, max_len: int):

@@ -311,10 +311,9 @@ def run(cfg: Config, log=print) -> RunResult:
             share = shard_for_data_parallel(samples, rt.dp, rt.dp_rank)
             trainable = [s for s in share if s.positive] if (cfg.algorithm.name == "popo" and
                                                              cfg.algorithm.popo.entropy_on == "positive") else share
-            has_work = torch.tensor([1.0 if trainable else 0.0])
-            if world > 1:
-                dist.all_reduce(has_work, op=dist.ReduceOp.MIN)
-            if has_work.item() == 0:  # some DP rank has nothing to train on: skip the update everywhere
+            # On rt.device: on GPU the default group is NCCL, which takes no CPU tensor.
+            has_work = rt_mod.all_ranks_true(bool(trainable), rt.device) if world > 1 else bool(trainable)
+            if not has_work:  # some DP rank has nothing to train on: skip the update everywhere
                 step_stats = {"skipped": 1.0, "tokens_fed": 0.0}
                 step = trainer.step = trainer.step + 1
             else:

@@ -196,8 +196,10 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------------------ pieces
     def pack(self, samples: list[RolloutSample]) -> list[MicroBatch]:
-        """This rank's micro-batches (padded to one length at PP > 1)."""
-        return pack_micro_batches(samples, self.cfg.train.micro_batch_tokens, common_length=self.rt.pp > 1)
+        """This rank's micro-batches (padded to one length at PP > 1), each moved to the runtime's
+        device (tokens, labels, masks, cu_seqlens...: the model and the loss run there)."""
+        mbs = pack_micro_batches(samples, self.cfg.train.micro_batch_tokens, common_length=self.rt.pp > 1)
+        return [mb.to(self.rt.device) for mb in mbs]
 
     def _logp_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """logits [T, V_pad/tp] (vocab-parallel), labels [T] -> (logp [T], entropy [T]) fp32."""
@@ -238,21 +240,22 @@ class PolicyTrainer:
         for uid in uids.tolist():
             g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1_000_033 + int(uid))
             rows.append(torch.randn(width, generator=g))
-        return sigma * torch.stack(rows).to(self.rt.device) if rows else torch.zeros(0, width)
+        return sigma * torch.stack(rows).to(self.rt.device) if rows else torch.zeros(0, width, device=self.rt.device)
 
     def normalisers(self, mbs: list[MicroBatch]) -> Tensor:
         """GLOBAL normalisers (all-reduced over DP), float64 [3]:
         POPO: (N+, sum of positive weights, entropy token count) (Eq. P2-P4);
-        GRPO/A3PO: (response tokens, rollouts, 0)."""
-        acc = torch.zeros(3, dtype=torch.float64)
+        GRPO/A3PO: (response tokens, rollouts, 0).
+        Summed on the runtime's device (where the micro-batches are), one copy to the CPU at the end."""
+        acc = torch.zeros(3, dtype=torch.float64, device=self.rt.device)
         for mb in mbs:
             if self.algo.name == "popo":
                 n = popo_normalisers(mb.mask, mb.cu_seqlens, mb.weights, mb.positive, self.algo.popo.entropy_on)
                 acc += torch.stack([n["num_positive_tokens"], n["weight_sum"], n["entropy_token_count"]]).double()
             else:
-                acc += torch.tensor([float(mb.mask.sum()), float(mb.num_sequences), 0.0], dtype=torch.float64)
+                acc[0] += mb.mask.sum().double()
+                acc[1] += mb.num_sequences
         if self.rt.dp > 1:
-            acc = acc.to(self.rt.device)
             dist.all_reduce(acc, group=_groups()[2])
         return acc.cpu()
 
@@ -344,9 +347,11 @@ class PolicyTrainer:
         self._hidden = None
 
         # Stats: sum over micro-batches (last stage), then DP, then pipeline (other stages add 0).
-        sums = torch.stack(per_mb).sum(0) if per_mb else torch.zeros(len(keys), dtype=torch.float64)
-        fed = torch.tensor([float(sum(mb.padded_tokens for mb in mbs)), float(len(samples))], dtype=torch.float64)
-        vec = torch.cat([sums, fed]).to(self.rt.device)
+        dev = self.rt.device   # every tensor below meets a collective of the default/DP/PP group (NCCL on GPU)
+        sums = torch.stack(per_mb).sum(0) if per_mb else torch.zeros(len(keys), dtype=torch.float64, device=dev)
+        fed = torch.tensor([float(sum(mb.padded_tokens for mb in mbs)), float(len(samples))], dtype=torch.float64,
+                           device=dev)
+        vec = torch.cat([sums, fed])
         _, pp_group, dp_group = _groups()
         if dp > 1:
             dist.all_reduce(vec, group=dp_group)
@@ -354,9 +359,10 @@ class PolicyTrainer:
             dist.all_reduce(vec, group=pp_group)
         vec = vec.cpu()
 
-        bad = torch.tensor([0.0 if math.isfinite(float(vec[0])) else 1.0, self._local_grads_nonfinite()],
-                           device=self.rt.device)
+        loss_bad = torch.tensor(0.0 if math.isfinite(float(vec[0])) else 1.0, device=dev)
+        bad = torch.stack([loss_bad, self._local_grads_nonfinite()])
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = bad.cpu()
         skipped = bool(bad.max() > 0)
         lr = float(self.optimizer.param_groups[0]["lr"])   # the rate this step uses
         grad_norm, tau = float("nan"), float("nan")
@@ -390,12 +396,14 @@ class PolicyTrainer:
         (mb,) = pack_micro_batches([dummy], max(2, self.cfg.train.micro_batch_tokens))
         mb.mask.zero_()
         mb.feature_mask.zero_()
-        return mb
+        return mb.to(self.rt.device)
 
-    def _local_grads_nonfinite(self) -> float:
-        for c in self.chunks:
-            for p in c.module.parameters():
-                g = getattr(p, "main_grad", None)
-                if g is not None and not bool(torch.isfinite(g).all()):
-                    return 1.0
-        return 0.0
+    def _local_grads_nonfinite(self) -> Tensor:
+        """1.0 if a main_grad of this rank holds a NaN or inf, else 0.0: a 0-dim float32 tensor on the
+        runtime's device. No host sync here (a ``bool()`` per parameter would wait for the GPU once
+        per parameter per step): the caller all-reduces it with the loss flag and reads both once."""
+        grads = [g for c in self.chunks for p in c.module.parameters()
+                 if (g := getattr(p, "main_grad", None)) is not None]
+        if not grads:
+            return torch.zeros((), device=self.rt.device)
+        return torch.stack([torch.isfinite(g).all() for g in grads]).all().logical_not().float()

@@ -1,0 +1,277 @@
+"""A policy step and the weight-sync gather with the model on (pretend) CUDA, on the CPU wheel.
+
+No GPU runs in CI, so a CPU tensor reaching the CUDA model or loss (or an NCCL collective) would
+only show on the first GPU run. Here the whole step runs with real values on CPU tensors that
+tests/pretend_cuda.py tracks as CUDA wherever the GPU run would put them (``rt.device`` is
+``cuda:0``; megatron's ``torch.cuda.current_device()`` is 0; the model is built the way
+``build_gpt_model`` builds it when CUDA is available: megatron's GPU initialisation, then
+``model.cuda()``), and every op that mixes a CPU tensor with a CUDA one raises, as CUDA would.
+Every collective of the default / TP / PP / DP groups is checked to get CUDA tensors only
+(tests/collective_devices.py), as NCCL requires.
+
+Covered, at TP=1 (1 process) and at TP=2 then DP=2 (2 processes): packing and the move of every
+micro-batch to the device, the POPO target pass (EMA swapped in, forward only), forward and
+backward through megatron's schedule, the POPO loss with the predictor and target noise, the
+normalisers and their DP all-reduce, the stats all-reduces, the NaN/inf gradient check, megatron's
+optimizer step (grad-norm clipping, Adam, the distributed optimizer) and the EMA update; one GRPO
+step (its normaliser branch); ``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``'
+TP all-gathers and the PP funnel's pass-through); ``all_ranks_true`` (the RL loop's has-work vote).
+Then the failure cases: every micro-batch field left on the CPU in turn (the fields that the GPU
+path reads raise a device mismatch), and a CPU tensor handed to the default group (what the loop's
+has-work all-reduce did) raises in the collective check.
+
+NOT covered (see docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (the CPU
+kernels compute; popo_mega._C's CUDA kernels are not selected, so the reference twins run, as on a
+GPU build without them), Transformer Engine (not installable here: the local spec with SDPA
+attention runs), streams / events / overlap of communication, NCCL itself, PP > 1 schedules'
+p2p (funnel pass-through only), sequence parallelism, checkpoint save / load, the rollout engine's
+own weight-update group (gloo or NCCL, checked by its own device test), and tensors created in C++
+from a CPU tensor without a Python call (they count as CUDA: a miss, never a false alarm).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.multiprocess import run_world
+from tests.tiny_models import qwen2_config, save_tiny
+
+# MicroBatch fields that a POPO step reads on the device: each left on the CPU must raise. The
+# PackedSeqParams' cu_seqlens are checked by a stand-in for Transformer Engine's attention (TE's
+# fused attention takes CUDA int32 cu_seqlens; our SDPA attention copies them over itself).
+# The others are moved too but no GPU op reads them there: position_ids (RoPE positions come from
+# the packed cu_seqlens), cu_seqlens (its readers copy it: masked_mean_pool, popo_normalisers),
+# uids (read with .tolist() for the noise seeds), seq_index, sample_index, advantages and
+# token_advantages (not read by a POPO step).
+READ_ON_DEVICE = ("tokens", "labels", "mask", "feature_mask", "old_logp", "weights", "positive",
+                  "packed_seq_params")
+
+
+class _Engine:
+    """Stands in for the rollout engine: records the device and shape of each tensor it is sent."""
+
+    def __init__(self):
+        self.received = {}
+
+    def sync_weights(self, tensors, version):
+        from tests.pretend_cuda import pretend_device
+
+        for name, t in tensors:
+            self.received[name] = (pretend_device(t).type, tuple(t.shape), bool(torch.isfinite(t).all()))
+
+
+def _trainer(path, rt, over=None):
+    from unittest import mock
+
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.train.step import PolicyTrainer
+    from tests.distributed.test_train_step import make_cfg
+
+    cfg = make_cfg(path, over, tensor=rt.tp)
+    with mock.patch("torch.cuda.is_available", return_value=True):   # build_gpt_model's GPU branch
+        loaded = build_from_hf(cfg.model, rt)
+    return PolicyTrainer(cfg, rt, loaded)
+
+
+def _pretend_runtime(tp):
+    from popo_mega.runtime import initialize
+    from tests.pretend_cuda import CUDA
+
+    rt = initialize(tp, 1, seed=0, device="cpu")
+    return dataclasses.replace(rt, device=CUDA)
+
+
+def _left_on_cpu(field):
+    """A MicroBatch.to that leaves ``field`` on the CPU (the defect this test must catch)."""
+    from popo_mega.train.batch import MicroBatch
+
+    original = MicroBatch.to
+
+    def to(self, device):
+        moved = original(self, device)
+        if field == "packed_seq_params":
+            moved.packed_seq_params = self.packed_seq_params
+        else:
+            setattr(moved, field, getattr(self, field))
+        return moved
+
+    return to
+
+
+def _te_like_attention():
+    """SDPAttention.forward, refusing packed cu_seqlens that are not CUDA int32 (as TE's fused
+    attention refuses them), so that the dry run holds the packer to what the TE spec needs."""
+    from popo_mega.model.attention import SDPAttention
+    from tests.pretend_cuda import PretendDeviceMismatchError, pretend_device
+
+    original = SDPAttention.forward
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            for name in ("cu_seqlens_q", "cu_seqlens_kv"):
+                cu = getattr(packed_seq_params, name)
+                if pretend_device(cu).type != "cuda" or cu.dtype != torch.int32:
+                    raise PretendDeviceMismatchError(f"attention: packed_seq_params.{name} is {cu.dtype} on "
+                                                     f"{pretend_device(cu)}; TE's attention takes CUDA int32")
+        return original(self, query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+
+    return forward
+
+
+def _plain_step(rank, world_size, path):
+    """One POPO step on the plain CPU runtime (no pretending), to compare the values with."""
+    from popo_mega.runtime import initialize
+    from tests.distributed.test_train_step import make_samples
+
+    rt = initialize(1, 1, seed=0, device="cpu")
+    from popo_mega.model.loader import build_from_hf
+    from popo_mega.train.step import PolicyTrainer
+    from tests.distributed.test_train_step import make_cfg
+
+    cfg = make_cfg(path)
+    trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+    return trainer.train_step([s for s in make_samples() if s.positive])
+
+
+def _steps(rank, world_size, path, tp, then_dp2):
+    from unittest import mock
+
+    from popo_mega.runtime import cpu_compat
+
+    cpu_compat.apply(pretend_cuda=True)   # before initialize(), which would apply the plain variant
+    from popo_mega.model.attention import SDPAttention
+
+    SDPAttention.forward = _te_like_attention()   # this spawned process only
+
+    from megatron.core import parallel_state
+
+    from popo_mega.runtime import all_ranks_true
+    from popo_mega.train.batch import MicroBatch, shard_for_data_parallel
+    from popo_mega.train.loop import sync_engine_weights
+    from tests.collective_devices import CollectiveDeviceError, collective_devices_checked
+    from tests.distributed.test_train_step import make_samples
+    from tests.pretend_cuda import CUDA, PretendCuda, PretendDeviceMismatchError, pretend_device
+
+    out = {}
+    rt = _pretend_runtime(tp)
+    mode = PretendCuda()
+    with mode, collective_devices_checked(CUDA, device_of=pretend_device) as calls:
+        trainer = _trainer(path, rt)
+        out["param_devices"] = {pretend_device(p).type for p in trainer.model.parameters()}
+        positives = [s for s in make_samples() if s.positive]
+        out["popo"] = [trainer.train_step(positives)]
+        engine = _Engine()
+        sync_engine_weights(trainer, engine, use_ema=True, version="v1")
+        out["received"] = engine.received
+        out["grpo"] = _trainer(path, rt, {"algorithm.name": "grpo"}).train_step(make_samples())
+        out["votes"] = (all_ranks_true(True, rt.device), all_ranks_true(rank == 0, rt.device))
+        if then_dp2:   # same processes, re-initialised as TP=1 x DP=2
+            parallel_state.destroy_model_parallel()
+            rt = _pretend_runtime(1)
+            assert rt.dp == 2
+            dp_trainer = _trainer(path, rt)
+            share = shard_for_data_parallel(positives, rt.dp, rt.dp_rank)
+            out["dp2"] = dp_trainer.train_step(share)
+            out["dp2_empty_rank"] = dp_trainer.train_step(positives if rank == 0 else [])
+        out["calls"] = dict(calls)
+        out["checked_ops"] = mode.checks
+
+        # The defects this test exists for: each must raise (one process is enough for these).
+        raised = {}
+        for field in (READ_ON_DEVICE if world_size == 1 else ()):
+            with mock.patch.object(MicroBatch, "to", _left_on_cpu(field)):
+                try:
+                    (dp_trainer if then_dp2 else trainer).train_step(positives)
+                    raised[field] = None
+                except PretendDeviceMismatchError as exc:
+                    raised[field] = str(exc)
+                except ValueError as exc:   # popo_mega's own device checks (e.g. logprobs' target vs logits)
+                    if "cpu" not in str(exc) or "cuda" not in str(exc):
+                        raise
+                    raised[field] = str(exc)
+        out["left_on_cpu"] = raised
+        try:
+            has_work = torch.tensor([1.0])   # the RL loop's has-work vote before the fix
+            torch.distributed.all_reduce(has_work, op=torch.distributed.ReduceOp.MIN)
+            out["cpu_collective"] = None
+        except CollectiveDeviceError as exc:
+            out["cpu_collective"] = str(exc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "qwen2"
+    save_tiny(qwen2_config(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one(hf_path):
+    return run_world(_steps, 1, hf_path, 1, False)[0]
+
+
+@pytest.fixture(scope="module")
+def two(hf_path):
+    return run_world(_steps, 2, hf_path, 2, True)
+
+
+def _hf_names(path):
+    from safetensors import safe_open
+    import glob
+
+    names = set()
+    for f in glob.glob(f"{path}/*.safetensors"):
+        with safe_open(f, "pt") as r:
+            names |= set(r.keys())
+    return names
+
+
+def _check_run(out, hf_path, world):
+    assert out["param_devices"] == {"cuda"}
+    for stats in (*out["popo"], out["grpo"]):
+        assert stats["skipped"] == 0.0 and stats["nonfinite_grad"] == 0.0
+        assert all(v == v for v in stats.values()), stats   # no NaN
+    # The positives' response tokens: 13 (see make_samples; counted by the packer test independently).
+    assert out["popo"][0]["positive_token_count"] == 13.0
+    # Weight sync: every HF tensor reached the engine, from CUDA (rank 0 only receives them).
+    if "received" in out and out["received"]:
+        assert set(out["received"]) == _hf_names(hf_path)
+        assert {dev for dev, _, _ in out["received"].values()} == {"cuda"}
+        assert all(finite for _, _, finite in out["received"].values())
+    # Collectives were checked (not a vacuous pass): the stats and NaN votes on every layout.
+    assert out["calls"].get("all_reduce", 0) > 0
+    assert out["checked_ops"] > 1000
+    assert "cpu" in out["cpu_collective"] and "default group" in out["cpu_collective"]
+
+
+def test_pretend_cuda_step_one_process(one, hf_path):
+    _check_run(one, hf_path, 1)
+    assert one["votes"] == (True, True)
+    # Pretending changes no value: the same step on the plain CPU runtime gives the same stats.
+    plain = run_world(_plain_step, 1, hf_path)[0]
+    for k, v in plain.items():
+        assert one["popo"][0][k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True), k
+
+
+def test_a_micro_batch_tensor_left_on_the_cpu_is_caught(one):
+    """The defect of issue 10: each field the GPU path reads, left on the CPU alone, raises."""
+    for field in READ_ON_DEVICE:
+        assert one["left_on_cpu"][field] is not None, f"a CPU {field} went unnoticed"
+    assert "embedding" in one["left_on_cpu"]["tokens"]   # F.embedding(cpu ids, cuda weight)
+    assert "int32" in one["left_on_cpu"]["packed_seq_params"]
+
+
+def test_pretend_cuda_step_tp2_then_dp2(two, one, hf_path):
+    for rank, out in enumerate(two):
+        _check_run(out, hf_path, 2)
+        assert out["votes"] == (True, False)
+        assert out["dp2"]["skipped"] == 0.0 and out["dp2_empty_rank"]["skipped"] == 0.0
+        assert out["calls"].get("all_gather", 0) > 0   # TP gathers of the weight sync
+    assert two[0]["received"] and not two[1]["received"]   # rank 0 sends
+    # TP=2 and DP=2 give the TP=1 loss (the pretend mode computes real values on every layout).
+    assert two[0]["popo"][0]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
+    assert two[0]["dp2"]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
+    assert {s["received"][k][1] for s in (one, two[0]) for k in ["model.embed_tokens.weight"]} == {(251, 64)}
