@@ -276,6 +276,9 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
         return RunServers(local, [s.url for s in local], "127.0.0.1")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     nodes, node_rank = rt.world_size // local_world, int(os.environ.get("GROUP_RANK", "0"))
+    if cfg.placement.nodes is not None and cfg.placement.nodes != nodes:
+        raise ConfigError(f"{cfg.source}: key 'placement.nodes' = {cfg.placement.nodes}, but torchrun runs "
+                          f"{nodes} node(s) of {local_world} process(es)")
     gpus = node_gpu_names()
     placement = place(cfg, nodes=nodes, gpus_per_node=cfg.placement.gpus_per_node or len(gpus))
     if len(gpus) < placement.gpus_per_node:

@@ -281,3 +281,11 @@ def test_train_sh_on_cpu_keeps_one_process(tmp_path):
     env = _fake_bin(tmp_path, gpus=0)
     r = _train_sh("configs/quickstart_cpu.yaml", env)
     assert r.returncode == 0 and "--nproc-per-node 1" in r.stdout, r.stderr
+
+
+def test_run_servers_refuse_another_node_count_than_the_configs(fake_start, monkeypatch):
+    cfg = _cfg(tp=2, servers=4, trainer=4, nodes=1)
+    monkeypatch.setenv("POPO_NODE_GPUS", "0,1,2,3,4,5,6,7")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"'placement.nodes' = 1, but torchrun runs 2 node\(s\) of 4 process"):
+        sglang_launcher.start_run_servers(cfg, _Rt(8))
