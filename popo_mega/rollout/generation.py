@@ -5,12 +5,21 @@ the returned log-prob of a sampled token is ``log_softmax(logits / T)`` over the
 i.e. before top-p truncation, and ``log_softmax(logits)`` for greedy requests (T == 0). The trainer
 recomputes the same quantity from its own logits, so the two agree to fp32 rounding.
 
-Sampling is by inverse CDF over the (top-p truncated) sorted distribution, one uniform number per
-row and token. A request that carries SGLang's ``sampling_seed`` draws its uniforms from its own
-``random.Random(seed)``, so its sample depends on the seed and the logits only, not on which other
-requests shared its batch or on the server's history: a restarted server, or a trainer at another
-TP/PP layout, samples the same rollouts (up to logits rounding at a CDF boundary). Unseeded rows
-draw from the server's generator.
+Sampling draws from the kept probabilities (all ids at top_p = 1, the top-p nucleus otherwise) with
+one uniform number and one noise key per row and token (``sample_ids``: the block of ids by inverse
+CDF, the id inside it by Gumbel-max). A request that carries SGLang's ``sampling_seed`` draws both
+from its own ``random.Random(seed)``, so its sample depends on the seed and the logits only, not on
+which other requests shared its batch or on the server's history: a restarted server, or a trainer
+at another TP/PP layout, samples the same rollouts. Logits move in their last bits with the batch;
+the sampler is built so that this rarely changes a pick even at 151,936 ids (``sample_ids`` says
+why; a plain inverse CDF over ids sorted by probability changed most 24-token seeded samples of a
+tiny Qwen2.5-vocabulary model). Unseeded rows draw from the server's generator.
+
+Speed, against ``transformers`` ``generate`` on the same model (``benchmarks/rollout.py``): the
+prompt pass computes logits only at the positions whose log-probs were asked for (``logits_to_keep``),
+and sampling is one fused softmax plus one pass over [B, V] for the block masses (no sort of the
+vocabulary: a partial sort, ``torch.topk``, finds the nucleus when top_p < 1), where
+``torch.multinomial`` draws an exponential per vocabulary entry.
 
 Simplification (documented, not hidden): static batching. A batch is prefilled together (left
 padding, explicit position ids) and decoded until every member has finished; rows that finished
@@ -25,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_EPS = 1e-6  # SGLang treats temperature below this as greedy
+CDF_BLOCK = 2048   # ids per block of the two-level CDF search
+NUCLEUS_FIRST_K = 64  # first partial-sort width when looking for a top-p nucleus (doubled until it fits)
 
 
 @dataclass
@@ -44,36 +55,114 @@ class SequenceRequest:
     finish: tuple[str, int | None] = ("length", None)  # (type, matched token or length)
 
 
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which ids each row keeps under top-p: [R, V] bool from probs [R, V] (rows sum to 1), top_p [R].
+
+    As SGLang (``probs_sum - probs_sort > top_p`` is dropped): in descending-probability order an id
+    is kept when the mass before it is at most top_p. Found with ``torch.topk`` of width k, doubled
+    until the k kept candidates hold more than top_p (then every id past them is dropped) or k = V.
+    """
+    rows, vocab = probs.shape
+    k = min(NUCLEUS_FIRST_K, vocab)
+    while True:
+        values, ids = probs.topk(k, dim=-1)
+        before = values.cumsum(dim=-1) - values  # mass before each candidate
+        if k == vocab or bool((before[:, -1] + values[:, -1] > top_p).all()):
+            break
+        k = min(2 * k, vocab)
+    keep = before <= top_p[:, None]
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, ids, keep)
+
+
+def sample_ids(weights: torch.Tensor, uniforms: torch.Tensor, keys: torch.Tensor, block: int = CDF_BLOCK
+               ) -> torch.Tensor:
+    """One id per row, id i of row b with probability weights[b, i] / weights[b].sum().
+
+    weights: [B, V] >= 0 with a positive total per row; uniforms: [B] in [0, 1) (float64);
+    keys: [B] int64 seeds of the in-block noise. Returns [B] int64; an id of zero weight never.
+
+    Two levels: the block of ``block`` consecutive ids is the first whose cumulative mass exceeds
+    uniforms[b] times the total (inverse CDF over block masses, float64); the id inside it is a
+    Gumbel-max draw, argmax(log w_i - log E_i) with E_i = -log U_i, U_i ~ U(0, 1) from a generator
+    seeded with keys[b]. Why not one inverse CDF over the ids: the logits of one row move in their
+    last bits with the batch it shares (padding, matmul shapes), and a CDF boundary moved by that
+    much swaps the pick with probability ~ (CDF error) / (probability of the picked id), which at
+    151,936 ids of ~1e-5 each made seeded samples depend on the batch. A block holds ~1/74 of the
+    mass and the Gumbel-max pick flips only when two perturbed scores come within the rounding
+    error, so both levels are stable. ``block`` = 1 is a plain inverse CDF.
+    """
+    rows, vocab = weights.shape
+    full = vocab // block * block
+    masses = [weights[:, :full].reshape(rows, -1, block).sum(-1)] if full else []
+    if full < vocab:
+        masses.append(weights[:, full:].sum(-1, keepdim=True))
+    block_cdf = torch.cat(masses, dim=-1).double().cumsum(dim=-1)  # [B, ceil(V / block)]
+    target = uniforms.to(block_cdf)[:, None] * block_cdf[:, -1:]
+    last_block = (block_cdf < block_cdf[:, -1:]).sum(-1, keepdim=True)  # the last block with mass
+    which = torch.searchsorted(block_cdf, target, right=True).clamp(max=last_block)
+    ids = which * block + torch.arange(block, device=weights.device)  # [B, block]
+    inside = weights.gather(-1, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, 0.0).double()
+    if block == 1:
+        return ids.squeeze(-1)
+    exp_noise = torch.stack([torch.rand(block, generator=torch.Generator().manual_seed(int(k)), dtype=torch.float64)
+                             for k in keys.tolist()]).to(inside.device).log().neg()  # E_i = -log U_i
+    pick = (inside.log() - exp_noise.log()).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, pick).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generator: torch.Generator | None, uniforms: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
+                keys: torch.Tensor | None = None, block: int = CDF_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row and return it with its SGLang-style log-prob.
 
     logits: [B, V] (any float dtype; computed in fp32), temperature: [B], top_p: [B],
-    uniforms: [B] in [0, 1) (float64), one per row; drawn from ``generator`` when None.
-    Row b takes the first token, in descending-probability order, whose cumulative kept mass
-    exceeds uniforms[b] times the kept total (inverse CDF).
+    uniforms: [B] in [0, 1) (float64) and keys: [B] int64, the row's randomness for this token
+    (``sample_ids``); drawn from ``generator`` when None.
+    Row b keeps every id when top_p[b] == 1, else its top-p nucleus (``nucleus_mask``), and samples
+    from the kept probabilities with ``sample_ids`` (``block`` = 1: plain inverse CDF in vocabulary order).
     Returns (tokens [B] int64, logprobs [B] fp32) with logprobs = log_softmax(logits / T)[token]
     (T == 0 rows: argmax and log_softmax(logits)[token]).
     """
     logits = logits.float()
     greedy = temperature < GREEDY_EPS
     scale = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    logp = torch.log_softmax(logits / scale[:, None], dim=-1)
-    probs = logp.exp()
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    cum = sorted_p.cumsum(dim=-1)
-    drop = (cum - sorted_p) > top_p[:, None].float()  # keep the smallest prefix whose mass reaches top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    scaled = logits if bool((scale == 1).all()) else logits / scale[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    kept = probs
+    nucleus = (top_p < 1) & ~greedy
+    if bool(nucleus.any()):
+        rows = nucleus.nonzero().squeeze(-1)
+        kept = probs.clone()
+        kept[rows] = probs[rows] * nucleus_mask(probs[rows], top_p[rows].float())
     if uniforms is None:
-        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
-    kept_cdf = sorted_p.double().cumsum(dim=-1)
-    target = (uniforms.to(kept_cdf)[:, None] * kept_cdf[:, -1:])
-    last_kept = (~drop).sum(dim=-1, keepdim=True) - 1
-    pick = torch.searchsorted(kept_cdf, target, right=True).clamp(max=last_kept).squeeze(-1)
-    sampled = order.gather(-1, pick[:, None]).squeeze(-1)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64,
+                              device=generator.device if generator is not None else None)
+    if keys is None:
+        keys = torch.randint(0, 2**62, (logits.shape[0],), generator=generator,
+                             device=generator.device if generator is not None else None)
+    tokens = sample_ids(kept, uniforms.to(logits.device), keys, block)
+    if bool(greedy.any()):
+        rows = greedy.nonzero().squeeze(-1)
+        tokens[rows] = logits[rows].argmax(dim=-1)
+    # log of the softmax: exact to fp32 rounding (a sampled id never has zero probability;
+    # a greedy id has the largest), without a second pass over [B, V] for log_softmax
+    picked = scaled.gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+    small = logprobs < -80  # fp32 softmax loses relative precision near underflow: recompute those rows
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(-1)
+        logprobs[rows] = picked[rows] - torch.logsumexp(scaled[rows], dim=-1)
+    return tokens, logprobs
+
+
+def _prompt_logits_to_keep(seqs: list[SequenceRequest]) -> int:
+    """How many trailing positions of the (left-padded) prompt pass need logits: 1 for sampling,
+    more for rows that asked for prompt log-probs from ``logprob_start_len``."""
+    keep = 1
+    for s in seqs:
+        if s.logprob_start_len >= 0:
+            keep = max(keep, len(s.prompt) - max(s.logprob_start_len, 1) + 1)
+    return keep
 
 
 @torch.no_grad()
@@ -97,13 +186,16 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+    keep = _prompt_logits_to_keep(seqs)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+                logits_to_keep=keep)
     for i, s in enumerate(seqs):
         if s.logprob_start_len >= 0:  # prompt log-probs, [None] for the first prompt token as SGLang does
-            start = width - len(s.prompt)
-            logp = torch.log_softmax(out.logits[i, start:-1].float(), dim=-1)
-            given = logp.gather(-1, ids[i, start + 1:, None]).squeeze(-1).tolist()
-            s.input_logprobs = ([None] + given)[s.logprob_start_len:]
+            first = width - len(s.prompt) + max(s.logprob_start_len, 1) - 1  # predicts the first asked token
+            lo = first - (width - keep)  # its row in out.logits[:, -keep:]
+            logp = torch.log_softmax(out.logits[i, lo:keep - 1].float(), dim=-1)
+            given = logp.gather(-1, ids[i, first + 1:, None]).squeeze(-1).tolist()
+            s.input_logprobs = ([None] if s.logprob_start_len == 0 else []) + given
     temperature = torch.tensor([s.temperature for s in seqs], device=device)
     top_p = torch.tensor([s.top_p for s in seqs], device=device)
     active = [s.max_new_tokens > 0 for s in seqs]
@@ -113,11 +205,13 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
     logits = out.logits[:, -1]
     position = position[:, -1:]
     own = {i: random.Random(s.seed) for i, s in enumerate(seqs) if s.seed is not None}
+    draw_on = generator.device if generator is not None else None  # a generator draws on its own device
     while any(active):
-        uniforms = torch.rand(batch, generator=generator, dtype=torch.float64)
+        uniforms = torch.rand(batch, generator=generator, dtype=torch.float64, device=draw_on).cpu()
+        keys = torch.randint(0, 2**62, (batch,), generator=generator, device=draw_on).cpu()
         for i, rng in own.items():
-            uniforms[i] = rng.random()
-        tokens, logps = sample_next(logits, temperature, top_p, generator, uniforms.to(device))
+            uniforms[i], keys[i] = rng.random(), rng.getrandbits(62)
+        tokens, logps = sample_next(logits, temperature, top_p, generator, uniforms.to(device), keys)
         tokens_l, logps_l = tokens.tolist(), logps.tolist()
         for i, s in enumerate(seqs):
             if not active[i]:
@@ -133,5 +227,5 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         position = position + 1
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from popo_mega.rollout.generation import SequenceRequest, generate_batch, sample_next
+from popo_mega.rollout.generation import SequenceRequest, generate_batch, sample_ids, sample_next
 
 
 def _logsoftmax64(row, temperature):
@@ -87,15 +87,62 @@ def test_stop_tokens_end_a_sequence_and_are_kept(tmp_path):
 
 
 def test_inverse_cdf_picks_by_hand():
-    """Row b takes the first token (by descending probability) whose cumulative kept mass exceeds
-    u_b times the kept total. probs 0.5/0.3/0.15/0.05 -> cumulative 0.5/0.8/0.95/1.0."""
-    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # sorted order: token 1, 3, 0, 2
-    logits = probs.log()[None].repeat(6, 1)
-    u = torch.tensor([0.1, 0.49, 0.51, 0.9, 0.99, 0.7], dtype=torch.float64)
-    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.6])  # the last row keeps {1, 3} (mass 0.8)
-    tokens, _ = sample_next(logits, torch.ones(6), top_p, None, u)
-    # row 5: 0.7 * 0.8 = 0.56 lies past 0.5, inside token 3's share of the nucleus
-    assert tokens.tolist() == [1, 1, 3, 0, 2, 3]
+    """At block 1 (one id per block), row b takes the first token, in vocabulary order, whose cumulative kept mass exceeds u_b times
+    the kept total. probs 0.15/0.5/0.05/0.3 -> cumulative 0.15/0.65/0.70/1.0; at top_p 0.6 the
+    nucleus is {1, 3} (descending order 0.5, 0.3: the mass before 3 is 0.5 <= 0.6), cumulative 0.5/0.8."""
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = probs.log()[None].repeat(7, 1)
+    u = torch.tensor([0.1, 0.6, 0.68, 0.71, 0.99, 0.7, 0.3], dtype=torch.float64)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 0.6])
+    tokens, _ = sample_next(logits, torch.ones(7), top_p, None, u, torch.zeros(7, dtype=torch.long), block=1)
+    # row 5: 0.7 * 0.8 = 0.56 lies past 0.5, inside token 3's share; row 6: 0.3 * 0.8 = 0.24 < 0.5
+    assert tokens.tolist() == [0, 1, 2, 3, 3, 3, 1]
+
+
+def test_two_level_sampler_picks_the_block_by_hand_and_ids_by_their_weight():
+    """Blocks of 4 over 11 ids (a partial last block), zero weights included: the block is the first
+    whose float64 cumulative mass exceeds u times the total (searched by hand), the id is never of
+    zero weight, and over many keys the ids inside one block come out in proportion to their weights."""
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(200, 11, generator=gen) * (torch.rand(200, 11, generator=gen) > 0.3)
+    weights[:, 0] += 1e-3  # a positive total in every row
+    u = torch.rand(200, generator=gen, dtype=torch.float64)
+    u[:3] = torch.tensor([0.0, 1 - 1e-12, 0.5], dtype=torch.float64)
+    got = sample_ids(weights, u, torch.arange(200), block=4)
+    for b in range(200):
+        row = weights[b].tolist()
+        cum = [sum(row[:4]), sum(row[:8]), sum(row)]  # cumulative mass after each block
+        target = u[b].item() * cum[-1]
+        expect_block = next(i for i, c in enumerate(cum) if c > target)
+        assert got[b].item() // 4 == expect_block and weights[b, got[b]] > 0
+    # frequencies inside one block: weights 1, 2, 0, 5 (total 8) over ids 4..7, block 1 always chosen
+    w = torch.tensor([[0.0, 0, 0, 0, 1, 2, 0, 5, 0, 0, 0]]).repeat(8000, 1)
+    ids = sample_ids(w, torch.full((8000,), 0.5, dtype=torch.float64), torch.arange(8000), block=4)
+    freq = torch.bincount(ids, minlength=11).double() / 8000
+    assert freq[6] == 0 and freq[[0, 1, 2, 3, 8, 9, 10]].sum() == 0
+    for i, p in ((4, 1 / 8), (5, 2 / 8), (7, 5 / 8)):  # 3 standard errors at n = 8000 are < 0.017
+        assert freq[i].item() == pytest.approx(p, abs=0.02)
+
+
+def test_nucleus_wider_than_the_first_partial_sort():
+    """A flat-ish distribution over 1,000 ids needs a nucleus of hundreds of ids (the partial sort
+    must widen past its first k); the mask equals the smallest sorted prefix reaching top_p."""
+    from popo_mega.rollout.generation import NUCLEUS_FIRST_K, nucleus_mask
+
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(3, 1000, generator=gen) * 0.1, dim=-1)
+    top_p = torch.tensor([0.3, 0.9, 0.999])
+    mask = nucleus_mask(probs, top_p)
+    for b in range(3):
+        order = sorted(range(1000), key=lambda i: -probs[b, i].item())
+        mass, keep = 0.0, set()
+        for i in order:
+            if mass > top_p[b].item():
+                break
+            keep.add(i)
+            mass += probs[b, i].item()
+        assert set(mask[b].nonzero().squeeze(-1).tolist()) == keep
+    assert mask[0].sum() > NUCLEUS_FIRST_K
 
 
 def test_seeded_rows_do_not_depend_on_the_batch(tmp_path):
@@ -116,3 +163,65 @@ def test_seeded_rows_do_not_depend_on_the_batch(tmp_path):
     assert crowded == alone
     assert torch.allclose(torch.tensor(lp_crowded), torch.tensor(lp_alone), atol=1e-5)
     assert sample(12)[0] != alone  # 12 tokens over 64 ids from a random model: equal by chance ~never
+
+
+def test_seeded_rows_do_not_depend_on_the_batch_at_a_real_vocabulary(real_qwen25_checkpoint):
+    """At Qwen2.5's 151,936 ids the tail holds thousands of near-equal probabilities: a sampler whose
+    CDF runs in sorted order picked other tokens for the same seed once padding changed the logits'
+    last bits. Tokens must be equal alone and in company; log-probs to fp32 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(real_qwen25_checkpoint.path, dtype=torch.float32).eval()
+    prompt = [151644, 872, 198, 3838, 374, 220, 21, 353, 220, 22, 30, 151645, 198, 151644, 77091, 198]
+    company = [[151644, 872, 198, 9707] * 6, [1879], list(range(100, 140))]
+
+    def sample(seed, others=(), gen_seed=0):
+        target = SequenceRequest(prompt=prompt, temperature=1.0, max_new_tokens=24, seed=seed)
+        rest = [SequenceRequest(prompt=p, temperature=1.0, max_new_tokens=5) for p in others]
+        generate_batch(model, [rest[0], target, *rest[1:]] if rest else [target], pad_token_id=151643,
+                       eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(gen_seed),
+                       device=torch.device("cpu"))
+        return target.output_ids, target.output_logprobs
+
+    for seed in (0, 1, 2, 3):  # the sorted-order sampler diverged for seeds 0, 2 and 3
+        alone, lp_alone = sample(seed)
+        crowded, lp_crowded = sample(seed, company, gen_seed=9)
+        assert crowded == alone, seed
+        assert torch.allclose(torch.tensor(lp_crowded), torch.tensor(lp_alone), atol=1e-4)
+
+
+class _LogitsSpy:
+    """Calls the model and records how many positions each forward returned logits for."""
+
+    def __init__(self, model):
+        self.model, self.positions = model, []
+
+    def __call__(self, **kw):
+        out = self.model(**kw)
+        self.positions.append(out.logits.shape[1])
+        return out
+
+
+def test_prompt_logits_only_where_log_probs_were_asked(tmp_path):
+    """Without prompt log-probs every forward returns logits at one position; with them, the values
+    from ``logprob_start_len`` on equal a teacher-forcing pass (rows of different starts and lengths)."""
+    model = _tiny_model(tmp_path)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5], [10, 11, 12], [13, 14]]
+    spy = _LogitsSpy(model)
+    generate_batch(spy, [SequenceRequest(prompt=p, max_new_tokens=3) for p in prompts], pad_token_id=0,
+                   eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert spy.positions == [1, 1, 1]
+    starts = [3, 0, -1, 5]  # the last one starts past its 2-token prompt: no prompt log-probs
+    seqs = [SequenceRequest(prompt=p, max_new_tokens=2, logprob_start_len=s) for p, s in zip(prompts, starts)]
+    spy = _LogitsSpy(model)
+    generate_batch(spy, seqs, pad_token_id=0, eos_token_ids=frozenset(), generator=torch.Generator().manual_seed(0),
+                   device=torch.device("cpu"))
+    assert spy.positions[0] < 9 and spy.positions[1:] == [1]
+    for s, start in zip(seqs, starts):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([s.prompt])).logits[0].double(), dim=-1)
+        every = [None] + logp[:-1].gather(-1, torch.tensor(s.prompt[1:])[:, None]).squeeze(-1).tolist()
+        expect = every[start:] if start >= 0 else []
+        assert len(s.input_logprobs) == len(expect)
+        for got, ref in zip(s.input_logprobs, expect):
+            assert (got is None and ref is None) or got == pytest.approx(ref, abs=2e-5)
