@@ -362,7 +362,7 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
     """Reject a parallel layout the model or the launch cannot have; errors name the key and file.
 
     heads (and KV groups) must divide by ``parallel.tensor``; layers by ``parallel.pipeline``; the
-    world size by ``parallel.tensor * parallel.pipeline``.
+    world size by ``parallel.tensor * parallel.pipeline``; sequence parallelism needs ``parallel.tensor > 1``.
     """
     where = cfg.source
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -370,6 +370,9 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
         raise ConfigError(f"{where}: key 'parallel.tensor' must be >= 1, got {tp}")
     if pp < 1:
         raise ConfigError(f"{where}: key 'parallel.pipeline' must be >= 1, got {pp}")
+    if cfg.parallel.sequence_parallel and tp == 1:   # megatron: "Cannot use sequence parallelism without TP"
+        raise ConfigError(f"{where}: key 'parallel.sequence_parallel' needs parallel.tensor > 1 (it splits the "
+                          "sequence over the tensor-parallel ranks); set parallel.sequence_parallel=false")
     if hf_config is None and cfg.model.hf_path:
         hf_config = read_hf_config(cfg.model.hf_path)
     if hf_config is not None:

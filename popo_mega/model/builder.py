@@ -6,7 +6,8 @@
 The model code is megatron's; this module only translates the HF config (RMSNorm eps, QKV bias,
 GQA, rope base and llama3 rope scaling, tied or untied embeddings) into a ``TransformerConfig``
 and picks the layer spec: Transformer Engine's when TE imports (FP8 settings pass through),
-otherwise megatron's local spec with :class:`~popo_mega.model.attention.SDPAttention`.
+otherwise megatron's local spec with :class:`~popo_mega.model.attention.SDPAttention` and
+:class:`~popo_mega.model.norm.RMSNorm` (both support sequence parallelism).
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, 
 
 
 def layer_spec(use_te: bool):
-    """TE's fused spec, or megatron's local spec with SDPA attention (works on CPU and GPU)."""
+    """TE's fused spec, or megatron's local spec with SDPA attention (works on CPU and GPU) and our
+    :class:`~popo_mega.model.norm.RMSNorm` (megatron's torch-norm fallback refuses sequence parallelism)."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -151,10 +153,27 @@ def layer_spec(use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from popo_mega.model.attention import SDPAttention
+    from popo_mega.model.norm import RMSNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def block_spec(use_te: bool, config, pp_rank: int):
+    """The decoder spec for this pipeline stage. For the local spec it names the final norm too:
+    given a bare layer spec, megatron's TransformerBlock picks its module-level fallback norm."""
+    spec = layer_spec(use_te)
+    if use_te:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from popo_mega.model.norm import RMSNorm
+
+    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
 def build_gpt_model(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, pp: int = 1, pp_rank: int = 0,
@@ -169,7 +188,7 @@ def build_gpt_model(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, pp:
     use_te = use_transformer_engine(model_cfg, te_available)
     config = transformer_config(arch, model_cfg, tp, pp, sequence_parallel, use_te)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(use_te),
+        config=config, transformer_layer_spec=block_spec(use_te, config, pp_rank),
         vocab_size=padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
         max_sequence_length=arch.max_position_embeddings, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1,
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings,

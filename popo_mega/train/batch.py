@@ -17,7 +17,8 @@ hidden states that the P3 features f are pooled over (the states AT the response
 
 Micro-batches: rollouts are taken in the given order and a new micro-batch starts when the next
 rollout would push the micro-batch over ``micro_batch_tokens`` (a rollout is never split). At PP > 1
-every micro-batch must have the same length: ``pad_to`` appends padding tokens as one extra
+every micro-batch must have the same length, and under sequence parallelism or FP8 a length that is
+a multiple of :func:`token_multiple`: ``pad_to`` appends padding tokens as one extra
 attention segment (never in ``cu_seqlens``, ``mask`` or ``feature_mask``); ``num_tokens`` is the
 unpadded T and every per-token loss tensor has length T.
 """
@@ -30,7 +31,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["RolloutSample", "MicroBatch", "pack_micro_batches", "shard_for_data_parallel", "PAD_TOKEN_ID"]
+__all__ = ["RolloutSample", "MicroBatch", "pack_micro_batches", "token_multiple", "shard_for_data_parallel",
+           "PAD_TOKEN_ID"]
 
 PAD_TOKEN_ID = 0
 
@@ -205,14 +207,34 @@ def _build(samples: Sequence[RolloutSample], indices: list[int], pad_to: int | N
         num_tokens=T)
 
 
+def token_multiple(tp: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
+    """The multiple every micro-batch's padded token count T_pad must be (``pad_multiple`` below).
+
+    Sequence parallelism splits the token axis over the TP ranks (megatron's embedding scatters
+    [T_pad, 1, H] into tp equal slices and asserts "First dimension of the tensor should be
+    divisible by tensor parallel size"): a multiple of tp. Transformer Engine's FP8 GEMMs need the
+    token dimension of their input divisible by 16 (32 for MXFP8), the padding megatron-core itself
+    applies (models/multimodal/context_parallel.py, ``get_padding``). Under sequence parallelism a
+    TE norm+linear quantises this rank's slice [T_pad/tp, H] before its all-gather, so every slice
+    must be such a multiple: tp * 16. ``fp8_recipe`` is None when FP8 is off.
+    """
+    if tp < 1:
+        raise ValueError(f"token_multiple: tp must be >= 1, got {tp}")
+    m = tp if sequence_parallel else 1
+    if fp8_recipe is not None:
+        m *= 32 if fp8_recipe == "mxfp8" else 16
+    return m
+
+
 def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int, *, common_length: bool = False,
                        pad_multiple: int = 1) -> list[MicroBatch]:
     """Greedy in-order packing into micro-batches of at most ``micro_batch_tokens`` tokens.
 
     common_length: pad every micro-batch to the longest one (needed at PP > 1, where the pipeline
-    schedule communicates tensors of one fixed shape); pad_multiple: round that padded length up to a
-    multiple (e.g. the TP size for sequence parallelism). A rollout longer than ``micro_batch_tokens``
-    is an error naming it. An empty ``samples`` gives [].
+    schedule communicates tensors of one fixed shape); pad_multiple: round every micro-batch's
+    length (or that common length) up to a multiple (see :func:`token_multiple`); the padding is
+    one extra attention segment outside ``cu_seqlens`` and every mask, so it enters no loss term.
+    A rollout longer than ``micro_batch_tokens`` is an error naming it. An empty ``samples`` gives [].
     """
     if micro_batch_tokens < 2:
         raise ValueError(f"train.micro_batch_tokens must be >= 2, got {micro_batch_tokens}")

@@ -46,7 +46,7 @@ from popo_mega.algorithms.predictor import Predictor
 from popo_mega.ops import masked_mean_pool
 from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
-from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches
+from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches, token_multiple
 
 __all__ = ["PolicyTrainer", "exclude_padded_vocab", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
 
@@ -130,9 +130,6 @@ class PolicyTrainer:
 
         self.cfg, self.rt = cfg, runtime
         self.model, self.arch, self.layout = loaded.model, loaded.arch, loaded.layout
-        if self.model.config.sequence_parallel:
-            raise ValueError("parallel.sequence_parallel: the trainer does not support sequence parallelism yet "
-                             "(the pooled P3 features and the packed loss tensors assume full sequences per TP rank)")
         self.algo = cfg.algorithm
         self.step = 0
         self.tokens_seen = 0
@@ -180,7 +177,24 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------------------ hooks
     def _capture_hidden(self, module, inputs, output):
+        """The final norm's output: [T_pad, 1, H], or this TP rank's slice [T_pad/tp, 1, H] under SP."""
         self._hidden = output
+
+    def _pooled_features(self, mb: MicroBatch) -> Tensor:
+        """f of Eq. P3, [B, H] fp32: masked mean of the final-norm hidden state over each rollout's
+        response tokens. Under sequence parallelism the hidden state is sequence-sharded over TP
+        (megatron's output layer all-gathers it for the logits, which stay full-sequence), so it is
+        all-gathered here first. Everything after the gather (pooling, predictor, cosine term) is
+        computed identically on every TP rank, so its gradient is already the full one on each rank:
+        the gather's backward must hand each rank its slice (``tensor_parallel_output_grad=False``),
+        not reduce-scatter (which would sum tp identical copies)."""
+        h = self._hidden
+        if self.model.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False, group=_groups()[0])
+        return masked_mean_pool(h[:mb.num_tokens, 0].float(), mb.cu_seqlens, mb.feature_mask,
+                                impl=self.cfg.train.kernels)
 
     def _count_tokens(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
@@ -196,10 +210,17 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------------------ pieces
     def pack(self, samples: list[RolloutSample]) -> list[MicroBatch]:
-        """This rank's micro-batches (padded to one length at PP > 1), each moved to the runtime's
-        device (tokens, labels, masks, cu_seqlens...: the model and the loss run there)."""
-        mbs = pack_micro_batches(samples, self.cfg.train.micro_batch_tokens, common_length=self.rt.pp > 1)
+        """This rank's micro-batches (padded to one length at PP > 1, and to a multiple of
+        ``_token_multiple()`` under sequence parallelism or FP8), each moved to the runtime's device
+        (tokens, labels, masks, cu_seqlens...: the model and the loss run there)."""
+        mbs = pack_micro_batches(samples, self.cfg.train.micro_batch_tokens, common_length=self.rt.pp > 1,
+                                 pad_multiple=self._token_multiple())
         return [mb.to(self.rt.device) for mb in mbs]
+
+    def _token_multiple(self) -> int:
+        """Padded micro-batch lengths are multiples of this: tp under SP, x16 (x32 MXFP8) with FP8."""
+        m = self.cfg.model
+        return token_multiple(self.rt.tp, self.model.config.sequence_parallel, m.fp8_recipe if m.fp8 else None)
 
     def _logp_entropy(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """logits [T, V_pad/tp] (vocab-parallel), labels [T] -> (logp [T], entropy [T]) fp32."""
@@ -226,8 +247,7 @@ class PolicyTrainer:
             T = mb.num_tokens
             logp, _ = self._logp_entropy(output[0, :T], mb.labels)
             mb.extras["target_logp"] = logp * mb.mask
-            mb.extras["target_features"] = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens,
-                                                            mb.feature_mask, impl=self.cfg.train.kernels)
+            mb.extras["target_features"] = self._pooled_features(mb)
             return None
 
         with self.ema.swapped_into(self.model):
@@ -268,8 +288,7 @@ class PolicyTrainer:
             p = a.popo
             pred = target = None
             if self.predictor is not None:
-                feats = masked_mean_pool(self._hidden[:T, 0].float(), mb.cu_seqlens, mb.feature_mask,
-                                         impl=self.cfg.train.kernels)
+                feats = self._pooled_features(mb)
                 pred = self.ddp_predictor(feats.to(self.model.config.params_dtype)).float()
                 target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
             loss, parts = popo_loss(
@@ -393,7 +412,8 @@ class PolicyTrainer:
         ranks have some: it contributes nothing to any loss term or normaliser, but this rank still
         runs the schedule and joins the gradient all-reduce (instead of leaving the others hanging)."""
         dummy = RolloutSample(torch.zeros(2, dtype=torch.int64), 1, uid=0)
-        (mb,) = pack_micro_batches([dummy], max(2, self.cfg.train.micro_batch_tokens))
+        (mb,) = pack_micro_batches([dummy], max(2, self.cfg.train.micro_batch_tokens),
+                                   pad_multiple=self._token_multiple())
         mb.mask.zero_()
         mb.feature_mask.zero_()
         return mb.to(self.rt.device)

@@ -108,6 +108,14 @@ def test_impossible_layouts_name_key_and_file(tmp_path):
         check_layout(config_from_dict({"model": {"hf_path": str(tmp_path / "nowhere")}}))
 
 
+def test_sequence_parallel_needs_tensor_parallelism(tmp_path):
+    path = _write(tmp_path, {"model": {"hf_path": _hf_dir(tmp_path)}, "parallel": {"sequence_parallel": True}})
+    with pytest.raises(ConfigError, match=r"'parallel\.sequence_parallel' needs parallel\.tensor > 1") as e:
+        check_layout(load_config(path))
+    assert path in str(e.value)
+    check_layout(load_config(path, ["parallel.tensor=2"]), world_size=2)  # fine
+
+
 def test_no_config_value_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("POPO_TRAIN_LR", "0.5")
     monkeypatch.setenv("TRAIN_LR", "0.5")
