@@ -75,6 +75,8 @@ class PopoConfig:
     predictor_layers: int = 2
     noise_std: float = 0.02
     reward_threshold: float = 0.0           # tau_r: positive iff reward > this
+    predictor_dtype: Literal["model", "fp32"] = "model"   # h_phi's parameters: the model's dtype, or fp32
+                                            # (the authors' PredictorMLP is never cast); train/step.py
 
 
 @_cfg
@@ -160,6 +162,8 @@ class TrainConfig:
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
+    warmup_fraction: float = 0.0            # warm-up as a fraction of train.steps, ceil(steps x fraction)
+                                            # steps (HF's warmup_ratio); exclusive with warmup_steps
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -326,10 +330,31 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | t
         _build(Config, probe, "", f"command-line override '{text}' (config {source})")
         _merge(raw, parts, value, source)
     cfg = dataclasses.replace(_build(Config, raw, "", source), source=source)
+    _check_values(cfg)
     from popo_mega.rollout.placement import place
 
     place(cfg, check_only=True)  # the GPU placement must fit: errors name the placement/rollout/parallel key
     return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Value checks a type cannot express; errors name the key and the file."""
+    where, t = cfg.source, cfg.train
+    if not 0.0 <= t.warmup_fraction < 1.0:
+        raise ConfigError(f"{where}: key 'train.warmup_fraction' must be in [0, 1), got {t.warmup_fraction}")
+    if t.warmup_fraction > 0 and t.warmup_steps > 0:
+        raise ConfigError(f"{where}: keys 'train.warmup_steps' ({t.warmup_steps}) and 'train.warmup_fraction' "
+                          f"({t.warmup_fraction}) both set the warm-up; set one of them to 0")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"{where}: key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if cfg.algorithm.popo.predictor_dtype == "fp32" and cfg.model.dtype != "float32" and t.save_interval > 0:
+        # Measured (TP=1 x DP=2, bf16 tiny Qwen2): the step trains, save_checkpoint fails in megatron-core
+        # 0.16.1 -- distributed optimizer: get_parameter_state_dp_zero size mismatch; plain optimizer:
+        # "Optimizer shape ... does not match model shape" (fp32_from_fp16_params misaligned).
+        raise ConfigError(f"{where}: key 'algorithm.popo.predictor_dtype' is fp32 in a {cfg.model.dtype} model: "
+                          "megatron-core 0.16.1 cannot checkpoint an optimizer whose chunks mix 16-bit and fp32 "
+                          "parameters; use predictor_dtype: model (the optimizer still keeps fp32 master weights) "
+                          "or train.save_interval: 0")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -146,9 +146,11 @@ class PolicyTrainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed + 7919)   # the same initial h_phi on every layout
                 self.predictor = Predictor(self.arch.hidden_size, popo.predictor_hidden, popo.predictor_layers)
-            # In the model's dtype (the optimizer keeps fp32 main copies): megatron-core 0.16.1's
-            # distributed-optimizer checkpoint breaks when chunks mix bf16 and fp32 buffers.
-            self.predictor.to(device=runtime.device, dtype=dtype)
+            # algorithm.popo.predictor_dtype "model": the model's dtype (the optimizer keeps fp32 main
+            # copies). "fp32": the authors' fp32 PredictorMLP; it trains, but megatron-core 0.16.1 cannot
+            # checkpoint an optimizer whose chunks mix bf16 and fp32, so config.py refuses it with checkpoints on.
+            pred_dtype = torch.float32 if popo.predictor_dtype == "fp32" else dtype
+            self.predictor.to(device=runtime.device, dtype=pred_dtype)
             self.ddp_predictor = DistributedDataParallel(self.model.config, ddp_cfg, self.predictor)
             chunks.append(self.ddp_predictor)
         self.chunks = chunks
@@ -157,10 +159,12 @@ class PolicyTrainer:
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
                                   use_distributed_optimizer=cfg.parallel.distributed_optimizer)
         self.optimizer = get_megatron_optimizer(opt_cfg, chunks)
-        decay_steps = max(t.steps, t.warmup_steps + 1)
+        # train.warmup_fraction: ceil(steps x fraction), as HF's get_warmup_steps rounds warmup_ratio.
+        warmup = math.ceil(t.steps * t.warmup_fraction) if t.warmup_fraction > 0 else t.warmup_steps
+        decay_steps = max(t.steps, warmup + 1)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=t.lr_schedule,
+            self.optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=decay_steps, lr_decay_style=t.lr_schedule,
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
         # Optimizer step k (1-based) uses the LR at scheduler position k: with warm-up the first step
         # gets lr * 1/warmup_steps, not megatron's init_lr (0), which would waste the first batch.
@@ -289,7 +293,7 @@ class PolicyTrainer:
             pred = target = None
             if self.predictor is not None:
                 feats = self._pooled_features(mb)
-                pred = self.ddp_predictor(feats.to(self.model.config.params_dtype)).float()
+                pred = self.ddp_predictor(feats.to(next(self.predictor.parameters()).dtype)).float()
                 target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
             loss, parts = popo_loss(
                 logp, mb.mask, mb.cu_seqlens, mb.weights, mb.positive, num_positive_tokens=norm[0].item(),
