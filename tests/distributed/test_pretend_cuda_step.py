@@ -9,24 +9,28 @@ tests/pretend_cuda.py tracks as CUDA wherever the GPU run would put them (``rt.d
 Every collective of the default / TP / PP / DP groups is checked to get CUDA tensors only
 (tests/collective_devices.py), as NCCL requires.
 
-Covered, at TP=1 (1 process) and at TP=2 then DP=2 (2 processes): packing and the move of every
-micro-batch to the device, the POPO target pass (EMA swapped in, forward only), forward and
-backward through megatron's schedule, the POPO loss with the predictor and target noise, the
-normalisers and their DP all-reduce, the stats all-reduces, the NaN/inf gradient check, megatron's
-optimizer step (grad-norm clipping, Adam, the distributed optimizer) and the EMA update; one GRPO
-step (its normaliser branch); ``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``'
-TP all-gathers and the PP funnel's pass-through); ``all_ranks_true`` (the RL loop's has-work vote).
-Then the failure cases: every micro-batch field left on the CPU in turn (the fields that the GPU
-path reads raise a device mismatch), and a CPU tensor handed to the default group (what the loop's
-has-work all-reduce did) raises in the collective check.
+Covered, at TP=1 (1 process) and at TP=2, then DP=2, then PP=2 (2 processes): packing and the
+move of every micro-batch to the device, the POPO target pass (EMA swapped in, forward only),
+forward and backward through megatron's schedule (at PP=2 its p2p), the POPO loss with the
+predictor and target noise, the normalisers and their DP all-reduce, the stats all-reduces, the
+NaN/inf gradient check, megatron's optimizer step (the distributed optimizer's reduce-scatter and
+all-gather, grad-norm clipping, Adam) and the EMA update; the all-masked micro-batch of a DP rank
+without rollouts; one GRPO step (its normaliser branch); ``sync_engine_weights`` with the EMA
+swapped in (``iter_hf_tensors``' TP all-gathers, and at PP=2 the funnel's send/recv to rank 0);
+``all_ranks_true`` (the RL loop's has-work vote). Then the failure cases: every micro-batch field
+that the GPU path reads, left on the CPU alone, raises; and a CPU tensor handed to the default
+group (what the loop's has-work all-reduce did) raises in the collective check.
 
-NOT covered (see docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (the CPU
-kernels compute; popo_mega._C's CUDA kernels are not selected, so the reference twins run, as on a
-GPU build without them), Transformer Engine (not installable here: the local spec with SDPA
-attention runs), streams / events / overlap of communication, NCCL itself, PP > 1 schedules'
-p2p (funnel pass-through only), sequence parallelism, checkpoint save / load, the rollout engine's
-own weight-update group (gloo or NCCL, checked by its own device test), and tensors created in C++
-from a CPU tensor without a Python call (they count as CUDA: a miss, never a false alarm).
+NOT covered (also in docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (CPU
+kernels compute the values; popo_mega._C has no "cuda" kernel in this build, so the reference
+twins run, as on a GPU build without the extension); Transformer Engine (not installable here: the
+local spec with SDPA attention runs, plus a stand-in check that the packed cu_seqlens are CUDA
+int32 as TE's attention needs); streams, events and communication overlap; NCCL itself; sequence
+parallelism; A3PO (its advantage shaping runs on the CPU before packing); checkpoint save / load;
+the rollout engine's own weight-update group (its ``broadcast_async`` checks the device itself);
+the RL loop around the step (only its has-work vote, through ``all_ranks_true``); and tensors
+created in C++ from a CPU tensor without a Python call (they count as CUDA: a miss, never a false
+alarm).
 """
 
 import dataclasses
@@ -68,17 +72,17 @@ def _trainer(path, rt, over=None):
     from popo_mega.train.step import PolicyTrainer
     from tests.distributed.test_train_step import make_cfg
 
-    cfg = make_cfg(path, over, tensor=rt.tp)
+    cfg = make_cfg(path, over, tensor=rt.tp, pipeline=rt.pp)
     with mock.patch("torch.cuda.is_available", return_value=True):   # build_gpt_model's GPU branch
         loaded = build_from_hf(cfg.model, rt)
     return PolicyTrainer(cfg, rt, loaded)
 
 
-def _pretend_runtime(tp):
+def _pretend_runtime(tp, pp=1):
     from popo_mega.runtime import initialize
     from tests.pretend_cuda import CUDA
 
-    rt = initialize(tp, 1, seed=0, device="cpu")
+    rt = initialize(tp, pp, seed=0, device="cpu")
     return dataclasses.replace(rt, device=CUDA)
 
 
@@ -165,7 +169,8 @@ def _steps(rank, world_size, path, tp, then_dp2):
         engine = _Engine()
         sync_engine_weights(trainer, engine, use_ema=True, version="v1")
         out["received"] = engine.received
-        out["grpo"] = _trainer(path, rt, {"algorithm.name": "grpo"}).train_step(make_samples())
+        if world_size == 1:
+            out["grpo"] = _trainer(path, rt, {"algorithm.name": "grpo"}).train_step(make_samples())
         out["votes"] = (all_ranks_true(True, rt.device), all_ranks_true(rank == 0, rt.device))
         if then_dp2:   # same processes, re-initialised as TP=1 x DP=2
             parallel_state.destroy_model_parallel()
@@ -175,6 +180,13 @@ def _steps(rank, world_size, path, tp, then_dp2):
             share = shard_for_data_parallel(positives, rt.dp, rt.dp_rank)
             out["dp2"] = dp_trainer.train_step(share)
             out["dp2_empty_rank"] = dp_trainer.train_step(positives if rank == 0 else [])
+            parallel_state.destroy_model_parallel()   # and as PP=2: p2p of the schedule, the weight funnel
+            rt = _pretend_runtime(1, 2)
+            pp_trainer = _trainer(path, rt)
+            out["pp2"] = pp_trainer.train_step(positives)
+            engine = _Engine()
+            sync_engine_weights(pp_trainer, engine, use_ema=True, version="v1")
+            out["pp2_received"] = engine.received
         out["calls"] = dict(calls)
         out["checked_ops"] = mode.checks
 
@@ -231,7 +243,7 @@ def _hf_names(path):
 
 def _check_run(out, hf_path, world):
     assert out["param_devices"] == {"cuda"}
-    for stats in (*out["popo"], out["grpo"]):
+    for stats in (*out["popo"], *([out["grpo"]] if "grpo" in out else [])):
         assert stats["skipped"] == 0.0 and stats["nonfinite_grad"] == 0.0
         assert all(v == v for v in stats.values()), stats   # no NaN
     # The positives' response tokens: 13 (see make_samples; counted by the packer test independently).
@@ -247,6 +259,7 @@ def _check_run(out, hf_path, world):
     assert "cpu" in out["cpu_collective"] and "default group" in out["cpu_collective"]
 
 
+@pytest.mark.slow   # spawned megatron processes: ~35 s of CPU for the fixture and the plain-CPU comparison (95 s wall at load 20)
 def test_pretend_cuda_step_one_process(one, hf_path):
     _check_run(one, hf_path, 1)
     assert one["votes"] == (True, True)
@@ -256,6 +269,7 @@ def test_pretend_cuda_step_one_process(one, hf_path):
         assert one["popo"][0][k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True), k
 
 
+@pytest.mark.slow   # shares the one-process fixture
 def test_a_micro_batch_tensor_left_on_the_cpu_is_caught(one):
     """The defect of issue 10: each field the GPU path reads, left on the CPU alone, raises."""
     for field in READ_ON_DEVICE:
@@ -264,7 +278,8 @@ def test_a_micro_batch_tensor_left_on_the_cpu_is_caught(one):
     assert "int32" in one["left_on_cpu"]["packed_seq_params"]
 
 
-def test_pretend_cuda_step_tp2_then_dp2(two, one, hf_path):
+@pytest.mark.slow   # two spawned processes, three layouts: ~30 s of CPU (75 s wall at load 20)
+def test_pretend_cuda_step_tp2_dp2_pp2(two, one, hf_path):
     for rank, out in enumerate(two):
         _check_run(out, hf_path, 2)
         assert out["votes"] == (True, False)
@@ -275,3 +290,9 @@ def test_pretend_cuda_step_tp2_then_dp2(two, one, hf_path):
     assert two[0]["popo"][0]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
     assert two[0]["dp2"]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
     assert {s["received"][k][1] for s in (one, two[0]) for k in ["model.embed_tokens.weight"]} == {(251, 64)}
+    # PP=2: the schedule's p2p and the weight funnel (stage 1 sends its tensors to rank 0) on CUDA.
+    assert two[0]["pp2"]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
+    assert set(two[0]["pp2_received"]) == _hf_names(hf_path) and not two[1]["pp2_received"]
+    assert {dev for dev, _, _ in two[0]["pp2_received"].values()} == {"cuda"}
+    p2p = sum(two[1]["calls"].get(k, 0) for k in ("send", "isend", "batch_isend_irecv"))
+    assert p2p > 0, two[1]["calls"]
