@@ -16,10 +16,23 @@ global rank 0 writes the marker file ``popo_checkpoint.json`` into it and rename
 ``ROOT/step_XXXXXXXX``. A directory without the marker (a crash mid-save, a copy in progress) is
 never loaded. ROOT must be on a file system that every rank sees.
 
-Known megatron-core 0.16.1 pitfalls handled here (../shared/design/environment.md): a fresh
-optimizer's state is initialised before load; after load every Adam parameter state shared ONE
-``step`` tensor (torch Adam then increments it once per parameter and the bias correction goes
-wrong) — :func:`_unshare_adam_steps` gives each parameter its own copy.
+Known megatron-core 0.16.1 pitfalls handled here (../shared/design/environment.md):
+
+* Where Adam keeps its step counter depends on the optimizer megatron picked
+  (megatron/core/optimizer/__init__.py:12-34 and 359-363): torch.optim.Adam/AdamW (no TE, no apex)
+  keep a 0-dim tensor per parameter, ``state[p]["step"]``; Transformer Engine's FusedAdam keeps
+  ONE int per param group, ``param_groups[i]["step"]``, and its state_dict()/load_state_dict()
+  raise KeyError on any per-parameter key but exp_avg / exp_avg_sq / master_param. Every
+  per-parameter ``step`` fix below is applied to the torch layout only (:func:`_steps_per_parameter`).
+* Adam creates its state at its first real step; megatron saves no state it does not have. A
+  checkpoint before the first optimizer step (or after skipped steps only) would fail
+  (distrib_optimizer.py:641 ``assert len(steps) == 1``; its parameter-state gather needs exp_avg),
+  so save and load first give every parameter the state the first step would create
+  (:func:`_init_optimizer_state`: zero moments, torch layout: ``step`` 0).
+* A fresh optimizer's state is initialised before load; after load with the distributed optimizer
+  every torch Adam parameter state shared ONE ``step`` tensor (torch Adam then increments it once
+  per parameter and the bias correction goes wrong) — :func:`_unshare_adam_steps` gives each
+  parameter its own copy.
 
 RNG states are restored only when the layout (TP, PP, DP) is the one that saved them; after a
 re-layout the seeds of the new layout stay (the run is then not bit-identical, by construction).
@@ -105,18 +118,40 @@ def _optimizers(opt) -> list:
     return list(getattr(opt, "chained_optimizers", None) or [opt])
 
 
+def _steps_per_parameter(inner: torch.optim.Optimizer) -> bool:
+    """True when ``inner`` keeps Adam's step counter per parameter, as a 0-dim tensor
+    ``state[p]["step"]``: torch.optim.Adam / AdamW, megatron-core's fallback without TE and apex
+    (its distributed optimizer then reads and writes that per-parameter step,
+    distrib_optimizer.py:639-643 and 817-825). False for Transformer Engine's (and apex's)
+    FusedAdam: ONE int ``param_groups[i]["step"]``, created at the group's first step; its
+    per-parameter state holds only exp_avg, exp_avg_sq (and master_param), and its state_dict()
+    maps every per-parameter key through ``name_to_dtype_map``, so an added ``step`` raises
+    KeyError('step') (TE transformer_engine/pytorch/optimizers/fused_adam.py: step(),
+    get_unscaled_state(), state_dict(), set_scaled_state()). Decided by the class of the object that
+    holds the state, not by guessing which optimizer megatron would have picked."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _init_optimizer_state(opt) -> None:
-    """A fresh megatron optimizer has no Adam state yet; dist_checkpointing loads into existing state."""
-    # megatron's init_state_fn creates exp_avg / exp_avg_sq only (no "step", which the
-    # fully_reshardable loader restores separately); a dummy optimizer step would add "step" and
-    # make that loader fail with KeyError('step').
-    # The distributed optimizer's state_dict() also needs a "step" in every parameter state.
+    """Give every parameter the Adam state its first real optimizer step would create, where it has
+    none yet: zero exp_avg / exp_avg_sq (megatron's own ``init_state_fn``) and, in the torch layout
+    only, a zero ``step`` tensor of its own (what torch Adam's ``_init_group`` creates; Adam then
+    counts 0 -> 1 and the bias correction of the first real step is unchanged). Parameters that
+    already have state are left alone.
+
+    Needed before save when no real step was taken yet (the first steps were skipped, or step 0):
+    the distributed optimizer's state_dict() needs a ``step`` in every torch Adam state
+    (distrib_optimizer.py:641 ``assert len(steps) == 1`` fails on none) and its parameter-state
+    gather reads exp_avg / exp_avg_sq of every parameter. Needed before load because
+    dist_checkpointing loads into existing state. No dummy optimizer step: that would add a
+    ``step`` to the parameter state, which the fully_reshardable loader rejects."""
     for o in _optimizers(opt):
         if getattr(o, "init_state_fn", None) is not None:
             o.init_state_fn(o.optimizer, o.config)
-        if hasattr(o, "load_parameter_state_from_fully_reshardable"):
+        if _steps_per_parameter(o.optimizer):
             for state in o.optimizer.state.values():
-                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+                if state:
+                    state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def _load_optimizer(opt, state) -> None:
@@ -124,27 +159,43 @@ def _load_optimizer(opt, state) -> None:
     with the torch Adam fallback: its ``load_state_dict`` puts a "step" into every parameter state
     and then the fully_reshardable loader fails (KeyError 'step': the checkpoint's parameter state
     carries no step). So the non-parameter part is loaded first (it restores the step into every
-    state), the step is set aside while the parameter state is loaded, then put back."""
+    state), the step is set aside while the parameter state is loaded, then put back.
+
+    Without the distributed optimizer megatron saves the torch step as ``common_step`` and copies it
+    into every parameter state on load, but saves it only when it is truthy (optimizer.py:845 and
+    1033, ``if step:``): a checkpoint taken before the first real step has none, and torch Adam
+    refuses a state without ``step`` (adam.py ``__setstate__``: KeyError). A zero common step is
+    put back here."""
     subs = _optimizers(opt)
     parts = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]
     for o, part in zip(subs, parts):
-        param_state = part.pop("param_state", None) if hasattr(o, "load_parameter_state_from_fully_reshardable") else None
+        per_param = _steps_per_parameter(o.optimizer)
+        if not hasattr(o, "load_parameter_state_from_fully_reshardable"):
+            inner = part["optimizer"] if "optimizer" in part else part   # Float16Optimizer / FP32Optimizer
+            if per_param and inner["state"]:
+                inner["state"].setdefault("common_step", torch.zeros((), dtype=torch.float32))
+            o.load_state_dict(part)
+            continue
+        param_state = part.pop("param_state", None)
         o.load_state_dict(part)
         if param_state is None:
             continue
         kind = part.get("param_state_sharding_type")
         if kind != "fully_reshardable":
             raise ValueError(f"checkpoint: optimizer state in format {kind!r}, expected fully_reshardable")
-        steps = {p: st.pop("step") for p, st in o.optimizer.state.items() if "step" in st}
+        steps = {p: st.pop("step") for p, st in o.optimizer.state.items() if "step" in st} if per_param else {}
         o.load_parameter_state_from_fully_reshardable(param_state)
         for p, step in steps.items():
             o.optimizer.state[p]["step"] = step
 
 
 def _unshare_adam_steps(opt) -> int:
-    """Give every parameter's Adam state its own ``step`` tensor; returns how many were shared."""
+    """Give every parameter's torch Adam state its own ``step`` tensor; returns how many were
+    shared. Nothing to do in the FusedAdam layout (one int per param group)."""
     shared = 0
     for o in _optimizers(opt):
+        if not _steps_per_parameter(o.optimizer):
+            continue
         seen: set[int] = set()
         for state in o.optimizer.state.values():
             step = state.get("step")
@@ -210,6 +261,7 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None, keep_last: in
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     dist.barrier()
+    _init_optimizer_state(trainer.optimizer)   # before the first real step there is no Adam state
     state = _sharded_state(trainer, is_loading=False, with_rng=True)
     state["popo"] = {"step": step, "scheduler": trainer.scheduler.state_dict(), "extra": extra or {},
                      "layout": _layout(trainer), "algorithm": trainer.algo.name,
@@ -269,6 +321,10 @@ def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
         meta = common["ema_meta"]
         trainer.ema.step = int(meta["step"])
         trainer.ema.tau, trainer.ema.schedule, trainer.ema.total_steps = meta["tau"], meta["schedule"], meta["total_steps"]
+    # megatron's load_state_dict ADDS the saved count to the current one (optimizer_param_scheduler.py:
+    # 384, step(increment=num_steps)), as for a fresh scheduler at 0; PolicyTrainer has already moved
+    # it to 1 (the first step's LR), which would put every resumed run one LR step ahead.
+    trainer.scheduler.num_steps = 0
     trainer.scheduler.load_state_dict(common["scheduler"])
     trainer.step = int(common["step"])
     if same_layout:
