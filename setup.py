@@ -41,14 +41,15 @@ def _extension_modules():
     if not cpp_sources:
         return [], {}
     # -fno-trapping-math lets GCC if-convert (and so vectorise) the clamps/selects of the CPU
-    # kernels' loops; nothing here relies on floating-point traps.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
+    # kernels' loops; nothing here relies on floating-point traps. No -std flag: BuildExtension adds
+    # the one torch's headers need (C++20; torch 2.14's use `requires`, so -std=c++17 fails there).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     define_macros = []
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
         define_macros.append(("POPO_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         ext = cpp_extension.CUDAExtension(
             "popo_mega._C", cpp_sources + cuda_sources, define_macros=define_macros,

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
                              log_dir=tmp, health_timeout_s=600)
     rows = []
     try:
-        engine = HttpEngine([servers[0].url], servers=servers, sync_method="disk",
+        # verify_probes off: a probe mismatch would abort the throughput measurement (tests check it)
+        engine = HttpEngine([servers[0].url], servers=servers, sync_method="disk", verify_probes=False,
                             disk_dir=os.path.join(tmp, "sync"), request_timeout_s=1200)
         sampling = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens)
         g = torch.Generator().manual_seed(0)

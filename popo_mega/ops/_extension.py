@@ -64,11 +64,12 @@ def load_jit(verbose: bool = False) -> bool:
     if not sources:
         _state["error"] += "; JIT build impossible: csrc/ sources not found next to the package"
         return False
-    kwargs = dict(extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"])
+    # no -std flag: torch adds the standard its headers need (C++20), as in setup.py
+    kwargs = dict(extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"])
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")) + glob.glob(os.path.join(root, "cuda", "*.cpp")))
         kwargs["extra_cflags"].append("-DPOPO_WITH_CUDA")
-        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math"]
     try:
         cpp_extension.load("popo_mega_C_jit", sources, is_python_module=False, verbose=verbose, **kwargs)
         _finish_load()

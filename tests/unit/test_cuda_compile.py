@@ -35,7 +35,7 @@ def _torch_nvcc_flags():
 
 
 def _nvcc(path, out_dir):
-    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", *_torch_nvcc_flags(), *ARCH_FLAGS, "-c", path,
+    cmd = [NVCC, "-std=c++20", "-O3", "--use_fast_math", *_torch_nvcc_flags(), *ARCH_FLAGS, "-c", path,
            "-o", os.path.join(out_dir, os.path.basename(path) + ".o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return path, proc.returncode, proc.stdout + proc.stderr
@@ -76,10 +76,32 @@ def test_cuda_glue_parses_against_torch_headers(tmp_path):
     stub.mkdir(parents=True)
     if not os.path.exists(os.path.join(torch_include, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{tmp_path}", f"-I{torch_include}",
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-w", f"-I{tmp_path}", f"-I{torch_include}",
            f"-I{os.path.join(torch_include, 'torch', 'csrc', 'api', 'include')}",
            f"-I{os.path.join(os.path.dirname(os.path.dirname(NVCC)), 'include')}",
            f"-I{sys.base_prefix}/include/python{sys.version_info.major}.{sys.version_info.minor}",
            os.path.join(ROOT, "csrc", "cuda", "cuda_bindings.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# The whole extension (CPU + CUDA kernels + torch bindings) built by setup.py against a CUDA torch,
+# then loaded into it (no GPU needed): benchmarks/gpu/compile_check.sh. Minutes of nvcc on 2 cores,
+# so it runs only when asked for, by naming that torch's interpreter:
+#     POPO_CUDA_PYTHON=/work/venv-cuda/bin/python pytest tests/unit/test_cuda_compile.py -k whole
+# (python3 -m venv /work/venv-cuda && /work/venv-cuda/bin/pip install torch==2.14.1 gives one).
+CUDA_PYTHON = os.environ.get("POPO_CUDA_PYTHON")
+
+
+@pytest.mark.slow
+@needs_nvcc
+@pytest.mark.skipif(not CUDA_PYTHON, reason="set POPO_CUDA_PYTHON to a Python whose torch has CUDA to build the "
+                                            "whole CUDA extension (benchmarks/gpu/compile_check.sh)")
+def test_whole_cuda_extension_builds_and_registers_cuda_kernels(tmp_path):
+    log = tmp_path / "cuda_build_log.txt"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu", "compile_check.sh"), CUDA_PYTHON],
+                          capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "LOG": str(log), "MAX_JOBS": os.environ.get("MAX_JOBS", "2")})
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + text[-4000:]
+    assert "load check: every op has CPU and CUDA kernels" in text
