@@ -105,6 +105,19 @@ def test_local_grads_nonfinite_without_gradients():
     assert float(PolicyTrainer._local_grads_nonfinite(_fake_trainer([]))) == 0.0
 
 
+def test_target_noise_is_on_the_device_even_for_no_rollout():
+    """The P3 noise meets the target features on the device; with no rollout it used to be CPU zeros."""
+    from popo_mega.train.step import PolicyTrainer
+
+    trainer = types.SimpleNamespace(algo=types.SimpleNamespace(popo=types.SimpleNamespace(noise_std=0.5)),
+                                    cfg=types.SimpleNamespace(train=types.SimpleNamespace(seed=3)), step=2,
+                                    rt=types.SimpleNamespace(device=CUDA))
+    with PretendCuda():
+        for uids in (torch.tensor([4, 9]), torch.zeros(0, dtype=torch.int64)):
+            noise = PolicyTrainer._target_noise(trainer, uids, 8)
+            assert noise.shape == (uids.numel(), 8) and pretend_device(noise).type == "cuda"
+
+
 class _Stop(Exception):
     pass
 
