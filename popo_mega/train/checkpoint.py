@@ -33,6 +33,8 @@ Known megatron-core 0.16.1 pitfalls handled here (../shared/design/environment.m
   every torch Adam parameter state shared ONE ``step`` tensor (torch Adam then increments it once
   per parameter and the bias correction goes wrong) — :func:`_unshare_adam_steps` gives each
   parameter its own copy.
+* The LR scheduler's load_state_dict adds the saved step count to its current one; it is reset to
+  0 first (the trainer had moved it to 1), or every resumed run would be one LR step ahead.
 
 RNG states are restored only when the layout (TP, PP, DP) is the one that saved them; after a
 re-layout the seeds of the new layout stay (the run is then not bit-identical, by construction).
