@@ -331,6 +331,7 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | t
         _merge(raw, parts, value, source)
     cfg = dataclasses.replace(_build(Config, raw, "", source), source=source)
     _check_values(cfg)
+    _check_eval(cfg.eval, cfg.source)
     from popo_mega.rollout.placement import place
 
     place(cfg, check_only=True)  # the GPU placement must fit: errors name the placement/rollout/parallel key
@@ -355,6 +356,30 @@ def _check_values(cfg: Config) -> None:
                           "megatron-core 0.16.1 cannot checkpoint an optimizer whose chunks mix 16-bit and fp32 "
                           "parameters; use predictor_dtype: model (the optimizer still keeps fp32 master weights) "
                           "or train.save_interval: 0")
+
+
+def _check_eval(e: EvalConfig, where: str) -> None:
+    """The eval section (popo_mega/train/benchmark_eval.py reads it): benchmark names are those
+    popo-eval knows (a typo would otherwise fail only at the first evaluation, hours in)."""
+    from popo_mega.eval.suite import benchmark_names
+
+    known = benchmark_names()
+    for i, name in enumerate(e.benchmarks):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: key 'eval.benchmarks[{i}]' is {name!r}, not a benchmark{hint}; "
+                              f"known: {', '.join(known)}")
+    dup = sorted({b for b in e.benchmarks if e.benchmarks.count(b) > 1})
+    if dup:
+        raise ConfigError(f"{where}: key 'eval.benchmarks' lists {', '.join(dup)} more than once")
+    for key, value, low in (("interval", e.interval, 0), ("n", e.n, 1), ("max_new_tokens", e.max_new_tokens, 1)):
+        if value < low:
+            raise ConfigError(f"{where}: key 'eval.{key}' must be >= {low}, got {value}")
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError(f"{where}: key 'eval.limit' must be >= 1 (or null: every problem), got {e.limit}")
+    if e.temperature < 0:
+        raise ConfigError(f"{where}: key 'eval.temperature' must be >= 0 (0: greedy), got {e.temperature}")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -17,12 +17,12 @@ import json
 import os
 import sys
 
-from popo_mega.data.benchmarks import BENCHMARKS
 from popo_mega.data.templates import TEMPLATES
-from popo_mega.eval.runner import evaluate, format_table, stop_token_ids
+from popo_mega.eval.runner import format_table, stop_token_ids
+from popo_mega.eval.suite import benchmark_names
 
 DEFAULT_BENCHMARKS = ("aime2025", "aime2024", "amc23", "math500", "gsm8k")
-CHOICES = tuple(BENCHMARKS) + ("synthetic",)
+CHOICES = benchmark_names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,18 +67,17 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _examples(name: str, args):
-    if name == "synthetic":
-        from popo_mega.rewards.synthetic import SyntheticTask
+def _benchmarks(args):
+    """The benchmarks to run, loaded before any sampling (a missing file stops us early)."""
+    from popo_mega.eval.suite import load_benchmark
 
-        examples = SyntheticTask().examples("heldout")
-        return examples[:args.limit] if args.limit else examples
-    from popo_mega.data.benchmarks import load_math_set
-
-    res = load_math_set(name, data_dir=args.data_dir, limit=args.limit)
-    if res.n_skipped:
-        print(f"popo-eval: {name}: skipped {res.n_skipped} bad records (first: {res.skipped[0]})", file=sys.stderr)
-    return res.examples
+    out = []
+    for name in args.benchmarks:
+        b = load_benchmark(name, limit=args.limit, data_dir=args.data_dir)
+        if b.n_skipped:
+            print(f"popo-eval: {name}: skipped {b.n_skipped} bad records (first: {b.first_skipped})", file=sys.stderr)
+        out.append(b)
+    return out
 
 
 def main(argv=None) -> int:
@@ -90,33 +89,21 @@ def main(argv=None) -> int:
         raise SystemExit(f"popo-eval: --k {bad_k}: each k must be between 1 and --n ({args.n})")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"popo-eval: --limit must be >= 1, got {args.limit}")
-    from popo_mega.rewards import synthetic
+    from popo_mega.eval.suite import evaluate_benchmarks
     from popo_mega.rewards.math import MathVerifier
     from popo_mega.rollout.engine import SamplingParams
 
     tokenizer = _load_tokenizer(args.tokenizer)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                               stop_token_ids=stop_token_ids(tokenizer))
+    benchmarks = _benchmarks(args)
     engine = _make_engine(args)
-    results = []
     try:
         with MathVerifier(num_workers=args.workers, deadline_s=args.deadline) as verifier:
-            for name in args.benchmarks:
-                examples = _examples(name, args)
-                if name == "synthetic":
-                    score_fn, stats_fn = synthetic.score_batch, None
-                    template = args.template or "plain"
-                else:
-                    before = verifier.stats.as_dict()
-                    score_fn = verifier.score_batch
-                    stats_fn = lambda before=before: {k: v - before[k] for k, v in verifier.stats.as_dict().items()}
-                    template = args.template or "qwen-math"
-                r = evaluate(engine, tokenizer, examples, name=name, template=template, n=args.n, ks=args.k,
-                             sampling=sampling, score_fn=score_fn, batch_size=args.batch_size,
-                             keep_responses=args.keep_responses, system_prompt=args.system_prompt,
-                             grading_stats=stats_fn)
-                results.append(r)
-                print(f"popo-eval: {name}: {r.n_problems} problems x {r.n_samples} in {r.wall_s:.1f} s", file=sys.stderr)
+            results = evaluate_benchmarks(engine, tokenizer, benchmarks, n=args.n, ks=args.k, sampling=sampling,
+                                          verifier=verifier, template=args.template, system_prompt=args.system_prompt,
+                                          batch_size=args.batch_size, keep_responses=args.keep_responses,
+                                          log=lambda line: print(f"popo-eval: {line}", file=sys.stderr, flush=True))
     finally:
         engine.close()
     print(format_table(results))

@@ -62,10 +62,12 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
 def evaluate(engine: RolloutEngine, tokenizer, examples: Sequence[Example], *, name: str, template: str,
              n: int, ks: Sequence[int], sampling: SamplingParams, score_fn: Callable[[list[str], list[str]], list[float]],
              batch_size: int = 64, keep_responses: int = 1, system_prompt: str | None = None,
-             grading_stats: Callable[[], dict] | None = None) -> BenchmarkResult:
+             grading_stats: Callable[[], dict] | None = None,
+             progress: Callable[[int], None] | None = None) -> BenchmarkResult:
     """Sample ``n`` responses per example, grade them with ``score_fn(responses, golds)``, and report
     pass@1, avg@n and pass@k for ``ks`` (each k <= n). ``batch_size`` prompts go to the engine at once.
-    ``grading_stats`` (optional) returns the grader's counts for this benchmark, stored in ``grading``."""
+    ``grading_stats`` (optional) returns the grader's counts for this benchmark, stored in ``grading``.
+    ``progress`` (optional) is called with the number of problems graded so far after each batch."""
     if n < 1:
         raise ValueError(f"evaluate: n must be >= 1, got {n}")
     too_big = [k for k in ks if not 1 <= k <= n]
@@ -94,6 +96,8 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: Sequence[Example], *, n
                 index=start + i, id=ex.id, gold=ex.answer, n=n, correct=sum(1 for x in s if x > 0), scores=s,
                 response_tokens=[len(c.output_ids) for c in group], finish_reasons=[c.finish_reason for c in group],
                 responses=texts[i * n:i * n + keep_responses]))
+        if progress is not None:
+            progress(len(problems))
     counts = [(p.n, p.correct) for p in problems]
     lengths = [t for p in problems for t in p.response_tokens]
     reasons = [r for p in problems for r in p.finish_reasons]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from popo_mega.config import Config
 from popo_mega.rollout.engine import SamplingParams, sample_seed
 from popo_mega.rollout.http_engine import RolloutServerError
+from popo_mega.train.benchmark_eval import benchmark_eval_due
 from popo_mega.train.refill import stream_rollouts
 
 
@@ -201,6 +202,7 @@ def run(cfg: Config, log=print) -> RunResult:
             log(f"[popo-train] checkpoint: {path}")
 
     engine = metrics = run_servers = None
+    bench_eval = None  # eval.benchmarks on rank 0 (popo_mega/train/benchmark_eval.py)
     interrupt = _Interrupt()
     initial_acc = final_acc = None
     report_png = None
@@ -223,6 +225,11 @@ def run(cfg: Config, log=print) -> RunResult:
                 from popo_mega.rewards.math import MathVerifier
 
                 verifier = MathVerifier(num_workers=2)
+            if cfg.eval.benchmarks:
+                from popo_mega.train.benchmark_eval import BenchmarkEval
+
+                bench_eval = BenchmarkEval(cfg.eval, cfg.data, tokenizer, seed=cfg.train.seed, verifier=verifier, log=log)
+                log(f"[popo-train] benchmark evaluation: {bench_eval.describe()}")
             metrics = MetricsLogger(run_dir, total_steps=cfg.train.steps, tensorboard=cfg.train.tensorboard,
                                     resume_step=trainer.step + 1, console_interval=cfg.train.log_interval,
                                     startup_metrics={"bad_records_skipped": float(skipped), **too_long_metrics(encoded)})
@@ -277,6 +284,14 @@ def run(cfg: Config, log=print) -> RunResult:
                 sync(False, f"{version}-policy")
             return heldout_accuracy() if is_rank0 else None
 
+        def evaluate_benchmarks(version: str, policy_synced: bool) -> dict:
+            """Rank 0: eval.benchmarks' metrics of the weights eval.model names (collective like
+            ``evaluate``, whose sync of the online policy ``policy_synced`` says already happened)."""
+            if eval_policy and not policy_synced:
+                sync(False, f"{version}-policy")
+            served_ema = use_ema and trainer.ema is not None and not eval_policy
+            return bench_eval.run(engine, step, "served EMA" if served_ema else "online policy") if is_rank0 else {}
+
         if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
             sync(use_ema, f"step{trainer.step}")
         while step < cfg.train.steps:
@@ -321,8 +336,11 @@ def run(cfg: Config, log=print) -> RunResult:
                     step_stats = trainer.train_step(share)
                 step = trainer.step
             accuracy = None
-            if heldout and cfg.eval.interval and step % cfg.eval.interval == 0:
+            heldout_due = bool(heldout and cfg.eval.interval and step % cfg.eval.interval == 0)
+            if heldout_due:
                 accuracy = evaluate(f"step{step}")
+            bench_m = evaluate_benchmarks(f"step{step}", policy_synced=heldout_due) if benchmark_eval_due(
+                cfg.eval, step, cfg.train.steps) else {}
             t_sync = time.time()
             if is_rank0:
                 relaunch("before the weight sync")
@@ -335,6 +353,7 @@ def run(cfg: Config, log=print) -> RunResult:
                     served = heldout_accuracy() if eval_policy else None  # the EMA is back in the engine
                     if served is not None:
                         m["heldout_accuracy_served"] = served
+                m.update(bench_m)
                 metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
             if cfg.train.save_interval and (step % cfg.train.save_interval == 0 or step == cfg.train.steps):
                 checkpoint()
@@ -350,6 +369,8 @@ def run(cfg: Config, log=print) -> RunResult:
                 metrics.close()
             if engine is not None:
                 engine.close()
+            if bench_eval is not None:
+                bench_eval.close()
             if verifier is not None:
                 verifier.close()
         elif run_servers is not None:  # servers this node started for rank 0

@@ -6,7 +6,13 @@
 Reads each run's metrics.jsonl (:func:`popo_mega.train.metrics.read_metrics`) and draws one
 subplot per metric, one curve per run, labelled by the run directory's name (its full path when
 two runs share a name). Metric names are those of ``popo_mega.train.metrics.CANONICAL_KEYS``;
-default: heldout_accuracy, reward, positive_rate, entropy, similarity, response_length.
+default: heldout_accuracy, reward, positive_rate, entropy, similarity, response_length, then one
+panel per benchmark the runs evaluated during training.
+
+- Benchmark panels (popo_mega/train/benchmark_eval.py): ``eval/<benchmark>`` (as a metric name
+  too, e.g. ``--metrics eval/aime2025``) draws that benchmark's ``eval/<benchmark>/avg@n`` and
+  ``eval/<benchmark>/pass@k`` curves in one panel, labelled ``<run> avg@n`` / ``<run> pass@k``; a
+  single key such as ``eval/aime2025/pass@8`` is an ordinary metric.
 
 - A metric missing from some runs (e.g. ``similarity`` in a GRPO run) is drawn for the others,
   with a note on stderr. A metric asked for explicitly and missing from every run is an error;
@@ -35,6 +41,30 @@ from popo_mega.train.metrics import CANONICAL_KEYS, read_metrics
 
 DEFAULT_METRICS = ("heldout_accuracy", "reward", "positive_rate", "entropy", "similarity", "response_length")
 PANEL_W, PANEL_H, DPI = 6.0, 3.5, 100
+EVAL_PREFIX = "eval/"  # eval/<benchmark>/<avg@n | pass@k | ...>, logged by popo_mega/train/benchmark_eval.py
+
+
+def _benchmark_of(key: str) -> str | None:
+    """'eval/aime2025' for 'eval/aime2025/avg@8' or '.../pass@8'; None for any other key."""
+    parts = key.split("/")
+    if len(parts) == 3 and key.startswith(EVAL_PREFIX) and parts[2].startswith(("avg@", "pass@")):
+        return "/".join(parts[:2])
+    return None
+
+
+def benchmark_panels(records: Sequence[dict]) -> list[str]:
+    """The benchmark panels ('eval/<benchmark>', sorted) of the records that have avg@n / pass@k keys."""
+    return sorted({b for r in records for b in map(_benchmark_of, r) if b is not None})
+
+
+def panel_keys(panel: str, records: Sequence[dict]) -> list[str]:
+    """The record keys the panel ``panel`` draws from ``records``: ``[panel]`` for a metric; for a
+    benchmark panel its avg@n keys, then its pass@k keys by increasing k. Empty when absent."""
+    found = {k for r in records for k in r}
+    if panel in found:
+        return [panel]
+    keys = [k for k in found if _benchmark_of(k) == panel]
+    return sorted(keys, key=lambda k: (not k.rsplit("/", 1)[1].startswith("avg@"), int(k.rsplit("@", 1)[1])))
 
 
 def smooth_series(y: Sequence[float], n: int) -> list[float]:
@@ -66,12 +96,13 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLi
         raise ValueError(f"x must be 'step' or 'time', got {x!r}")
     smooth_series([], smooth)  # validates smooth
     explicit = metrics is not None
-    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    runs = [(label, read_metrics(d)) for label, d in zip(_labels(run_dirs), run_dirs)]
+    metrics = list(metrics if explicit else
+                   DEFAULT_METRICS + tuple(benchmark_panels([r for _, recs in runs for r in recs])))
     if not metrics:
         raise ValueError("no metrics to plot")
-    runs = [(label, read_metrics(d)) for label, d in zip(_labels(run_dirs), run_dirs)]
 
-    present = {m: [label for label, recs in runs if any(m in r for r in recs)] for m in metrics}
+    present = {m: [label for label, recs in runs if panel_keys(m, recs)] for m in metrics}
     missing_everywhere = [m for m in metrics if not present[m]]
     if missing_everywhere and explicit:
         raise ValueError(
@@ -100,13 +131,16 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLi
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, m in zip(axes, metrics):
         for label, recs in runs:
-            pts = [r for r in recs if m in r]
-            if not pts:
-                continue
-            xs = [r["step"] if x == "step" else r.get("elapsed_s", math.nan) / 60 for r in pts]
-            ys = smooth_series([float(r[m]) for r in pts], smooth)
-            ax.plot(xs, ys, label=label, marker="." if len(pts) < 30 else None)
+            keys = panel_keys(m, recs)
+            for key in keys:
+                pts = [r for r in recs if key in r]
+                xs = [r["step"] if x == "step" else r.get("elapsed_s", math.nan) / 60 for r in pts]
+                ys = smooth_series([float(r[key]) for r in pts], smooth)
+                name = label if key == m else f"{label} {key.rsplit('/', 1)[1]}"  # benchmark panel: avg@n, pass@k
+                ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
         ax.set_title(m + (f" (smoothed over {smooth})" if smooth > 1 else ""))
+        if m not in {k for _, recs in runs for k in panel_keys(m, recs)}:  # a benchmark panel: accuracies
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step" if x == "step" else "training time (min)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

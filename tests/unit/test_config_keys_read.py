@@ -39,7 +39,6 @@ PACKAGE = os.path.join(REPO_ROOT, "popo_mega")
 
 # Issue 11: keys whose components are being built later. Remove a key here when it gets wired.
 NOT_WIRED_YET = {
-    "eval.benchmarks", "eval.n", "eval.temperature", "eval.max_new_tokens", "eval.limit",
     "algorithm.grpo.beta_kl",
     "train.updates_per_rollout",
 }

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from popo_mega.train.report import main, smooth_series, write_report
+from popo_mega.train.report import benchmark_panels, main, panel_keys, smooth_series, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -89,6 +89,36 @@ def test_cli(two_runs, tmp_path, capsys):
     assert "kl_ema" in capsys.readouterr().err
     assert main([str(tmp_path / "missing_run")]) == 2
     assert "missing_run" in capsys.readouterr().err
+
+
+@pytest.fixture
+def eval_run(tmp_path):
+    """A run that evaluated gsm8k at steps 2 and 4 and math500 at step 4 (benchmark_eval.py's keys)."""
+    recs = [{"step": s, "reward": s / 10} for s in range(1, 5)]
+    for r, avg, best in ((recs[1], 0.25, 0.5), (recs[3], 0.5, 0.75)):
+        r.update({"eval/gsm8k/avg@2": avg, "eval/gsm8k/pass@2": best, "eval/gsm8k/response_length": 80.0,
+                  "eval_s": 3.0})
+    recs[3].update({"eval/math500/avg@16": 0.1, "eval/math500/pass@16": 0.4, "eval/math500/pass@2": 0.2})
+    return write_run(tmp_path / "evalrun", recs)
+
+
+def test_default_report_draws_a_panel_per_benchmark(eval_run, tmp_path):
+    from popo_mega.train.metrics import read_metrics
+
+    recs = read_metrics(eval_run)
+    assert benchmark_panels(recs) == ["eval/gsm8k", "eval/math500"]  # not eval_s, not .../response_length
+    # avg@n first, then pass@k by k as a number (pass@16 after pass@2)
+    assert panel_keys("eval/math500", recs) == ["eval/math500/avg@16", "eval/math500/pass@2", "eval/math500/pass@16"]
+    assert panel_keys("reward", recs) == ["reward"] and panel_keys("eval/aime2025", recs) == []
+    out = write_report([eval_run], tmp_path / "e.png")
+    assert png_size(out) == (1200, 700)  # reward + 2 benchmark panels: 2 x 2
+    # The gsm8k panel's second curve (pass@2) takes matplotlib's second cycle colour; the reward
+    # panel has one curve (the first colour) only.
+    assert colour_present(out, "#ff7f0e")
+    one = write_report([eval_run], tmp_path / "g.png", metrics=["eval/gsm8k"])
+    assert png_size(one) == (600, 350)
+    nothing = write_report([eval_run], tmp_path / "r.png", metrics=["reward"])
+    assert not colour_present(nothing, "#ff7f0e")
 
 
 def test_smooth_series_by_hand():
