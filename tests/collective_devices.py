@@ -78,6 +78,7 @@ def collective_devices_checked(expected: torch.device, device_of=lambda t: t.dev
     originals["batch_isend_irecv"] = dist.batch_isend_irecv
 
     inside_object_collective = [0]   # they pick their own device (CPU on gloo, CUDA on NCCL)
+    inside_collective = [0]
 
     def is_nccl_kind(group) -> bool:
         return not any(group is g for g in gloo)
@@ -99,10 +100,16 @@ def collective_devices_checked(expected: torch.device, device_of=lambda t: t.dev
         keys = COLLECTIVES[name]
 
         def wrapper(*args, **kwargs):
+            if inside_collective[0]:   # re-entered (torch-function dispatch of the same call): checked once
+                return original(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             tensors = [t for k in keys for t in _tensors(bound.arguments.get(k))]
             check(name, tensors, bound.arguments.get("group"))
-            return original(*args, **kwargs)
+            inside_collective[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside_collective[0] -= 1
 
         wrapper.__wrapped__ = original
         return wrapper

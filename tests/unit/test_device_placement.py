@@ -170,3 +170,25 @@ def test_cuda_device_max_connections_too_late_warns(monkeypatch):
         warnings.simplefilter("always")
         runtime._one_cuda_connection()
     assert any("CUDA_DEVICE_MAX_CONNECTIONS" in str(w.message) for w in caught)
+
+
+def test_collective_check_refuses_cpu_tensors_on_nccl_kind_groups():
+    """tests/collective_devices.py itself: a CPU tensor on the default group raises before any
+    communication; a CUDA one passes the check (and then meets the real, uninitialised group);
+    megatron's module-level alias of reduce_scatter_tensor is wrapped too and restored after."""
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    from tests.collective_devices import CollectiveDeviceError, collective_devices_checked
+
+    original_alias = pgb.dist_reduce_scatter_func
+    with PretendCuda(), collective_devices_checked(CUDA, device_of=pretend_device) as calls:
+        with pytest.raises(CollectiveDeviceError, match="all_reduce: a cpu tensor"):
+            dist.all_reduce(torch.ones(2))
+        with pytest.raises(CollectiveDeviceError, match="cpu"):
+            pgb.dist_reduce_scatter_func(torch.ones(1, device="cuda"), torch.ones(2))
+        with pytest.raises(Exception) as info:   # passes the check, then no process group exists
+            dist.all_reduce(torch.ones(2, device="cuda"))
+        assert not isinstance(info.value, CollectiveDeviceError)
+    assert pgb.dist_reduce_scatter_func is original_alias
+    assert calls["all_reduce"] == 2 and calls[pgb.dist_reduce_scatter_func.__name__] == 1, calls
