@@ -84,8 +84,9 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[B
 
     ``verifier``: a ``MathVerifier`` (needed when a math benchmark is in ``benchmarks``); its counts for
     each benchmark go to ``BenchmarkResult.grading``. ``template``: one for all benchmarks, or one per
-    benchmark name; :func:`default_template` where none is given. ``log``: gets a progress line after each batch of ``batch_size`` problems
-    and one per finished benchmark (default: stderr)."""
+    benchmark name; :func:`default_template` where none is given. ``log`` (default: stderr) gets a
+    line as each benchmark starts, after each batch of ``batch_size`` problems when there are
+    several, and with each benchmark's metrics."""
     from popo_mega.eval.runner import evaluate
     from popo_mega.rewards import synthetic
 
@@ -96,10 +97,11 @@ def evaluate_benchmarks(engine: RolloutEngine, tokenizer, benchmarks: Sequence[B
             score_fn, stats_fn = synthetic.score_batch, None
         else:
             if verifier is None:
-                raise ValueError(f"evaluate_benchmarks: {bench.name} is graded with math-verify: pass a MathVerifier")
+                raise ValueError(f"evaluate_benchmarks: {bench.name} is graded by math-verify: pass a MathVerifier")
             before = verifier.stats.as_dict()
             score_fn = verifier.score_batch
-            stats_fn = lambda before=before: {k: v - before[k] for k, v in verifier.stats.as_dict().items()}  # noqa: E731
+            stats_fn = lambda before=before: {  # noqa: E731  this benchmark's share of the verifier's counts
+                k: v - before[k] for k, v in verifier.stats.as_dict().items()}
         total, t0 = len(bench.examples), time.monotonic()
         log(f"{bench.name}: sampling {total} problems x {n} (max_new_tokens {sampling.max_new_tokens}, "
             f"temperature {sampling.temperature})")

@@ -63,7 +63,8 @@ class BenchmarkEval:
                            for name in eval_cfg.benchmarks]
         for b in self.benchmarks:
             if b.n_skipped:
-                log(f"[popo-train] eval.benchmarks {b.name}: skipped {b.n_skipped} bad records (first: {b.first_skipped})")
+                log(f"[popo-train] eval.benchmarks {b.name}: skipped {b.n_skipped} bad records "
+                    f"(first: {b.first_skipped})")
         self.templates = {b.name: ("plain" if b.name == SYNTHETIC else data_cfg.template) for b in self.benchmarks}
         self.ks = (eval_cfg.n,)
         self.sampling = SamplingParams(temperature=eval_cfg.temperature, top_p=1.0,
