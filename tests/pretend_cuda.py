@@ -23,8 +23,9 @@ Rules (a ``TorchFunctionMode``, so they see every ``torch.*`` / ``Tensor.*`` / `
   code that does ``torch.arange(n, device=x.device)`` follows ``x`` as it would on a GPU.
 * an op whose inputs are on both devices raises :class:`PretendDeviceMismatchError`, except that
   0-dim CPU tensors mix freely (CUDA kernels take them as scalars, as FakeTensor allows too) and the
-  ops that are cross-device by definition (``copy_``, ``to``, ``__setitem__``, ``__getitem__``
-  with CPU indices, ``data =``) are let through.
+  ops that are cross-device by definition (``copy_``, ``to``, ``set_``, ``__setitem__``,
+  ``__getitem__`` with CPU indices, ``data =``, ``grad =``, ``_has_compatible_shallow_copy_type``)
+  are let through. (So a CUDA index into a CPU tensor, which CUDA refuses, is not caught.)
 * ``Tensor.numpy()`` of a pretend-CUDA tensor raises, as on a GPU.
 
 What this does NOT model (it is not a GPU): kernels (the real CPU kernels run; fused CUDA kernels
