@@ -23,12 +23,13 @@
 # Writes, with the device named in each: benchmarks/results/{check_cuda.txt, extension_build_cuda.txt,
 # tests_gpu_cuda.txt, kernels_cuda.csv, train_step_cuda.json}; copies them into $OUT when it is set.
 # Exit status: the number of failed stages. Without CUDA it dry-runs (stages 1 and 3: every GPU
-# test skips; 2, 4, 5 are reported as skipped).
+# test skips; 2, 4, 5 are reported as skipped), e.g.
+#   PYTHON=.venv/bin/python POPO_CHECK_RESULTS=/tmp/check_dry bash benchmarks/gpu/check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-RES="$ROOT/benchmarks/results"
+RES="${POPO_CHECK_RESULTS:-$ROOT/benchmarks/results}"   # a dry run can write elsewhere
 WHEELS="$ROOT/benchmarks/gpu/wheels"
 SITE="${POPO_CHECK_SITE:-/tmp/popo_check_site}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -61,7 +62,12 @@ else
   say "wheels: FAILED: no wheels in $WHEELS (run benchmarks/gpu/fetch_wheels.sh where there is network, and carry that folder)"
   FAILED=$((FAILED + 1))
 fi
-export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$HAS_CUDA" = 1 ]; then
+  export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else  # dry run: the wheels are for Python 3.12; this environment keeps its own packages
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  say "dry run: the carried wheels were installed into $SITE but are not put on PYTHONPATH here"
+fi
 "$PY" -c 'import megatron.core, math_verify; print("megatron-core", megatron.core.__version__)' 2>&1 | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # 2. the CUDA extension, built in place (popo_mega/_C.cpython-312-*.so) as setup.py builds it
