@@ -8,6 +8,9 @@ Any server speaking SGLang's API works: real SGLang servers, an sglang-router UR
 a process pool (``--workers``, ``--deadline`` seconds per answer); the ``synthetic`` benchmark (the
 quickstart's held-out split) is graded by exact match. Prints a table; ``--out`` writes JSON with the
 metrics, the grader's counts and per-problem results.
+
+The evaluation itself is ``popo_mega.eval.suite.evaluate_benchmarks``, which popo-train also runs every
+``eval.interval`` steps (popo_mega/train/benchmark_eval.py): the numbers mean the same in both.
 """
 
 from __future__ import annotations
