@@ -1,7 +1,9 @@
 """CUDA kernels against their reference twins (values, gradients, three-way bf16 check, opcheck).
 
-Needs a CUDA device and a CUDA build of the extension; skipped without a device. Not run in the
-session that wrote the kernels (no GPU was lent): the CUDA code was only compiled there.
+Needs a CUDA device and a CUDA build of the extension; skipped without a device. Run them with
+``bash benchmarks/gpu/check.sh`` (builds the extension first). Not yet run on a GPU (none was lent
+to the sessions that wrote them): the CUDA code was compiled, and these tests' bodies passed on the
+CPU with ``.cuda()`` removed (the CPU kernels standing in for the CUDA ones).
 """
 
 import pytest
