@@ -9,28 +9,28 @@ tests/pretend_cuda.py tracks as CUDA wherever the GPU run would put them (``rt.d
 Every collective of the default / TP / PP / DP groups is checked to get CUDA tensors only
 (tests/collective_devices.py), as NCCL requires.
 
-Covered, at TP=1 (1 process) and at TP=2, then DP=2, then PP=2 (2 processes): packing and the
-move of every micro-batch to the device, the POPO target pass (EMA swapped in, forward only),
-forward and backward through megatron's schedule (at PP=2 its p2p), the POPO loss with the
-predictor and target noise, the normalisers and their DP all-reduce, the stats all-reduces, the
-NaN/inf gradient check, megatron's optimizer step (the distributed optimizer's reduce-scatter and
-all-gather, grad-norm clipping, Adam) and the EMA update; the all-masked micro-batch of a DP rank
-without rollouts; one GRPO step (its normaliser branch); ``sync_engine_weights`` with the EMA
-swapped in (``iter_hf_tensors``' TP all-gathers, and at PP=2 the funnel's send/recv to rank 0);
-``all_ranks_true`` (the RL loop's has-work vote). Then the failure cases: every micro-batch field
-that the GPU path reads, left on the CPU alone, raises; and a CPU tensor handed to the default
-group (what the loop's has-work all-reduce did) raises in the collective check.
+Covered, at TP=1 (1 process) and at TP=2, then DP=2, then PP=2 (2 processes): packing and the move
+of every micro-batch to the device, the POPO target pass (EMA swapped in, forward only), forward
+and backward through megatron's schedule (at PP=2 its p2p), the POPO loss with the predictor and
+target noise, the normalisers and their DP all-reduce, the stats all-reduces, the NaN/inf gradient
+check, megatron's optimizer step (the distributed optimizer's reduce-scatter and all-gather, grad-
+norm clipping, Adam) and the EMA update; the all-masked micro-batch of a DP rank without rollouts;
+one GRPO and one A3PO step (their normaliser branch, A3PO's advantage shaping);
+``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``' TP all-gathers, and at PP=2
+the funnel's send/recv to rank 0); ``all_ranks_true`` (the RL loop's has-work vote). Then the
+failure cases: every micro-batch field that the GPU path reads, left on the CPU alone, raises; and
+a CPU tensor handed to the default group (what the loop's has-work all-reduce did) raises in the
+collective check.
 
 NOT covered (also in docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (CPU
-kernels compute the values; popo_mega._C has no "cuda" kernel in this build, so the reference
-twins run, as on a GPU build without the extension); Transformer Engine (not installable here: the
-local spec with SDPA attention runs, plus a stand-in check that the packed cu_seqlens are CUDA
-int32 as TE's attention needs); streams, events and communication overlap; NCCL itself; sequence
-parallelism; A3PO (its advantage shaping runs on the CPU before packing); checkpoint save / load;
-the rollout engine's own weight-update group (its ``broadcast_async`` checks the device itself);
-the RL loop around the step (only its has-work vote, through ``all_ranks_true``); and tensors
-created in C++ from a CPU tensor without a Python call (they count as CUDA: a miss, never a false
-alarm).
+kernels compute the values; popo_mega._C has no "cuda" kernel in this build, so the reference twins
+run, as on a GPU build without the extension); Transformer Engine (not installable here: the local
+spec with SDPA attention runs, plus a stand-in check that the packed cu_seqlens are CUDA int32 as
+TE's attention needs); streams, events and communication overlap; NCCL itself; sequence
+parallelism; checkpoint save / load; the rollout engine's own weight-update group (its
+``broadcast_async`` checks the device itself); the RL loop around the step (only its has-work vote,
+through ``all_ranks_true``); and tensors created in C++ from a CPU tensor without a Python call
+(they count as CUDA: a miss, never a false alarm).
 """
 
 import dataclasses
@@ -170,7 +170,8 @@ def _steps(rank, world_size, path, tp, then_dp2):
         sync_engine_weights(trainer, engine, use_ema=True, version="v1")
         out["received"] = engine.received
         if world_size == 1:
-            out["grpo"] = _trainer(path, rt, {"algorithm.name": "grpo"}).train_step(make_samples())
+            for name in ("grpo", "a3po"):
+                out[name] = _trainer(path, rt, {"algorithm.name": name}).train_step(make_samples())
         out["votes"] = (all_ranks_true(True, rt.device), all_ranks_true(rank == 0, rt.device))
         if then_dp2:   # same processes, re-initialised as TP=1 x DP=2
             parallel_state.destroy_model_parallel()
@@ -243,7 +244,7 @@ def _hf_names(path):
 
 def _check_run(out, hf_path, world):
     assert out["param_devices"] == {"cuda"}
-    for stats in (*out["popo"], *([out["grpo"]] if "grpo" in out else [])):
+    for stats in (*out["popo"], *[out[k] for k in ("grpo", "a3po") if k in out]):
         assert stats["skipped"] == 0.0 and stats["nonfinite_grad"] == 0.0
         assert all(v == v for v in stats.values()), stats   # no NaN
     # The positives' response tokens: 13 (see make_samples; counted by the packer test independently).
