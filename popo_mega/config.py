@@ -348,6 +348,10 @@ def _check_values(cfg: Config) -> None:
                           f"({t.warmup_fraction}) both set the warm-up; set one of them to 0")
     if t.warmup_steps < 0:
         raise ConfigError(f"{where}: key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if t.updates_per_rollout < 1:   # train/loop.py train_on_rollouts
+        raise ConfigError(f"{where}: key 'train.updates_per_rollout' must be >= 1, got {t.updates_per_rollout}")
+    if not 0 <= cfg.algorithm.grpo.beta_kl < float("inf"):   # train/step.py: k3 KL to the reference
+        raise ConfigError(f"{where}: key 'algorithm.grpo.beta_kl' must be >= 0, got {cfg.algorithm.grpo.beta_kl}")
     if cfg.algorithm.popo.predictor_dtype == "fp32" and cfg.model.dtype != "float32" and t.save_interval > 0:
         # Measured (TP=1 x DP=2, bf16 tiny Qwen2): the step trains, save_checkpoint fails in megatron-core
         # 0.16.1 -- distributed optimizer: get_parameter_state_dp_zero size mismatch; plain optimizer:

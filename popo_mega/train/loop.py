@@ -73,6 +73,34 @@ def sync_engine_weights(trainer, engine, use_ema: bool, version: str) -> str | N
     return failure
 
 
+def train_on_rollouts(trainer, share: list, updates: int, after_update=None) -> dict:
+    """``updates`` optimizer steps (train.updates_per_rollout) on one rollout batch: ``trainer.
+    train_step(share)`` that many times, all on the same samples (docs/algorithms.md section 3,
+    "Several updates per rollout batch").
+
+    The samples' ``old_logp`` are the sampler's, so the behaviour policy of every update's
+    importance ratio is the policy that sampled (PPO's epochs over one batch), not the policy
+    after the previous update. Each update is a full trainer step: the step counter, the LR
+    schedule and (POPO) the EMA advance once per update, and its target pass sees the EMA the
+    previous update moved; a GRPO reference pass is re-run (same log-probs). ``after_update(stats)``
+    runs after every update but the last. Returns the last update's stats.
+    """
+    if updates < 1:
+        raise ValueError(f"train_on_rollouts: updates must be >= 1 (train.updates_per_rollout), got {updates}")
+    for u in range(updates):
+        stats = trainer.train_step(share)
+        if after_update is not None and u < updates - 1:
+            after_update(stats)
+    return stats
+
+
+def _crossed(prev: int, step: int, interval: int) -> bool:
+    """Whether a multiple of ``interval`` lies in (prev, step] (never for interval 0): the loop
+    moves train.updates_per_rollout steps at a time, so an eval or save interval can fall inside a
+    batch's updates; it is honoured at the batch's end. With one update: step % interval == 0."""
+    return bool(interval) and step // interval > prev // interval
+
+
 def canonical_metrics(step_stats: dict) -> dict:
     """The trainer's loss parts under the canonical metric names of popo_mega.train.metrics.
 
@@ -328,25 +356,34 @@ def run(cfg: Config, log=print) -> RunResult:
                                                              cfg.algorithm.popo.entropy_on == "positive") else share
             # On rt.device: on GPU the default group is NCCL, which takes no CPU tensor.
             has_work = rt_mod.all_ranks_true(bool(trainable), rt.device) if world > 1 else bool(trainable)
+            # train.updates_per_rollout optimizer steps on this batch (train.steps counts optimizer steps)
+            updates, prev = min(cfg.train.updates_per_rollout, cfg.train.steps - step), step
+            batch_m = {**sel_stats, "rollout_s": rollout_s}  # the rollout batch's metrics: on its first record
+
+            def log_update(stats):  # rank 0, updates 1..U-1 of the batch; the last is logged below
+                metrics.log(int(stats["step"]), {**batch_m, **canonical_metrics(stats)},
+                            rollouts=int(batch_m.get("rollouts", 0)), tokens=int(stats.get("tokens_fed", 0)))
+                batch_m.clear()
+
             if not has_work:  # some DP rank has nothing to train on: skip the update everywhere
                 step_stats = {"skipped": 1.0, "tokens_fed": 0.0}
-                step = trainer.step = trainer.step + 1
+                step = trainer.step = trainer.step + updates
             else:
                 with released_during_step(engine, cfg.placement.mode == "colocated", world):  # colocated servers
-                    step_stats = trainer.train_step(share)
+                    step_stats = train_on_rollouts(trainer, share, updates, log_update if is_rank0 else None)
                 step = trainer.step
             accuracy = None
-            heldout_due = bool(heldout and cfg.eval.interval and step % cfg.eval.interval == 0)
+            heldout_due = bool(heldout and _crossed(prev, step, cfg.eval.interval))
             if heldout_due:
                 accuracy = evaluate(f"step{step}")
-            bench_m = evaluate_benchmarks(f"step{step}", policy_synced=heldout_due) if benchmark_eval_due(
-                cfg.eval, step, cfg.train.steps) else {}
+            bench_m = evaluate_benchmarks(f"step{step}", policy_synced=heldout_due) if any(
+                benchmark_eval_due(cfg.eval, k, cfg.train.steps) for k in range(prev + 1, step + 1)) else {}
             t_sync = time.time()
             if is_rank0:
                 relaunch("before the weight sync")
             sync(use_ema, f"step{step}")
             if is_rank0:
-                m = {**sel_stats, **canonical_metrics(step_stats), "rollout_s": rollout_s,
+                m = {**batch_m, **canonical_metrics(step_stats),
                      "sync_s": time.time() - t_sync, "server_restarts": float(restarts)}
                 if accuracy is not None:
                     m["heldout_accuracy"] = accuracy
@@ -354,8 +391,8 @@ def run(cfg: Config, log=print) -> RunResult:
                     if served is not None:
                         m["heldout_accuracy_served"] = served
                 m.update(bench_m)
-                metrics.log(step, m, rollouts=int(sel_stats["rollouts"]), tokens=int(step_stats.get("tokens_fed", 0)))
-            if cfg.train.save_interval and (step % cfg.train.save_interval == 0 or step == cfg.train.steps):
+                metrics.log(step, m, rollouts=int(batch_m.get("rollouts", 0)), tokens=int(step_stats.get("tokens_fed", 0)))
+            if cfg.train.save_interval and (_crossed(prev, step, cfg.train.save_interval) or step == cfg.train.steps):
                 checkpoint()
         if heldout:
             served = heldout_accuracy() if (eval_policy and is_rank0) else None  # the engine serves the EMA now

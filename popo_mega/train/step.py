@@ -43,6 +43,7 @@ from popo_mega.algorithms.ema import EMA
 from popo_mega.algorithms.grpo import policy_loss
 from popo_mega.algorithms.popo import popo_loss, popo_normalisers
 from popo_mega.algorithms.predictor import Predictor
+from popo_mega.algorithms.reference import FrozenReference
 from popo_mega.ops import masked_mean_pool
 from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
@@ -118,7 +119,8 @@ class PolicyTrainer:
 
     Attributes used by checkpoints and the RL loop: ``model`` (this rank's GPTModel shard),
     ``ddp_model``, ``predictor`` / ``ddp_predictor`` (POPO with alpha != 0, last stage only, else
-    None), ``optimizer`` (megatron), ``scheduler``, ``ema`` (POPO only, else None), ``step``
+    None), ``optimizer`` (megatron), ``scheduler``, ``ema`` (POPO only, else None),
+    ``reference`` (the frozen initial policy: GRPO/A3PO with algorithm.grpo.beta_kl != 0, else None), ``step``
     (optimizer steps taken, skipped steps included), ``tokens_seen`` (tokens the model was run on,
     counted by a hook on the model's input; first pipeline stage).
     """
@@ -171,6 +173,10 @@ class PolicyTrainer:
         self.scheduler.step(increment=1)
         self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
                     if self.algo.name == "popo" else None)
+        # GRPO/A3PO with algorithm.grpo.beta_kl != 0: the frozen initial policy for the k3 KL term,
+        # taken from the HF weights before any step (also on resume: load_checkpoint runs later).
+        self.reference = (FrozenReference(self.model)
+                          if self.algo.name != "popo" and self.algo.grpo.beta_kl != 0 else None)
         mcfg = self.model.config
         mcfg.finalize_model_grads_func = self._finalize_grads
         mcfg.grad_scale_func = self.optimizer.scale_loss
@@ -257,6 +263,26 @@ class PolicyTrainer:
         with self.ema.swapped_into(self.model):
             forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
 
+    @torch.no_grad()
+    def reference_pass(self, mbs: list[MicroBatch]) -> None:
+        """The frozen reference (the initial policy) swapped into the policy, forward only: on the
+        last stage each micro-batch gets ``extras["ref_logp"]`` [T] fp32, the reference log-probs of
+        the labels (0 off the mask), for GRPO's k3 KL term. Collective over the pipeline."""
+        from popo_mega.model.forward import forward_only
+
+        if self.reference is None:
+            raise RuntimeError("reference_pass: a reference is kept only with algorithm.grpo.beta_kl != 0")
+
+        def collect(output, batch):
+            mb = batch["mb"]
+            logp, _ = self._logp_entropy(output[0, :mb.num_tokens], mb.labels)
+            mb.extras["ref_logp"] = logp * mb.mask
+            return None
+
+        with self.reference.swapped_into(self.model):
+            forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
+        self._hidden = None
+
     def _target_noise(self, uids: Tensor, width: int) -> Tensor:
         """eps ~ N(0, sigma^2) of Eq. P3, [B, width], a function of (seed, step, rollout uid) only."""
         sigma = self.algo.popo.noise_std
@@ -307,7 +333,8 @@ class PolicyTrainer:
             agg_norm = norm[0].item() if g.aggregation == "token_mean" else norm[1].item()
             loss, parts = policy_loss(logp, mb.old_logp, mb.token_advantages, mb.mask, normaliser=agg_norm,
                                       agg=g.aggregation, cu_seqlens=mb.cu_seqlens, eps_low=a.eps_low,
-                                      eps_high=a.eps_high, impl=self.cfg.train.kernels)
+                                      eps_high=a.eps_high, impl=self.cfg.train.kernels,
+                                      beta_kl=g.beta_kl, ref_logp=mb.extras.get("ref_logp"))
             keys = PG_STATS
         parts = {**parts, "loss": loss}
         stats = torch.stack([parts[k].detach().double().reshape(()).clone() for k in keys])
@@ -344,6 +371,8 @@ class PolicyTrainer:
         mbs = self.pack(samples) if samples else [self._empty_micro_batch()]
         if a.name == "popo" and a.popo.alpha != 0:
             self.target_pass(mbs)   # collective over the pipeline: every stage runs it
+        if self.reference is not None:
+            self.reference_pass(mbs)   # GRPO/A3PO k3 KL: reference log-probs, collective likewise
         norm = self.normalisers(mbs)
         n_mb, dp = len(mbs), self.rt.dp
         keys = POPO_STATS if a.name == "popo" else PG_STATS

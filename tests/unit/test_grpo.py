@@ -103,3 +103,48 @@ def test_policy_loss_matches_float64_loop_off_policy():
             terms.append(-surr + beta * (math.exp(d) - d - 1))
         total += sum(terms) / len(terms) if terms else 0.0
     assert loss.item() == pytest.approx(total / 4, abs=1e-12)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_k3_term_value_and_gradient_by_hand(agg):
+    """The KL term alone (A = 0, so the policy term is 0 with zero gradient), float64.
+    seq0: d = ref - logp = (log 2, 0); seq1: d = (log 3, -log 2, 0) and one masked token whose
+    reference is junk (0, as the trainer's reference pass leaves it off the mask: d = 9).
+    k3 = e^d - d - 1: (1 - log 2, 0 | 2 - log 3, log 2 - 1/2, 0); d k3 / d logp = 1 - e^d:
+    (-1, 0 | -2, 1/2, 0); the masked token contributes nothing."""
+    logp = torch.tensor([-1.0, -2.0, -0.5, -1.5, -0.7, -9.0], dtype=torch.float64, requires_grad=True)
+    d = torch.tensor([math.log(2), 0.0, math.log(3), -math.log(2), 0.0, 0.0], dtype=torch.float64)
+    ref = logp.detach() + d
+    ref[5] = 0.0
+    mask = torch.tensor([1.0, 1, 1, 1, 1, 0], dtype=torch.float64)
+    cu = torch.tensor([0, 2, 6])
+    beta = 0.04
+    k3 = [1 - math.log(2), 0.0, 2 - math.log(3), math.log(2) - 0.5, 0.0]
+    dk3 = [-1.0, 0.0, -2.0, 0.5, 0.0]
+    if agg == "token_mean":   # normaliser: 5 response tokens
+        norm, w = 5.0, [1 / 5] * 5
+        kl = sum(k3) / 5
+    else:                     # normaliser: 2 rollouts; rollout i's tokens weigh 1 / (2 L_i)
+        norm, w = 2.0, [1 / 4] * 2 + [1 / 6] * 3
+        kl = (sum(k3[:2]) / 2 + sum(k3[2:]) / 3) / 2
+    loss, st = policy_loss(logp, logp.detach(), torch.zeros(6, dtype=torch.float64), mask, normaliser=norm,
+                           agg=agg, cu_seqlens=cu, beta_kl=beta, ref_logp=ref)
+    assert st["kl"].item() == pytest.approx(kl, abs=1e-12)
+    assert st["pg"].item() == 0.0
+    assert loss.item() == pytest.approx(beta * kl, abs=1e-12)
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([beta * wi * g for wi, g in zip(w, dk3)] + [0.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("key, value", [("algorithm.grpo.beta_kl", -0.04), ("algorithm.grpo.beta_kl", float("nan")),
+                                        ("train.updates_per_rollout", 0)])
+def test_bad_kl_weight_or_update_count_is_a_config_error(key, value):
+    from popo_mega.config import ConfigError, config_from_dict
+
+    section, *mid, last = key.split(".")
+    raw = node = {}
+    for part in [section, *mid]:
+        node = node.setdefault(part, {})
+    node[last] = value
+    with pytest.raises(ConfigError, match=rf"<dict>: key '{key}' must be >= "):
+        config_from_dict(raw)
