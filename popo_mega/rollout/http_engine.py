@@ -55,6 +55,11 @@ class HttpEngine:
                         "flattened_bucket", or None (see weight_sync)
     disk_dir:           where the disk fallback writes (must be readable by the servers)
     verify_probes:      after a sync, read back a few small tensors with /get_weights_by_name
+                        (servers that cannot answer it, e.g. SGLang serving Qwen2, are reported once
+                        and then checked by weight version only)
+    tp_sizes:           ranks each server joins the weight-update group with (None: each server's
+                        ``/server_info`` tp_size)
+    master_address:     this host's address as the servers reach it (None: ``trainer_address``)
     servers:            ServerProcess objects this engine launched and stops on ``close()``
     """
 
@@ -62,7 +67,7 @@ class HttpEngine:
                  connect_timeout_s: float = 10.0, request_timeout_s: float = 600.0, failover: bool = True,
                  max_retries: int = 2, sync_method: str = "auto", sync_backend: str = "gloo",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "auto",
-                 tp_sizes: list[int] | None = None, master_address: str = "127.0.0.1",
+                 tp_sizes: list[int] | None = None, master_address: str | None = None,
                  disk_dir: str | None = None, sync_timeout_s: float = 300.0, verify_probes: bool = True,
                  pause_mode: str = "retract", servers: list | None = None):
         if not urls:
@@ -85,11 +90,17 @@ class HttpEngine:
         self._servers = list(servers or [])
         self._version: str | None = None
         self.last_sync: SyncReport | None = None
-        self._sync_args = dict(group_name="popo_weight_sync", backend=sync_backend, tp_sizes=tp_sizes,
+        if tp_sizes is not None and len(tp_sizes) != len(self.urls):
+            raise ValueError(f"HttpEngine: {len(tp_sizes)} tp_sizes for {len(self.urls)} servers")
+        self._tp_sizes = dict(zip(self.urls, tp_sizes)) if tp_sizes is not None else None
+        self._sync_args = dict(group_name="popo_weight_sync", backend=sync_backend,
                                bucket_bytes=bucket_bytes, load_format=load_format, timeout_s=sync_timeout_s,
                                api_key=api_key, master_address=master_address)
         self._sync: DistributedWeightSync | None = None
         self._distributed_failed = False
+        self.unprobed: dict[str, str] = {}      # servers whose weights cannot be read back -> why
+        self._seed_checked: set[str] = set()    # servers asked whether they honour sampling_seed
+        self.seeds_ignored: dict[str, str] = {}  # servers that do not -> why
 
     # ---- plumbing ----
     def _headers(self) -> dict:
@@ -155,10 +166,36 @@ class HttpEngine:
         raise RolloutServerError(f"{last} (gave up after {attempts} attempts)")
 
     # ---- RolloutEngine ----
+    def check_seeds_honoured(self) -> dict[str, str]:
+        """Ask every live server not asked yet whether it honours ``sampling_seed`` (``/server_info``'s
+        ``enable_deterministic_inference``: SGLang builds per-row seeds only with it,
+        ``SamplingBatchInfo.from_schedule_batch``) and warn loudly for each that does not: seeded
+        rollouts from it are not reproducible (not after a resume either). Returns the servers that
+        ignore seeds, url -> why."""
+        for url in self.live_urls():
+            if url in self._seed_checked:
+                continue
+            self._seed_checked.add(url)
+            try:
+                r = self._session().get(f"{url}/server_info", headers=self._headers(), timeout=self.timeout[0])
+                flag = r.json().get("enable_deterministic_inference") if r.status_code == 200 else None
+                why = None if flag is True else (
+                    "started without --enable-deterministic-inference" if flag is False
+                    else f"/server_info does not say (HTTP {r.status_code})")
+            except (requests.RequestException, ValueError, AttributeError) as exc:
+                why = f"/server_info failed: {exc}"
+            if why:
+                self.seeds_ignored[url] = why
+                warnings.warn(f"{url} ignores sampling_seed ({why}): seeded rollouts are NOT reproducible, "
+                              "not after a resume either; set rollout.deterministic: true", stacklevel=2)
+        return dict(self.seeds_ignored)
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, n: int = 1) -> list[list[Completion]]:
         """Sample ``n`` responses per prompt; result[i][j] is the j-th response to prompts[i]."""
         if not prompts:
             return []
+        if sampling.seed is not None and sampling.temperature > 0:
+            self.check_seeds_honoured()
         pool = ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(prompts)))
         futures = [pool.submit(self._generate_one, p, sampling, n, i) for i, p in enumerate(prompts)]
         try:
@@ -182,8 +219,13 @@ class HttpEngine:
         finally:
             self.continue_generation()
         verify_weight_version(urls, report.version, api_key=self.api_key)
-        if self.verify_probes_after_sync and report.probes:
-            verify_probes(urls, report.probes, api_key=self.api_key)
+        probe_urls = [u for u in urls if u not in self.unprobed]
+        if self.verify_probes_after_sync and report.probes and probe_urls:
+            for url, why in verify_probes(probe_urls, report.probes, api_key=self.api_key).items():
+                self.unprobed[url] = why
+                warnings.warn(f"verify_sync: {url} cannot read weights back (/get_weights_by_name: HTTP 400 {why}; "
+                              "SGLang implements it only for Llama-family, Granite, Exaone4 and OPT models, not "
+                              "Qwen2): its syncs are checked by weight version only", stacklevel=2)
         self._version, self.last_sync = report.version, report
 
     def _send(self, named_tensors, version: str, urls: list[str]) -> SyncReport:
@@ -201,7 +243,8 @@ class HttpEngine:
             if self._sync is None or self._sync.urls != urls:
                 if self._sync is not None:
                     self._sync.close()
-                self._sync = DistributedWeightSync(urls, **self._sync_args)
+                tp = [self._tp_sizes[u] for u in urls] if self._tp_sizes is not None else None
+                self._sync = DistributedWeightSync(urls, tp_sizes=tp, **self._sync_args)
                 self._sync.connect()
         except WeightSyncError as exc:
             self._sync = None

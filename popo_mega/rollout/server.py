@@ -3,15 +3,33 @@
     popo-rollout-server --model-path DIR [--host 127.0.0.1] [--port 30000] [--device cpu|cuda]
                         [--dtype auto|float32|bfloat16|float16] [--random-seed N] [--api-key KEY]
                         [--max-running-requests N] [--weight-version V] [--num-threads N]
+                        [--strict-sglang] [--tp-size N] [--enable-deterministic-inference]
 
 Flag names are ``sglang.launch_server``'s where they overlap. It serves the native SGLang endpoints
 the rollout client and the weight sync use, with SGLang's request and response bodies:
 ``/health``, ``/health_generate``, ``/ready``, ``/generate``, ``/model_info`` (``/get_model_info``;
 carries ``weight_version``), ``/flush_cache``, ``/pause_generation``, ``/continue_generation``,
-``/update_weights_from_disk``, ``/init_weights_update_group``, ``/update_weights_from_distributed``
-(per-tensor broadcasts, or ``load_format: "flattened_bucket"``), ``/destroy_weights_update_group``,
-``/update_weight_version``, ``/get_weights_by_name``, ``/release_memory_occupation``,
-``/resume_memory_occupation``.
+``/update_weights_from_disk``, ``/init_weights_update_group``, ``/begin_weight_update``,
+``/update_weights_from_distributed`` (per-tensor broadcasts, or ``load_format: "flattened_bucket"``),
+``/end_weight_update``, ``/destroy_weights_update_group``, ``/update_weight_version``,
+``/get_weights_by_name``, ``/release_memory_occupation``, ``/resume_memory_occupation``,
+``/server_info`` (``/get_server_info``).
+
+``--strict-sglang`` answers as SGLang 0.5.23 does where a lenient stand-in would hide a GPU-run
+failure (the launcher starts embedded servers with it):
+- ``/update_weights_from_distributed`` outside a ``/begin_weight_update`` .. ``/end_weight_update``
+  window is answered 400 without joining the broadcast
+  (``SchedulerWeightUpdaterManager.update_weights_from_distributed``: ``self._session is None``);
+  a second begin, or an end without a begin, is 400 (``begin_weight_update``/``end_weight_update``).
+- ``/get_weights_by_name`` is 400 ``Get parameter by name failed`` unless the architecture is one
+  whose SGLang model class has ``get_weights_by_name`` (``WeightExporter.get_weights_by_name``
+  returns None on the AttributeError; ``http_server.get_weights_by_name`` answers 400): not Qwen2.
+- ``sampling_seed`` is ignored unless ``--enable-deterministic-inference``; with it an unseeded
+  request samples with seed 42 (``SamplingBatchInfo.from_schedule_batch``).
+``--tp-size N`` (either mode) joins the weight-update group with N ranks ``rank_offset + tp_rank``,
+each receiving every broadcast (``server_tp_ranks``); ``/server_info`` reports ``tp_size``,
+``enable_deterministic_inference`` and, under ``popo_weight_updates``, the tensors each TP rank
+received, in all and per closed window. Each closed window is also logged.
 
 Simplifications against SGLang: stdlib ``http.server`` (a thread per connection), one scheduler
 thread with static batches of up to ``--max-running-requests`` sequences, no radix cache (so
@@ -36,8 +54,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from popo_mega.rollout.generation import SequenceRequest, generate_batch
+from popo_mega.rollout.server_tp_ranks import TpRankGroup
 from popo_mega.rollout.sglang_api import finish_reason
-from popo_mega.rollout.weight_group import WeightUpdateGroup
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,9 @@ class ServerArgs:
     weight_version: str = "default"
     num_threads: int = 1
     parent_pid: int | None = None
+    strict_sglang: bool = False
+    tp_size: int = 1
+    enable_deterministic_inference: bool = False
 
 
 def parse_args(argv) -> ServerArgs:
@@ -72,11 +93,31 @@ def parse_args(argv) -> ServerArgs:
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process is no longer our parent (the launching trainer died, "
                         "even by kill -9): no orphaned servers")
+    p.add_argument("--strict-sglang", action="store_true",
+                   help="answer as SGLang 0.5.23 where it is stricter: weight updates only inside "
+                        "begin/end_weight_update windows, no /get_weights_by_name for Qwen2, "
+                        "sampling_seed only with --enable-deterministic-inference")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="ranks this server joins the weight-update group with (rank_offset + tp_rank), "
+                        "as a TP-N SGLang server does; generation itself is not sharded")
+    p.add_argument("--enable-deterministic-inference", action="store_true",
+                   help="honour sampling_seed under --strict-sglang (SGLang ignores it without this flag)")
     a = p.parse_args(argv)
+    if a.tp_size < 1:
+        p.error(f"--tp-size must be >= 1, got {a.tp_size}")
     return ServerArgs(model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
                       random_seed=a.random_seed, api_key=a.api_key,
                       max_running_requests=a.max_running_requests, weight_version=a.weight_version,
-                      num_threads=a.num_threads, parent_pid=a.parent_pid)
+                      num_threads=a.num_threads, parent_pid=a.parent_pid, strict_sglang=a.strict_sglang,
+                      tp_size=a.tp_size, enable_deterministic_inference=a.enable_deterministic_inference)
+
+
+# SGLang 0.5.23 model classes that define get_weights_by_name (grep "def get_weights_by_name"
+# sglang/srt/models/): llama.py (and its subclasses' registered names), granite.py, exaone4.py,
+# opt.py. Everything else, Qwen2ForCausalLM included, answers /get_weights_by_name with 400.
+SGLANG_WEIGHT_READERS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM",
+                                   "Exaone4ForCausalLM", "OPTForCausalLM"})
+DETERMINISTIC_DEFAULT_SEED = 42  # SamplingBatchInfo.from_schedule_batch: a row without sampling_seed
 
 
 class RequestError(Exception):
@@ -88,6 +129,9 @@ def _torch_dtype(name: str, where: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise RequestError(f"{where}: unknown dtype {name!r}")
     return dtype
+
+
+ADMIT_STEPS = 64  # requests join a running batch during its first 64 decode steps (RolloutServer._continuous_batching)
 
 
 class RolloutServer:
@@ -119,7 +163,12 @@ class RolloutServer:
         self.running.set()
         self.busy = False
         self.released = False
-        self.groups: dict[str, WeightUpdateGroup] = {}
+        self.groups: dict[str, TpRankGroup] = {}
+        self.window_open = False                    # between /begin_weight_update and /end_weight_update
+        self.window_lock = threading.Lock()
+        self.windows: list[list[int]] = []          # tensors received per TP rank in each closed window
+        self._window_start: list[int] = []
+        self._retired = [0] * args.tp_size          # receipts of destroyed groups
         self.stopping = threading.Event()
         self.scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self.scheduler.start()
@@ -143,22 +192,53 @@ class RolloutServer:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            slots = {id(s): slot for s, slot in batch}
             try:
                 with self.model_lock:
                     if self.released:
                         raise RuntimeError("memory released (call /resume_memory_occupation first)")
                     generate_batch(self.model, [s for s, _ in batch], pad_token_id=self.pad_token_id,
-                                   eos_token_ids=self.eos_token_ids, generator=self.generator, device=self.device)
-                    version = self.weight_version
-                for s, slot in batch:
-                    slot["version"] = version
-                    slot["done"].set()
+                                   eos_token_ids=self.eos_token_ids, generator=self.generator, device=self.device,
+                                   **self._continuous_batching(slots))
             except Exception as exc:  # noqa: BLE001 - reported to every waiting request
-                for _, slot in batch:
-                    slot["error"] = f"{type(exc).__name__}: {exc}"
-                    slot["done"].set()
+                for slot in slots.values():
+                    if not slot["done"].is_set():
+                        slot["error"] = f"{type(exc).__name__}: {exc}"
+                        slot["done"].set()
             finally:
                 self.busy = False
+
+    # ---- continuous batching (generate_batch's admit / on_finish; owned by the rollout-generation work) ----
+    def _continuous_batching(self, slots: dict) -> dict:
+        """``generate_batch``'s callbacks for one batch, run with the model lock held: a finished
+        sequence is answered at once; requests queued while the batch runs join it between decode
+        steps (up to --max-running-requests rows), so the prompts of one rollout step that reach the
+        server one by one share their decode steps (before, the first of 32 concurrent requests
+        often ran alone and the other 31 after it). Joining stops while generation is paused and
+        after ADMIT_STEPS steps, so a steady stream of requests cannot hold the model lock against
+        weight updates."""
+        running = [len(slots)]
+
+        def admit(step: int) -> list:
+            joining = []
+            while (step <= ADMIT_STEPS and self.running.is_set()
+                   and running[0] + len(joining) < self.args.max_running_requests):
+                try:
+                    seq, slot = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                slots[id(seq)] = slot
+                joining.append(seq)
+            running[0] += len(joining)
+            return joining
+
+        def on_finish(seq) -> None:
+            running[0] -= 1
+            slot = slots[id(seq)]
+            slot["version"] = self.weight_version
+            slot["done"].set()
+
+        return {"admit": admit, "on_finish": on_finish}
 
     def generate(self, body: dict) -> object:
         prompts = body.get("input_ids")
@@ -188,14 +268,15 @@ class RolloutServer:
             stop = sp.get("stop_token_ids") or []
             if sp.get("stop"):
                 raise RequestError("/generate: string 'stop' needs a tokenizer; use stop_token_ids")
+            seed = self._sampling_seed(sp.get("sampling_seed"))
             for j in range(n):
                 seq = SequenceRequest(prompt=list(p), temperature=float(sp.get("temperature", 1.0)),
                                       top_p=float(sp.get("top_p", 1.0)),
                                       max_new_tokens=int(sp.get("max_new_tokens", 128)),
                                       stop_token_ids=frozenset(int(t) for t in stop),
-                                      logprob_start_len=start_len if return_logprob else -1,
-                                      seed=None if sp.get("sampling_seed") is None else int(sp["sampling_seed"]))
-                if seq.seed is not None and n > 1:  # SGLang would give all n the same sample
+                                      logprob_start_len=start_len if return_logprob else -1, seed=seed)
+                if sp.get("sampling_seed") is not None and seq.seed is not None and n > 1:
+                    # SGLang would give all n the same sample
                     raise RequestError("/generate: sampling_seed with n > 1 gives n identical samples; "
                                        "send n prompts with one seed each")
                 if seq.top_p <= 0 or seq.top_p > 1:
@@ -222,6 +303,19 @@ class RolloutServer:
                                                     zip(seq.input_logprobs, seq.prompt[seq.logprob_start_len:])]
             outs.append({"text": "", "output_ids": list(seq.output_ids), "meta_info": meta})
         return outs[0] if len(outs) == 1 else outs
+
+    def _sampling_seed(self, value) -> int | None:
+        """The seed a row samples with: SGLang builds per-row seeds only under
+        --enable-deterministic-inference, 42 for a row without one (strict mode); the lenient
+        mode honours every given seed."""
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not -(2 ** 63) <= value <= 2 ** 63 - 1):
+            raise RequestError(f"/generate: sampling_seed must be an integer in [-2**63, 2**63 - 1], got {value!r}")
+        if not self.args.strict_sglang:
+            return value
+        if not self.args.enable_deterministic_inference:
+            return None
+        return DETERMINISTIC_DEFAULT_SEED if value is None else value
 
     # ---- weights ----
     def load_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> None:
@@ -260,19 +354,51 @@ class RolloutServer:
                 "num_paused_requests": 0}
 
     def init_group(self, body: dict) -> dict:
+        """Join the group with ``--tp-size`` ranks ``rank_offset + tp_rank`` (SGLang's ranks)."""
         try:
             name = body.get("group_name", "weight_update_group")
             if name in self.groups:
                 raise RequestError(f"group {name!r} already exists")
-            group = WeightUpdateGroup(master_address=body["master_address"], master_port=int(body["master_port"]),
-                                      rank=int(body["rank_offset"]), world_size=int(body["world_size"]),
-                                      group_name=name, backend=body.get("backend", "nccl"))
+            group = TpRankGroup(master_address=body["master_address"], master_port=int(body["master_port"]),
+                                rank_offset=int(body["rank_offset"]), world_size=int(body["world_size"]),
+                                group_name=name, backend=body.get("backend", "nccl"), tp_size=self.args.tp_size)
         except KeyError as exc:
             raise RequestError(f"/init_weights_update_group: missing field {exc}") from None
+        except (ValueError, RuntimeError) as exc:  # SGLang: 400 "Failed to initialize custom process group"
+            raise RequestError(f"Failed to initialize custom process group: {exc}.") from None
         self.groups[name] = group
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
+    def received(self) -> list[int]:
+        """Tensors received so far per TP rank (every group, destroyed ones included)."""
+        total = list(self._retired)
+        for g in list(self.groups.values()):
+            total = [a + b for a, b in zip(total, g.receipts)]
+        return total
+
+    def begin_update(self) -> dict:
+        with self.window_lock:
+            if self.window_open:
+                raise RequestError("a weight-update session is already open; call end_weight_update() first")
+            self.window_open = True
+            self._window_start = self.received()
+        return {"success": True, "message": "Success"}
+
+    def end_update(self) -> dict:
+        with self.window_lock:
+            if not self.window_open:
+                raise RequestError("no weight-update session is open; call begin_weight_update() first")
+            self.window_open = False
+            counts = [a - b for a, b in zip(self.received(), self._window_start)]
+            self.windows.append(counts)
+        print(f"popo-rollout-server: weight-update window {len(self.windows)} closed: tensors received per "
+              f"TP rank {counts}", flush=True)
+        return {"success": True, "message": "Success"}
+
     def update_from_distributed(self, body: dict) -> dict:
+        if self.args.strict_sglang and not self.window_open:  # answered before joining the broadcast
+            raise RequestError("update_weights_from_distributed must run between begin_weight_update() "
+                               "and end_weight_update()")
         name = body.get("group_name", "weight_update_group")
         group = self.groups.get(name)
         if group is None:
@@ -282,22 +408,14 @@ class RolloutServer:
                 and len(names) == len(dtypes) == len(shapes)):
             raise RequestError("/update_weights_from_distributed: names, dtypes, shapes must be lists of one length")
         dts = [_torch_dtype(d, f"/update_weights_from_distributed ({n})") for n, d in zip(names, dtypes)]
-        named = []
-        if body.get("load_format") == "flattened_bucket":
-            sizes = [int(torch.Size(s).numel()) * d.itemsize for s, d in zip(shapes, dts)]
-            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=group.device)
-            group.broadcast(flat)
+        flattened = body.get("load_format") == "flattened_bucket"
+        if flattened:
             offset = 0
-            for n, d, s, size in zip(names, dts, shapes, sizes):
+            for n, d, s in zip(names, dts, shapes):
                 if offset % d.itemsize:
                     raise RequestError(f"unaligned tensor {n} in flattened bucket (byte offset {offset}, {d})")
-                named.append((n, flat[offset:offset + size].view(d).reshape(s)))
-                offset += size
-        else:
-            for n, d, s in zip(names, dts, shapes):
-                t = torch.empty(s, dtype=d, device=group.device)
-                group.broadcast(t)
-                named.append((n, t))
+                offset += int(torch.Size(s).numel()) * d.itemsize
+        named = list(zip(names, group.receive(list(zip(dts, shapes)), flattened)))
         with self.model_lock:
             self.load_named_tensors(named)
             if body.get("weight_version") is not None:
@@ -308,10 +426,14 @@ class RolloutServer:
         group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
         if group is None:
             return {"success": False, "message": "The group to be destroyed does not exist."}
+        self._retired = [a + b for a, b in zip(self._retired, group.receipts)]
         group.close()
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def get_weights_by_name(self, body: dict) -> list:
+        archs = list(getattr(self.config, "architectures", None) or [])
+        if self.args.strict_sglang and not SGLANG_WEIGHT_READERS.intersection(archs):
+            raise RequestError("Get parameter by name failed")  # SGLang's answer; its log: no get_weights_by_name
         name, size = body.get("name"), int(body.get("truncate_size", 100))
         params = dict(self.model.named_parameters())
         if name == "lm_head.weight" and name not in params and getattr(self.config, "tie_word_embeddings", False):
@@ -327,6 +449,19 @@ class RolloutServer:
                 self.model.to("cpu" if released else self.device)
                 torch.cuda.empty_cache()
             self.released = released
+
+    def server_info(self) -> dict:
+        """SGLang's ``/server_info`` keys this server has (its resolved ServerArgs), plus its
+        weight-update receipts per TP rank under ``popo_weight_updates``."""
+        a = self.args
+        with self.window_lock:
+            windows = [list(w) for w in self.windows]
+        return {"model_path": a.model_path, "tp_size": a.tp_size, "dp_size": 1, "pp_size": 1,
+                "random_seed": a.random_seed, "enable_deterministic_inference": a.enable_deterministic_inference
+                if a.strict_sglang else True, "max_running_requests": a.max_running_requests,
+                "device": self.device.type, "version": "popo-rollout-server", "strict_sglang": a.strict_sglang,
+                "popo_weight_updates": {"received_per_tp_rank": self.received(), "closed_windows": windows,
+                                        "window_open": self.window_open}}
 
     def model_info(self) -> dict:
         return {"model_path": self.model_path, "served_model_name": self.args.model_path,
@@ -389,6 +524,12 @@ def _handler(server: RolloutServer):
                     return self._send(200, server.update_from_disk(body))
                 if path == "/init_weights_update_group":
                     return self._send(200, server.init_group(body))
+                if path in ("/server_info", "/get_server_info"):
+                    return self._send(200, server.server_info())
+                if path == "/begin_weight_update":
+                    return self._send(200, server.begin_update())
+                if path == "/end_weight_update":
+                    return self._send(200, server.end_update())
                 if path == "/update_weights_from_distributed":
                     return self._send(200, server.update_from_distributed(body))
                 if path == "/destroy_weights_update_group":

@@ -126,6 +126,19 @@ def update_weights_from_distributed_request(names: list[str], dtypes: list[str],
     return body
 
 
+def begin_weight_update_request(selector: str = "all") -> dict:
+    """``BeginWeightUpdateReqInput``: opens the window outside which SGLang 0.5.23 rejects
+    ``/update_weights_from_distributed`` (and ``_from_tensor``)."""
+    if selector not in ("target", "draft", "all"):
+        raise ValueError(f"begin_weight_update: selector must be target|draft|all, got {selector!r}")
+    return {"selector": selector}
+
+
+def end_weight_update_request() -> dict:
+    """``EndWeightUpdateReqInput`` (no fields): closes the window, finalises the loaded weights."""
+    return {}
+
+
 def update_weights_from_disk_request(model_path: str, weight_version: str) -> dict:
     """``UpdateWeightFromDiskReqInput``."""
     return {"model_path": model_path, "weight_version": str(weight_version), "abort_all_requests": False,

@@ -14,6 +14,7 @@ so a real SGLang server can join a group that this class hosts.
 from __future__ import annotations
 
 import datetime
+import threading
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ class WeightUpdateGroup:
             raise RuntimeError("WeightUpdateGroup: backend 'nccl' is not available in this torch build "
                                "(a CPU build?): use backend 'gloo'")
         self.rank, self.world_size, self.backend, self.group_name = rank, world_size, backend, group_name
+        self._pending: list = []  # broadcasts started and maybe not completed (waited out by abort)
         timeout = datetime.timedelta(seconds=timeout_s)
         self._store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),
                                     timeout=timeout, wait_for_workers=False)
@@ -52,22 +54,69 @@ class WeightUpdateGroup:
             self._pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        """Broadcast ``tensor`` in place from rank 0 (contiguous, on this group's device)."""
+    def broadcast_async(self, tensor: torch.Tensor):
+        """Start broadcasting ``tensor`` in place from rank 0; returns the ``Work`` (``is_completed()``,
+        ``wait()``). The caller can poll it and ``abort()`` the group instead of blocking: on gloo a
+        root's send waits until every peer has posted its receive, so a peer that never joins (a
+        server that rejected the update) would block a plain ``wait()`` for the whole group timeout."""
+        if self._pg is None:
+            raise RuntimeError(f"WeightUpdateGroup {self.group_name}: closed or aborted")
         if tensor.device.type != self.device.type:
             raise ValueError(f"WeightUpdateGroup({self.backend}): tensor on {tensor.device}, expected {self.device.type}")
         if not tensor.is_contiguous():
             raise ValueError("WeightUpdateGroup.broadcast: tensor must be contiguous")
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
-        self._pg.broadcast([tensor], opts).wait()
+        work = self._pg.broadcast([tensor], opts)
+        self._pending = [w for w in self._pending if not w.is_completed()] + [work]
+        return work
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Broadcast ``tensor`` in place from rank 0 (contiguous, on this group's device); blocks."""
+        self.broadcast_async(tensor).wait()
+
+    def abort(self) -> None:
+        """Give the group up at once, with collectives possibly pending (a peer never joined).
+
+        Nothing here may block, nor hold the GIL: gloo's ``ProcessGroup.abort()`` can wait for the
+        whole group timeout while a send is in progress *holding the GIL* (measured: the process
+        stalled 60 s of a 60 s timeout, in 2 of 6 tries), and ``shutdown()`` after it (or the
+        backend's destructor) waits until pending work has failed by that timeout. So a daemon
+        thread keeps the backend alive, waits out the pending work (``Work.wait`` releases the GIL;
+        the work fails by the group timeout), aborts it on NCCL (whose watchdog needs it), then
+        shuts it down. The group is unusable from the moment this returns.
+        """
+        pg, self._pg = getattr(self, "_pg", None), None
+        pending, self._pending = self._pending, []
+        self._store = None
+        if pg is not None:
+            threading.Thread(target=_wait_then_shutdown, args=(pg, pending, self.backend == "nccl"),
+                             name=f"abort-{self.group_name}", daemon=True).start()
 
     def close(self) -> None:
         """Drop the backend and the store (the peer ranks do the same on their side)."""
         pg, self._pg = getattr(self, "_pg", None), None
-        if pg is not None and hasattr(pg, "shutdown"):
-            try:
-                pg.shutdown()
-            except Exception:  # noqa: BLE001 - best effort on teardown
-                pass
+        _shutdown(pg)
         self._store = None
+
+
+def _wait_then_shutdown(pg, pending: list, abort_first: bool) -> None:
+    if abort_first:
+        try:
+            pg.abort()
+        except Exception:  # noqa: BLE001 - best effort: the group is given up either way
+            pass
+    for work in pending:
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - expected: the peer never joined
+            pass
+    _shutdown(pg)
+
+
+def _shutdown(pg) -> None:
+    if pg is not None and hasattr(pg, "shutdown"):
+        try:
+            pg.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on teardown
+            pass

@@ -28,7 +28,8 @@ def server(tmp_path_factory):
     port = free_port()
     exe = shutil.which("popo-rollout-server")
     cmd = [exe] if exe else [sys.executable, "-m", "popo_mega.rollout.server"]  # console script when installed
-    cmd += ["--model-path", path, "--port", str(port), "--device", "cpu", "--api-key", KEY, "--random-seed", "7"]
+    cmd += ["--model-path", path, "--port", str(port), "--device", "cpu", "--api-key", KEY, "--random-seed", "7",
+            "--strict-sglang"]  # SGLang 0.5.23's rules (see popo_mega/rollout/server.py)
     proc = launch(cmd, f"http://127.0.0.1:{port}", log_path=str(root / "server.log"), health_timeout_s=120, api_key=KEY)
     try:
         yield proc.url, path, root

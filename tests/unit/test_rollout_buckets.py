@@ -58,6 +58,9 @@ def test_launcher_commands_use_sglang_flag_names():
     from popo_mega.rollout.server import parse_args
     args = parse_args(emb[3:])  # the embedded server accepts what the launcher builds
     assert (args.model_path, args.port, args.device, args.random_seed) == ("/m", 31001, "cpu", 3)
+    assert args.strict_sglang and not args.enable_deterministic_inference  # SGLang's rules, SGLang's default
+    det = parse_args(embedded_server_command("/m", extra_args=("--enable-deterministic-inference",))[3:])
+    assert det.strict_sglang and det.enable_deterministic_inference
     r = router_command(["http://a:1", "http://b:2"], port=30000)
     assert r[:3] == [sys.executable, "-m", "sglang_router.launch_router"] and r[4:6] == ["http://a:1", "http://b:2"]
     with pytest.raises(ValueError, match="no worker URLs"):

@@ -139,6 +139,8 @@ def test_control_and_weight_bodies_match_io_struct(req_fields):
         "UpdateWeightVersionReqInput": api.update_weight_version_request("v1"),
         "DestroyWeightsUpdateGroupReqInput": api.destroy_weights_update_group_request("g"),
         "GetWeightsByNameReqInput": api.get_weights_by_name_request("model.norm.weight", 4),
+        "BeginWeightUpdateReqInput": api.begin_weight_update_request(),
+        "EndWeightUpdateReqInput": api.end_weight_update_request(),
         "PauseGenerationReqInput": api.pause_generation_request("retract"),
         "ReleaseMemoryOccupationReqInput": api.memory_occupation_request(["weights"]),
         "ResumeMemoryOccupationReqInput": api.memory_occupation_request(None),
