@@ -127,7 +127,10 @@ class RolloutConfig:
     sync: Literal["distributed", "disk"] = "distributed"
     bucket_mb: int = 512
     verify_sync: bool = True
-    deterministic: bool = False             # SGLang --enable-deterministic-inference (honours the per-rollout seeds)
+    deterministic: bool = True              # servers get --enable-deterministic-inference: without it SGLang
+                                            # ignores the per-rollout seeds (HttpEngine warns at the first step)
+    master_address: Optional[str] = None    # this host as the servers' weight-update ranks dial it; unset:
+                                            # 127.0.0.1 if every server is local, else the routed interface's
     max_server_restarts: int = 3            # dead launched servers relaunched per run before giving up
 
 

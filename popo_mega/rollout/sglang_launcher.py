@@ -73,7 +73,8 @@ def embedded_server_command(model_path: str, *, host: str = "127.0.0.1", port: i
                             random_seed: int | None = None, extra_args: tuple[str, ...] = (),
                             exit_with_parent: bool = True) -> list[str]:
     """argv of the embedded server (same flag names as SGLang where they overlap). With
-    ``exit_with_parent`` the server stops when this process dies, kill -9 included."""
+    ``exit_with_parent`` the server stops when this process dies, kill -9 included. It runs with
+    ``--strict-sglang``: it rejects what SGLang 0.5.23 rejects (see popo_mega/rollout/server.py)."""
     cmd = [sys.executable, "-m", "popo_mega.rollout.server", "--model-path", model_path, "--host", host,
            "--port", str(port), "--device", device, "--dtype", dtype]
     if exit_with_parent:
@@ -82,7 +83,7 @@ def embedded_server_command(model_path: str, *, host: str = "127.0.0.1", port: i
         cmd += ["--api-key", api_key]
     if random_seed is not None:
         cmd += ["--random-seed", str(random_seed)]
-    return cmd + list(extra_args)
+    return cmd + ["--strict-sglang", *extra_args]
 
 
 def router_command(worker_urls: list[str], *, host: str = "127.0.0.1", port: int = 30000) -> list[str]:
@@ -268,7 +269,7 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
     r = cfg.rollout
     if r.urls:
         return RunServers([], list(r.urls), "127.0.0.1")
-    extra = ("--enable-deterministic-inference",) if r.deterministic and r.backend == "sglang" else ()
+    extra = ("--enable-deterministic-inference",) if r.deterministic else ()  # both backends: strict embedded too
     common = dict(host=r.host, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=log_dir, extra_args=extra)
     if rt.device.type != "cuda":
         local = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, tp_size=r.server_tp,

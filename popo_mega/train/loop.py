@@ -243,7 +243,8 @@ def run(cfg: Config, log=print) -> RunResult:
             from popo_mega.train.metrics import MetricsLogger
 
             r = cfg.rollout
-            engine = HttpEngine(run_servers.urls, servers=run_servers.local, master_address=run_servers.master_address,
+            engine = HttpEngine(run_servers.urls, servers=run_servers.local,
+                                master_address=r.master_address or run_servers.master_address,
                                 api_key=r.api_key,
                                 request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
                                 max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
