@@ -9,28 +9,28 @@ tests/pretend_cuda.py tracks as CUDA wherever the GPU run would put them (``rt.d
 Every collective of the default / TP / PP / DP groups is checked to get CUDA tensors only
 (tests/collective_devices.py), as NCCL requires.
 
-Covered, at TP=1 (1 process) and at TP=2, then DP=2, then PP=2 (2 processes): packing and the move
-of every micro-batch to the device, the POPO target pass (EMA swapped in, forward only), forward
-and backward through megatron's schedule (at PP=2 its p2p), the POPO loss with the predictor and
-target noise, the normalisers and their DP all-reduce, the stats all-reduces, the NaN/inf gradient
-check, megatron's optimizer step (the distributed optimizer's reduce-scatter and all-gather, grad-
-norm clipping, Adam) and the EMA update; the all-masked micro-batch of a DP rank without rollouts;
-one GRPO and one A3PO step (their normaliser branch, A3PO's advantage shaping);
-``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``' TP all-gathers, and at PP=2
-the funnel's send/recv to rank 0); ``all_ranks_true`` (the RL loop's has-work vote). Then the
-failure cases: every micro-batch field that the GPU path reads, left on the CPU alone, raises; and
-a CPU tensor handed to the default group (what the loop's has-work all-reduce did) raises in the
-collective check.
+Covered, at TP=1 (1 process) and at TP=2, then DP=2, then PP=2, then TP=2 with sequence parallelism
+(2 processes): packing and the move of every micro-batch to the device, the POPO target pass (EMA
+swapped in, forward only), forward and backward through megatron's schedule (at PP=2 its p2p), the
+POPO loss with the predictor and target noise, the normalisers and their DP all-reduce, the stats
+all-reduces, the NaN/inf gradient check, megatron's optimizer step (the distributed optimizer's
+reduce-scatter and all-gather, grad-norm clipping, Adam) and the EMA update; the all-masked
+micro-batch of a DP rank without rollouts; one GRPO and one A3PO step (their normaliser branch,
+A3PO's advantage shaping); ``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``' TP
+all-gathers, and at PP=2 the funnel's send/recv to rank 0); ``all_ranks_true`` (the RL loop's
+has-work vote). Then the failure cases: every micro-batch field that the GPU path reads, left on
+the CPU alone, raises; and a CPU tensor handed to the default group (what the loop's has-work
+all-reduce did) raises in the collective check.
 
 NOT covered (also in docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (CPU
 kernels compute the values; popo_mega._C has no "cuda" kernel in this build, so the reference twins
 run, as on a GPU build without the extension); Transformer Engine (not installable here: the local
 spec with SDPA attention runs, plus a stand-in check that the packed cu_seqlens are CUDA int32 as
-TE's attention needs); streams, events and communication overlap; NCCL itself; sequence
-parallelism; checkpoint save / load; the rollout engine's own weight-update group (its
-``broadcast_async`` checks the device itself); the RL loop around the step (only its has-work vote,
-through ``all_ranks_true``); and tensors created in C++ from a CPU tensor without a Python call
-(they count as CUDA: a miss, never a false alarm).
+TE's attention needs); streams, events and communication overlap; NCCL itself; checkpoint save /
+load; the rollout engine's own weight-update group (its ``broadcast_async`` checks the device
+itself); the RL loop around the step (only its has-work vote, through ``all_ranks_true``); and
+tensors created in C++ from a CPU tensor without a Python call (they count as CUDA: a miss, never a
+false alarm).
 """
 
 import dataclasses
@@ -74,7 +74,7 @@ def _trainer(path, rt, over=None):
 
     cfg = make_cfg(path, over, tensor=rt.tp, pipeline=rt.pp)
     with mock.patch("torch.cuda.is_available", return_value=True):   # build_gpt_model's GPU branch
-        loaded = build_from_hf(cfg.model, rt)
+        loaded = build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel)
     return PolicyTrainer(cfg, rt, loaded)
 
 
@@ -188,6 +188,9 @@ def _steps(rank, world_size, path, tp, then_dp2):
             engine = _Engine()
             sync_engine_weights(pp_trainer, engine, use_ema=True, version="v1")
             out["pp2_received"] = engine.received
+            parallel_state.destroy_model_parallel()   # and TP=2 with sequence parallelism
+            rt = _pretend_runtime(2)
+            out["tp2_sp"] = _trainer(path, rt, {"parallel.sequence_parallel": True}).train_step(positives)
         out["calls"] = dict(calls)
         out["checked_ops"] = mode.checks
 
@@ -279,7 +282,7 @@ def test_a_micro_batch_tensor_left_on_the_cpu_is_caught(one):
     assert "int32" in one["left_on_cpu"]["packed_seq_params"]
 
 
-@pytest.mark.slow   # two spawned processes, three layouts: ~30 s of CPU (75 s wall at load 20)
+@pytest.mark.slow   # two spawned processes, four layouts: ~35 s of CPU (110 s wall at load 20)
 def test_pretend_cuda_step_tp2_dp2_pp2(two, one, hf_path):
     for rank, out in enumerate(two):
         _check_run(out, hf_path, 2)
@@ -297,3 +300,5 @@ def test_pretend_cuda_step_tp2_dp2_pp2(two, one, hf_path):
     assert {dev for dev, _, _ in two[0]["pp2_received"].values()} == {"cuda"}
     p2p = sum(two[1]["calls"].get(k, 0) for k in ("send", "isend", "batch_isend_irecv"))
     assert p2p > 0, two[1]["calls"]
+    # TP=2 with sequence parallelism (padding to a multiple of tp, the hidden-state gather for P3).
+    assert two[0]["tp2_sp"]["loss"] == pytest.approx(one["popo"][0]["loss"], rel=1e-5)
