@@ -21,7 +21,8 @@
 # benchmarks/gpu/train_step.py. A failed stage is recorded and the next one still runs (a failed
 # build skips the stages that need it).
 # Writes, with the device named in each: benchmarks/results/{check_cuda.txt, extension_build_cuda.txt,
-# tests_gpu_cuda.txt, kernels_cuda.csv, train_step_cuda.json}; copies them into $OUT when it is set.
+# tests_gpu_cuda.txt, kernels_cuda.csv, train_step_cuda.json}; copies them into $OUT (when set) after
+# every stage, so that a cut-off run still returns what it measured.
 # Exit status: the number of failed stages. Without CUDA it dry-runs (stages 1 and 3: every GPU
 # test skips; 2, 4, 5 are reported as skipped), e.g.
 #   PYTHON=.venv/bin/python POPO_CHECK_RESULTS=/tmp/check_dry bash benchmarks/gpu/check.sh
@@ -38,6 +39,13 @@ SUMMARY="$RES/check_cuda.txt"
 FAILED=0
 : > "$SUMMARY"
 say() { echo "[check $(date -u +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+publish() {  # copy the results so far into $OUT (the device tool returns it): a later stage may be cut off
+  [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
+  for f in check_cuda.txt extension_build_cuda.txt tests_gpu_cuda.txt kernels_cuda.csv train_step_cuda.json; do
+    [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"
+  done
+  return 0
+}
 stage() {  # stage NAME LIMIT_S LOGFILE CMD...: run CMD under a time limit, tee its output, record the outcome
   local name="$1" limit="$2" log="$3"; shift 3
   local t0=$SECONDS rc
@@ -46,6 +54,7 @@ stage() {  # stage NAME LIMIT_S LOGFILE CMD...: run CMD under a time limit, tee 
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then say "$name: ok in $((SECONDS - t0))s"
   else say "$name: FAILED (exit $rc$([ "$rc" = 124 ] && echo ', time limit')) after $((SECONDS - t0))s"; FAILED=$((FAILED + 1)); fi
+  publish
   return "$rc"
 }
 
@@ -111,9 +120,5 @@ else
 fi
 
 say "done: $FAILED failed stage(s)"
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  for f in check_cuda.txt extension_build_cuda.txt tests_gpu_cuda.txt kernels_cuda.csv train_step_cuda.json; do
-    [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/"
-  done
-fi
+publish
 exit "$FAILED"
