@@ -26,8 +26,9 @@ optimizer (so clipping and the distributed optimizer cover it); its gradients ar
 by ``_finalize_grads``. Its initial weights depend only on ``train.seed`` (same on every layout).
 
 Padded vocabulary. megatron pads the vocabulary (e.g. 251 -> 256 columns); those columns hold
-weights too and would enter the softmax. :func:`exclude_padded_vocab` masks them to a large
-negative value before ``vocab_parallel_logprob_entropy`` (which has no ``vocab_size`` argument yet).
+weights too and would enter the softmax. ``logprob_entropy`` is given the real ``vocab_size`` and
+skips them (gradient exactly 0). Masking them to ``finfo.min/2`` instead, as this module once did,
+gave NaN entropies in the bf16 CUDA kernel when a shard had < 2,048 real columns (issue 10 #11).
 """
 
 from __future__ import annotations
@@ -49,28 +50,11 @@ from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
 from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches, token_multiple
 
-__all__ = ["PolicyTrainer", "exclude_padded_vocab", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
+__all__ = ["PolicyTrainer", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
 
 POPO_STATS = ("loss", "pg", "sim", "ent", "positive_token_count", "clip_low_count", "clip_high_count", "rho_sum",
               "weighted_cos_sum", "entropy_sum")
 PG_STATS = ("loss", "pg", "kl", "clip_low_count", "clip_high_count", "rho_sum", "token_count")
-
-
-def exclude_padded_vocab(logits: Tensor, vocab_size: int, vocab_start: int) -> Tensor:
-    """logits [T, Vs] of columns vocab_start.. -> the same with every column whose global id is
-    >= vocab_size set to a large negative finite value (exp underflows to exactly 0, so those
-    columns drop out of logZ, entropy and the gradient). Returns the input itself when the shard
-    has no padded column. Temporary until vocab_parallel_logprob_entropy takes ``vocab_size``."""
-    n_real = vocab_size - vocab_start
-    if n_real >= logits.shape[1]:
-        return logits
-    if n_real <= 0:
-        raise ValueError(f"exclude_padded_vocab: a vocab shard starting at {vocab_start} holds only padding "
-                         f"(vocab_size {vocab_size}); lower model.make_vocab_size_divisible_by")
-    col = torch.arange(logits.shape[1], device=logits.device)
-    neg = torch.tensor(-1e30 if logits.dtype == torch.float32 else torch.finfo(logits.dtype).min / 2,
-                       dtype=logits.dtype, device=logits.device)
-    return torch.where(col[None, :] < n_real, logits, neg)
 
 
 def a3po_token_advantages(samples: list[RolloutSample], step: int, cfg: Config) -> list[RolloutSample]:
@@ -236,10 +220,10 @@ class PolicyTrainer:
         """logits [T, V_pad/tp] (vocab-parallel), labels [T] -> (logp [T], entropy [T]) fp32."""
         tp_group = _groups()[0] if self.rt.tp > 1 else None
         start = self.rt.tp_rank * logits.shape[1]
-        logits = exclude_padded_vocab(logits, self.arch.vocab_size, start)
         # train.kernels: the fused csrc/ kernel ("extension"), its reference twin
         # (popo_mega.model.logprobs, "reference"), or the kernel when built ("auto").
-        return logprob_entropy(logits, labels, group=tp_group, vocab_start=start, impl=self.cfg.train.kernels)
+        return logprob_entropy(logits, labels, group=tp_group, vocab_start=start, vocab_size=self.arch.vocab_size,
+                               impl=self.cfg.train.kernels)
 
     @torch.no_grad()
     def target_pass(self, mbs: list[MicroBatch]) -> None:
