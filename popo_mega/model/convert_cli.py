@@ -2,10 +2,13 @@
 
     popo-convert hf-to-mcore HF_DIR OUT_DIR [--tp N] [--pp M]
     popo-convert mcore-to-hf MCORE_DIR OUT_DIR [--tp N] [--pp M]
+    popo-convert mcore-to-hf RUN/checkpoints/step_XXXXXXXX OUT_DIR --hf-dir HF_DIR [--weights ema]
     popo-convert verify HF_DIR [--tp N] [--pp M] [--dtype float32] [--tol 1e-4]
 
 A Megatron checkpoint is a megatron-core ``dist_checkpointing`` directory (loadable at any TP/PP
-layout) plus ``popo_mega_checkpoint.json`` and the HF config/tokenizer files under ``hf/``.
+layout) plus ``popo_mega_checkpoint.json`` and the HF config/tokenizer files under ``hf/``. ``mcore-to-hf``
+also exports a popo-train checkpoint (``popo_checkpoint.json``; its policy or, ``--weights ema``, its
+EMA target): it holds no HF files, so ``--hf-dir`` names the run's ``model.hf_path`` for them.
 Run under torchrun, or let the command start TP x PP local processes itself (gloo on CPU, NCCL on
 GPU). ``verify`` prints the max abs logits difference as its last line and exits 1 above ``--tol``.
 """
@@ -22,6 +25,7 @@ import torch
 from popo_mega.config import ModelConfig
 
 CHECKPOINT_META = "popo_mega_checkpoint.json"
+TRAIN_MARKER = "popo_checkpoint.json"   # popo_mega.train.checkpoint.MARKER (not imported: that pulls in megatron)
 FIXED_PROMPT = "Janet has 3 apples and buys 5 more. How many apples does she have? The answer is"
 
 
@@ -38,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="model dtype (default: float32 for verify, the checkpoint's torch_dtype otherwise)")
+        if name == "mcore-to-hf":
+            s.add_argument("--hf-dir", default=None,
+                           help="a popo-train checkpoint's config and tokenizer: the run's model.hf_path")
+            s.add_argument("--weights", choices=["policy", "ema"], default="policy",
+                           help="a popo-train checkpoint's policy (default) or EMA target")
         if name == "verify":
             s.add_argument("--tol", type=float, default=None,
                            help="max abs logits difference allowed (default 1e-4 in float32, 0.1 in 16-bit)")
@@ -59,8 +68,8 @@ def _check_dir(path: str, what: str) -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _check_dir(args.src, "source")
-    if args.command == "mcore-to-hf" and not os.path.isfile(os.path.join(args.src, CHECKPOINT_META)):
-        raise SystemExit(f"popo-convert: '{args.src}' has no {CHECKPOINT_META}: not a popo-convert Megatron checkpoint")
+    if args.command == "mcore-to-hf":
+        _check_mcore_source(args)
     if args.command != "mcore-to-hf":
         from popo_mega.config import ConfigError, read_hf_config
         from popo_mega.model.builder import Architecture
@@ -75,6 +84,37 @@ def main(argv=None) -> int:
                                  f"{'key/value heads' if what == '--tp' else 'layers'} ({size})")
     results = launch(_worker, args.tp * args.pp, args)
     return int(results[0]) if results else 0
+
+
+def _is_train_checkpoint(src: str) -> bool:
+    return os.path.isfile(os.path.join(src, TRAIN_MARKER))
+
+
+def _check_mcore_source(args) -> None:
+    """mcore-to-hf's source: a popo-convert checkpoint, or a popo-train one with --hf-dir."""
+    if _is_train_checkpoint(args.src):
+        if not args.hf_dir:
+            raise SystemExit(f"popo-convert: '{args.src}' is a popo-train checkpoint, which holds no config or "
+                             "tokenizer: pass --hf-dir, the run's model.hf_path")
+        if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+            raise SystemExit(f"popo-convert: --hf-dir '{args.hf_dir}' has no config.json")
+        return
+    if not os.path.isfile(os.path.join(args.src, CHECKPOINT_META)):
+        raise SystemExit(f"popo-convert: '{args.src}' has neither {CHECKPOINT_META} (popo-convert) nor "
+                         f"{TRAIN_MARKER} (popo-train): not a Megatron checkpoint this command reads")
+    if args.weights == "ema":
+        raise SystemExit(f"popo-convert: --weights ema: '{args.src}' is a popo-convert checkpoint, which has no EMA")
+
+
+def _saved_dtype(ckpt_dir: str) -> str:
+    """The dtype the policy was trained in: that of the saved word embeddings (first stage) or output layer."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in meta:
+            return str(meta[key].dtype).replace("torch.", "")
+    raise SystemExit(f"popo-convert: '{ckpt_dir}' holds no embedding or output layer")
 
 
 def launch(fn, world_size: int, *args) -> list:
@@ -116,12 +156,16 @@ def _worker(args) -> int:
                 print(f"wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}, {dtype}) to {args.out}")
             return 0
         if args.command == "mcore-to-hf":
-            meta_dir = os.path.join(args.src, "hf")
-            with open(os.path.join(args.src, CHECKPOINT_META)) as f:
-                dtype = args.dtype or json.load(f)["dtype"]
+            train = _is_train_checkpoint(args.src)
+            meta_dir = args.hf_dir if train else os.path.join(args.src, "hf")
+            if train:
+                dtype = args.dtype or _saved_dtype(args.src)
+            else:
+                with open(os.path.join(args.src, CHECKPOINT_META)) as f:
+                    dtype = args.dtype or json.load(f)["dtype"]
             cfg = ModelConfig(hf_path=meta_dir, dtype=dtype, load_weights=False, transformer_impl="local")
             loaded = build_from_hf(cfg, rt)
-            load_mcore(loaded.model, args.src)
+            load_mcore(loaded.model, args.src, prefix="ema." if args.weights == "ema" else "")
             from megatron.core import parallel_state as ps
 
             hfmod.save_hf_checkpoint(loaded.model, loaded.arch, loaded.layout, args.out, meta_dir,
@@ -152,10 +196,20 @@ def save_mcore(model, out_dir: str, hf_dir: str, dtype: str, rt) -> None:
     dist.barrier()
 
 
-def load_mcore(model, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
+def load_mcore(model, ckpt_dir: str, prefix: str = "") -> None:
+    """Load ``model`` from a dist_checkpointing directory; ``prefix`` "ema." reads a popo-train
+    checkpoint's EMA, saved under the policy's keys with that prefix (popo_mega/train/checkpoint.py)."""
+    import dataclasses
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sharded = model.sharded_state_dict()
+    if prefix:   # the EMA holds the parameters only (no extra states), in fp32: cast on load below
+        params = dict(model.named_parameters())
+        sharded = {name: dataclasses.replace(sh, key=prefix + sh.key) for name, sh in sharded.items()
+                   if name in params and isinstance(sh, (ShardedTensor, ShardedTensorFactory))}
+    state = dist_checkpointing.load(sharded, ckpt_dir)
     model.load_state_dict(state, strict=False)
 
 
