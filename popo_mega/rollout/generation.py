@@ -21,14 +21,16 @@ and sampling is one fused softmax plus one pass over [B, V] for the block masses
 vocabulary: a partial sort, ``torch.topk``, finds the nucleus when top_p < 1), where
 ``torch.multinomial`` draws an exponential per vocabulary entry.
 
-Simplification (documented, not hidden): static batching. A batch is prefilled together (left
-padding, explicit position ids) and decoded until every member has finished; rows that finished
-early keep feeding a pad token whose outputs are ignored.
+Batching: a finished row leaves the batch at once (its K/V rows are dropped), and sequences that
+arrive while a batch runs join it between decode steps (``admit``: prefilled on their own, then
+left-padded into the running K/V cache). Simplification against SGLang: no paged KV cache, so
+joining copies the cache; the prompt pass of a joining group is not chunked.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +108,7 @@ def sample_ids(weights: torch.Tensor, uniforms: torch.Tensor, keys: torch.Tensor
         return ids.squeeze(-1)
     exp_noise = torch.stack([torch.rand(block, generator=torch.Generator().manual_seed(int(k)), dtype=torch.float64)
                              for k in keys.tolist()]).to(inside.device).log().neg()  # E_i = -log U_i
-    pick = (inside.log() - exp_noise.log()).argmax(dim=-1, keepdim=True)
+    pick = (inside / exp_noise).argmax(dim=-1, keepdim=True)  # = argmax(log w_i - log E_i), without the logs
     return ids.gather(-1, pick).squeeze(-1)
 
 
@@ -165,15 +167,67 @@ def _prompt_logits_to_keep(seqs: list[SequenceRequest]) -> int:
     return keep
 
 
-@torch.no_grad()
-def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos_token_ids: frozenset[int],
-                   generator: torch.Generator | None, device: torch.device) -> None:
-    """Sample every sequence of ``seqs`` in place (output_ids, output_logprobs, finish, input_logprobs).
+@dataclass
+class _Running:
+    """The rows being decoded together. mask: [B, L] (1 = a real token; left padding), position: [B, 1]
+    of each row's last token, logits: [B, V] for each row's next token, cache: K/V of length L."""
 
-    Rows with a ``seed`` draw their uniforms from ``random.Random(seed)``, the others from ``generator``.
-    A sequence stops at its ``max_new_tokens`` (finish ("length", n)), or after emitting a token in
-    ``stop_token_ids`` or ``eos_token_ids`` (finish ("stop", token); the token is kept, as in SGLang).
-    """
+    seqs: list[SequenceRequest]
+    cache: object
+    mask: torch.Tensor
+    position: torch.Tensor
+    logits: torch.Tensor
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (finished rows leave the batch), then drop the leading columns that
+        are padding for every remaining row."""
+        if len(rows) < len(self.seqs):
+            index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+            self.seqs = [self.seqs[i] for i in rows]
+            self.mask, self.position, self.logits = self.mask[index], self.position[index], self.logits[index]
+            for layer in _kv_layers(self.cache):
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in _kv_layers(self.cache):
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def join(self, other: "_Running") -> None:
+        """Append ``other``'s rows: both left-padded (mask 0, K/V 0) to the longer length."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            pad = length - t.shape[dim]
+            if not pad:
+                return t
+            shape = list(t.shape)
+            shape[dim] = pad
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache)):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.position = torch.cat([self.position, other.position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.seqs = self.seqs + other.seqs
+
+
+def _kv_layers(cache) -> list:
+    """The cache's per-layer K/V holders ([B, heads, L, head_dim] ``keys``/``values``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = list(cache.layers)
+    bad = [type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer]
+    if bad:  # a sliding-window layer keeps its own offsets: rows cannot be moved between batches
+        raise NotImplementedError(f"generate_batch: cache layers {sorted(set(bad))} cannot join or leave a batch")
+    return layers
+
+
+def _prefill(model, seqs: list[SequenceRequest], pad_token_id: int, device: torch.device) -> _Running:
+    """The prompt pass of ``seqs`` (left padding, explicit position ids); fills their input_logprobs."""
     from transformers import DynamicCache
 
     batch = len(seqs)
@@ -185,10 +239,9 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
         mask[i, width - len(s.prompt):] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
     keep = _prompt_logits_to_keep(seqs)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-                logits_to_keep=keep)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=DynamicCache(),
+                use_cache=True, logits_to_keep=keep)
     for i, s in enumerate(seqs):
         if s.logprob_start_len >= 0:  # prompt log-probs, [None] for the first prompt token as SGLang does
             first = width - len(s.prompt) + max(s.logprob_start_len, 1) - 1  # predicts the first asked token
@@ -196,36 +249,82 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
             logp = torch.log_softmax(out.logits[i, lo:keep - 1].float(), dim=-1)
             given = logp.gather(-1, ids[i, first + 1:, None]).squeeze(-1).tolist()
             s.input_logprobs = ([None] if s.logprob_start_len == 0 else []) + given
-    temperature = torch.tensor([s.temperature for s in seqs], device=device)
-    top_p = torch.tensor([s.top_p for s in seqs], device=device)
-    active = [s.max_new_tokens > 0 for s in seqs]
-    for i, s in enumerate(seqs):
-        if not active[i]:
-            s.finish = ("length", 0)
-    logits = out.logits[:, -1]
-    position = position[:, -1:]
-    own = {i: random.Random(s.seed) for i, s in enumerate(seqs) if s.seed is not None}
+    return _Running(list(seqs), out.past_key_values, mask, position[:, -1:], out.logits[:, -1])
+
+
+@torch.no_grad()
+def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos_token_ids: frozenset[int],
+                   generator: torch.Generator | None, device: torch.device,
+                   admit: Callable[[int], list[SequenceRequest]] | None = None,
+                   on_finish: Callable[[SequenceRequest], None] | None = None) -> None:
+    """Sample every sequence of ``seqs`` in place (output_ids, output_logprobs, finish, input_logprobs).
+
+    Rows with a ``seed`` draw their randomness from ``random.Random(seed)``, the others from ``generator``.
+    A sequence stops at its ``max_new_tokens`` (finish ("length", n)), or after emitting a token in
+    ``stop_token_ids`` or ``eos_token_ids`` (finish ("stop", token); the token is kept, as in SGLang);
+    it then leaves the batch and ``on_finish(seq)`` is called. After every decode step
+    ``admit(step)`` may return more sequences: they are prefilled and join the running batch (so a
+    burst of requests that reached the server while a batch started still shares its decode steps).
+    Returns when every sequence, admitted ones included, has finished.
+    """
+    running = _prefill(model, seqs, pad_token_id, device)
+    own = {id(s): random.Random(s.seed) for s in seqs if s.seed is not None}
     draw_on = generator.device if generator is not None else None  # a generator draws on its own device
-    while any(active):
-        uniforms = torch.rand(batch, generator=generator, dtype=torch.float64, device=draw_on).cpu()
-        keys = torch.randint(0, 2**62, (batch,), generator=generator, device=draw_on).cpu()
-        for i, rng in own.items():
-            uniforms[i], keys[i] = rng.random(), rng.getrandbits(62)
-        tokens, logps = sample_next(logits, temperature, top_p, generator, uniforms.to(device), keys)
+    step = 0
+
+    def finished(s: SequenceRequest) -> bool:
+        if on_finish is not None:
+            on_finish(s)
+        return True
+
+    for s in seqs:
+        if s.max_new_tokens <= 0:
+            s.finish = ("length", 0)
+    running.select([i for i, s in enumerate(running.seqs) if s.max_new_tokens > 0 or not finished(s)])
+    while running.seqs:
+        rows = running.seqs
+        temperature = torch.tensor([s.temperature for s in rows], device=device)
+        top_p = torch.tensor([s.top_p for s in rows], device=device)
+        uniforms = torch.rand(len(rows), generator=generator, dtype=torch.float64, device=draw_on).cpu()
+        keys = torch.randint(0, 2**62, (len(rows),), generator=generator, device=draw_on).cpu()
+        for i, s in enumerate(rows):
+            if id(s) in own:
+                uniforms[i], keys[i] = own[id(s)].random(), own[id(s)].getrandbits(62)
+        tokens, logps = sample_next(running.logits, temperature, top_p, generator, uniforms.to(device), keys)
         tokens_l, logps_l = tokens.tolist(), logps.tolist()
-        for i, s in enumerate(seqs):
-            if not active[i]:
-                continue
+        alive = []
+        for i, s in enumerate(rows):
             s.output_ids.append(tokens_l[i])
             s.output_logprobs.append(logps_l[i])
             if tokens_l[i] in s.stop_token_ids or tokens_l[i] in eos_token_ids:
-                s.finish, active[i] = ("stop", tokens_l[i]), False
+                s.finish = ("stop", tokens_l[i])
+                finished(s)
             elif len(s.output_ids) >= s.max_new_tokens:
-                s.finish, active[i] = ("length", s.max_new_tokens), False
-        if not any(active):
-            break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+                s.finish = ("length", s.max_new_tokens)
+                finished(s)
+            else:
+                alive.append(i)
+        step += 1
+        if alive:
+            running.select(alive)
+            running.mask = torch.cat([running.mask, running.mask.new_ones((len(alive), 1))], dim=1)
+            running.position = running.position + 1
+            out = model(input_ids=tokens[alive][:, None], attention_mask=running.mask, position_ids=running.position,
+                        past_key_values=running.cache, use_cache=True, logits_to_keep=1)
+            running.cache, running.logits = out.past_key_values, out.logits[:, -1]
+        else:
+            running.seqs = []
+        joining = admit(step) if admit is not None else []
+        if joining:
+            own.update({id(s): random.Random(s.seed) for s in joining if s.seed is not None})
+            for s in joining:
+                if s.max_new_tokens <= 0:
+                    s.finish = ("length", 0)
+            new = _prefill(model, joining, pad_token_id, device)
+            new.select([i for i, s in enumerate(new.seqs) if s.max_new_tokens > 0 or not finished(s)])
+            if not new.seqs:
+                continue
+            if running.seqs:
+                running.join(new)
+            else:
+                running = new

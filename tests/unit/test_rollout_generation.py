@@ -225,3 +225,44 @@ def test_prompt_logits_only_where_log_probs_were_asked(tmp_path):
         assert len(s.input_logprobs) == len(expect)
         for got, ref in zip(s.input_logprobs, expect):
             assert (got is None and ref is None) or got == pytest.approx(ref, abs=2e-5)
+
+
+def test_rows_join_and_leave_a_running_batch(tmp_path):
+    """Sequences admitted after 2 and 5 decode steps, and rows that stop early on EOS, leave every
+    other row as it would be alone: log-probs equal a teacher-forcing pass, seeded rows sample the
+    same tokens as alone, and on_finish sees each sequence once, as it finishes."""
+    model = _tiny_model(tmp_path, eos_token_id=None)
+    cpu = torch.device("cpu")
+
+    def seq(prompt, seed, n=8, stop=()):
+        return SequenceRequest(prompt=prompt, temperature=1.0, max_new_tokens=n, seed=seed,
+                               stop_token_ids=frozenset(stop))
+
+    first = [seq([1, 2, 3], 1), seq([4, 5, 6, 7, 8, 9, 10, 11], 2, n=3), seq([12], 3, stop=range(0, 64, 3))]
+    later = {2: [seq([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], 4), seq([31, 32], 5, n=0)],
+             5: [seq([40, 41], 6, n=4)]}
+    asked, done = [], []
+
+    def admit(step):
+        asked.append(step)
+        return later.get(step, [])
+
+    generate_batch(model, first, pad_token_id=0, eos_token_ids=frozenset(), generator=None, device=cpu,
+                   admit=admit, on_finish=done.append)
+    everyone = first + later[2] + later[5]
+    assert sorted(map(id, done)) == sorted(map(id, everyone)) and len(done) == len(everyone)
+    assert asked[:5] == [1, 2, 3, 4, 5]
+    assert later[2][1].output_ids == [] and later[2][1].finish == ("length", 0)
+    for s in everyone:
+        if s.max_new_tokens == 0:
+            continue
+        ids = torch.tensor([s.prompt + s.output_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        p = len(s.prompt)
+        ref = lp[p - 1:-1].gather(-1, ids[0, p:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(s.output_logprobs, dtype=torch.float64), ref, atol=2e-5)
+        alone = seq(s.prompt, s.seed, s.max_new_tokens, s.stop_token_ids)
+        generate_batch(model, [alone], pad_token_id=0, eos_token_ids=frozenset(), generator=None, device=cpu)
+        assert alone.output_ids == s.output_ids
+    assert len(first[2].output_ids) < 8 and first[2].finish[0] == "stop"  # left early (a third of ids stop it)
