@@ -11,7 +11,7 @@ distributed optimizer, sequence parallelism (where TP stays > 1) and the placeme
   dimensions that cannot both be 2 with 2 processes) PP=2 and TP=1, which also turns off sequence
   parallelism (megatron has no SP at TP=1); TP=1 configs run DP=2.
 * ``rollout``: the embedded server (``backend embedded``, one server of one device: the embedded
-  server has no TP), 4 rollouts of 16 tokens per prompt.
+  server has no TP), 2 rollouts of 16 tokens per prompt.
 * fewer steps (2), prompts (2 per step), evaluation problems (``eval.limit 2``, ``n 1``, 16 tokens).
 * the policy step must run, so the rollouts of a random model (its math answers are never right)
   must reach it: POPO counts every rollout as positive (``algorithm.popo.reward_threshold -1``:
@@ -40,7 +40,7 @@ QUICKSTART = "quickstart_cpu.yaml"
 MATH_TRAIN_FILE = os.path.join(REPO, "..", "shared", "data", "math", "math_train_rllm.json")
 STEPS = 2
 PROMPTS = 2
-GROUP = 4
+GROUP = 2
 TOKENS = 16
 
 

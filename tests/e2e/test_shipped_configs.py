@@ -7,7 +7,8 @@
 with only the overrides of tests/e2e/shipped.py (a miniature real checkpoint of the config's family,
 2 processes, the embedded server, fewer steps/prompts/tokens/problems). CI runs the configs in
 ``CI_CONFIGS`` (tensor + sequence parallelism with GRPO, and pipeline parallelism); the others are
-``slow`` (each takes 2-3 minutes on 2 cores, mostly start-up and checkpointing at vocabulary 151,936).
+marked ``extended``, which launch/test.sh deselects (``bash launch/test.sh -m extended`` runs them):
+each takes 2-5 minutes on the shared 2 cores, most of it the policy step's vocabulary-151,936 logits.
 """
 
 import json
@@ -25,7 +26,8 @@ TRAIN_TIMEOUT_S = 480
 
 
 def _params():
-    return [pytest.param(n, id=n[:-len(".yaml")], marks=() if n in CI_CONFIGS else (pytest.mark.slow,))
+    slow = (pytest.mark.slow,)   # every one: 1-5 minutes on 2 cores
+    return [pytest.param(n, id=n[:-len(".yaml")], marks=slow if n in CI_CONFIGS else (*slow, pytest.mark.extended))
             for n in shipped.shipped_configs()]
 
 
@@ -39,15 +41,17 @@ def test_the_ci_configs_are_shipped_and_cover_tp_sp_pp_and_grpo():
     assert any(shipped.read_config(n)["algorithm"]["name"] in ("grpo", "a3po") for n in CI_CONFIGS)
 
 
-def _checkpoint_for(raw, real_qwen25_checkpoint, real_llama3_checkpoint):
-    return real_llama3_checkpoint if shipped.family(raw) == "llama3" else real_qwen25_checkpoint
+def _checkpoint_for(raw, request):
+    """The session's miniature checkpoint of the config's family (tests/conftest.py; built only if used)."""
+    return request.getfixturevalue("real_llama3_checkpoint" if shipped.family(raw) == "llama3"
+                                   else "real_qwen25_checkpoint")
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", _params())
-def test_shipped_config_in_miniature(name, real_qwen25_checkpoint, real_llama3_checkpoint, tmp_path):
+def test_shipped_config_in_miniature(name, request, tmp_path):
     raw = shipped.read_config(name)
-    ckpt = _checkpoint_for(raw, real_qwen25_checkpoint, real_llama3_checkpoint)
+    ckpt = _checkpoint_for(raw, request)
     run_dir = str(tmp_path / "run")
     par = shipped.miniature_parallel(raw)
     bench = list(raw["eval"]["benchmarks"])
@@ -70,15 +74,18 @@ def test_shipped_config_in_miniature(name, real_qwen25_checkpoint, real_llama3_c
     assert os.path.isfile(os.path.join(step_dir, "popo_checkpoint.json")), os.listdir(os.path.dirname(step_dir))
 
     # 2. export to HF (popo-convert mcore-to-hf reads a popo-train checkpoint; config and tokenizer
-    #    from the run's model.hf_path), at the layout it was trained in.
+    #    from the run's model.hf_path), at the layout it was trained in: the weights the config serves
+    #    (the EMA target where rollout.weights is ema, else the policy).
     hf_dir = str(tmp_path / "hf")
+    weights = raw["rollout"].get("weights", "ema") if raw["algorithm"]["name"] == "popo" else "policy"
     r = shipped.run([sys.executable, "-m", "popo_mega.model.convert_cli", "mcore-to-hf", step_dir, hf_dir,
-                     "--hf-dir", ckpt.path, "--tp", str(par["tensor"]), "--pp", str(par["pipeline"]),
-                     "--device", "cpu"], timeout_s=300, log_path=str(tmp_path / "export.log"))
+                     "--hf-dir", ckpt.path, "--weights", weights, "--tp", str(par["tensor"]),
+                     "--pp", str(par["pipeline"]), "--device", "cpu"], timeout_s=300,
+                    log_path=str(tmp_path / "export.log"))
     assert r.returncode == 0, f"HF export of {name}'s checkpoint failed:\n{r.output[-4000:]}"
-    # The export holds the trained policy: every tensor of the miniature, in the run's dtype, moved by
-    # 2 steps at lr <= 1e-6 (Adam moves a weight by about lr per step) plus bf16 rounding (2^-8
-    # relative) -- a tensor left at its random initialisation would be off by its own scale.
+    # The export holds the trained weights: every tensor of the miniature, in the run's dtype, moved by
+    # 2 steps at lr <= 1e-6 (Adam moves a weight by about lr per step; the EMA moves less) plus bf16
+    # rounding (2^-8 relative) -- a tensor left at its random initialisation would be off by its own scale.
     import torch
     from safetensors.torch import load_file
 
