@@ -77,8 +77,13 @@ def encode(examples: list[Example], cfg: DataConfig, tokenizer) -> Encoded:
     source file (``Encoded.too_long``), never fatal: one long problem among thousands must not stop
     a run (issue 11; the shipped math_train_rllm.json has a few). Only when every prompt is too long
     is it an error, naming the key and the shortest prompt."""
+    from popo_mega.config import ConfigError
     from popo_mega.data.templates import render_prompt
 
+    if cfg.template == "chat" and cfg.train != ("synthetic",) and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"key 'data.template' is 'chat', but the tokenizer of model.hf_path "
+                          f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat_template (a base model's has "
+                          "none): use data.template qwen-math or plain, or a model whose tokenizer has one")
     texts = [e.question if cfg.train == ("synthetic",) else render_prompt(e.question, cfg.template, tokenizer)
              for e in examples]
     all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

