@@ -177,6 +177,7 @@ def test_a_rejected_update_ends_in_an_error_naming_the_server_not_a_hang(pair, m
     engine.close()
 
 
+@pytest.mark.slow  # two server starts and a 2-step popo-train run: ~110 s on 2 busy cores
 def test_popo_train_against_two_tp2_strict_servers(base, tmp_path):
     """popo-train attached to two strict servers with two update ranks each (world 1 + 2 + 2):
     every sync reaches all four ranks, every tensor inside a begin/end window."""
