@@ -1,6 +1,7 @@
 """Rollout benchmarks: embedded-server generation throughput, and weight-sync time vs bytes.
 
     python benchmarks/rollout.py [--out benchmarks/results/rollout_cpu.json] [--quick]
+    python benchmarks/rollout.py --real-vocab [--out benchmarks/results/rollout_real_vocab_cpu.json]
 
 1. Generation: one ``popo-rollout-server`` process (CPU, 1 thread) serving a random Qwen2
    (hidden 256, 4 layers, vocab 4096: ~6M parameters, fp32), driven by ``HttpEngine`` with
@@ -12,6 +13,18 @@
    (``SyncReport.seconds``: POSTs + broadcasts + version), ``sync_s`` the whole call (pause, send,
    flush, continue, version and probe checks). ``raw_broadcast_s`` is one gloo broadcast of the
    same number of bytes between this process and a second one (the floor for any protocol).
+3. ``--real-vocab``: the embedded server's sampler (``generation.generate_batch``, what the server
+   runs per batch) against ``transformers`` ``generate`` (do_sample, T = 1, top_p = 1, top_k off, no
+   EOS so every row makes all its tokens) on the same model in the same process, same batch, same
+   thread count: the miniature Qwen2.5 checkpoint of ``tests/real_checkpoints.py`` (vocab 151,936,
+   hidden 64, 2 layers, fp32; needs the test packages of launch/requirements-test-nodeps.txt), 32
+   chat-template prompts of the real tokenizer, 24 new tokens each. Seeded: every row of ours has
+   its own sampling seed, ``transformers`` seeds the global generator (it has no per-row streams);
+   unseeded: the generator only. Third contender: the same model behind ``popo-rollout-server``
+   (same thread count, --enable-deterministic-inference) driven over HTTP by ``HttpEngine``, one
+   /generate per prompt, all 32 in flight (seeded). The contenders alternate within each
+   repetition (order flipped every repetition) and medians are reported, because the machine's
+   cores are shared.
 Every row records the device, thread counts, dtype and shapes.
 """
 
@@ -60,6 +73,99 @@ def bench_generation(tmp: str, quick: bool) -> list[dict]:
             print(rows[-1], flush=True)
     finally:
         stop_servers(servers)
+    return rows
+
+
+def _chat_prompts(tokenizer, count: int) -> list[list[int]]:
+    """``count`` chat-template prompts of different lengths (arithmetic questions), as token ids."""
+    prompts = []
+    for i in range(count):
+        question = f"What is {7 + i} * {3 + 2 * i}?" + " Show your work." * (i % 4)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        prompts.append(tokenizer.encode(text))
+    return prompts
+
+
+def bench_real_vocab(tmp: str, quick: bool, threads: int = 2) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from popo_mega.rollout.generation import SequenceRequest, generate_batch
+    from tests.real_checkpoints import build_checkpoint
+
+    torch.set_num_threads(threads)
+    ckpt = build_checkpoint("qwen2.5", os.path.join(tmp, "real_qwen25"), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    batch, new_tokens, repeats = (8, 8, 2) if quick else (32, 24, 5)
+    prompts = _chat_prompts(tokenizer, batch)
+    pad = tokenizer.pad_token_id  # <|endoftext|>
+    width = max(map(len, prompts))
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as generate expects for a decoder-only model
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    hf_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=pad)
+
+    def run_hf(seeded: bool, rep: int) -> int:
+        if seeded:
+            torch.manual_seed(1000 + rep)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)
+        return int((out.shape[1] - width) * batch)
+
+    def run_ours(seeded: bool, rep: int) -> int:
+        seqs = [SequenceRequest(prompt=p, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
+                                seed=1000 * rep + i if seeded else None) for i, p in enumerate(prompts)]
+        generate_batch(model, seqs, pad_token_id=pad, eos_token_ids=frozenset(),
+                       generator=torch.Generator().manual_seed(rep), device=torch.device("cpu"))
+        return sum(len(s.output_ids) for s in seqs)
+
+    servers = launch_servers("embedded", ckpt.path, num_servers=1, device="cpu", log_dir=tmp, health_timeout_s=300,
+                             extra_args=("--num-threads", str(threads), "--enable-deterministic-inference"))
+    engine = HttpEngine([servers[0].url], max_in_flight=batch, request_timeout_s=600)
+
+    def run_http(seeded: bool, rep: int) -> int:  # one /generate per prompt, all in flight at once
+        out = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens,
+                                                      seed=1000 * rep))
+        return sum(len(c.output_ids) for row in out for c in row)
+
+    contenders = {("transformers_generate", False): run_hf, ("transformers_generate", True): run_hf,
+                  ("embedded_server_generate_batch", False): run_ours,
+                  ("embedded_server_generate_batch", True): run_ours, ("embedded_server_http", True): run_http}
+    seconds: dict = {key: [] for key in contenders}
+    tokens: dict = {}
+    try:
+        for (name, seeded), fn in contenders.items():  # warm-up (first-call allocations, lazy imports)
+            fn(seeded, 0)
+        for rep in range(repeats):
+            order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
+            for key in order:
+                t0 = time.perf_counter()
+                tokens[key] = contenders[key](key[1], rep + 1)
+                seconds[key].append(time.perf_counter() - t0)
+                print(key, round(seconds[key][-1], 3), "s", flush=True)
+    finally:
+        stop_servers(servers)
+    shape = {"model": "miniature Qwen2.5 (tests/real_checkpoints.py)", "vocab_size": ckpt.vocab_size,
+             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_hidden_layers,
+             "batch": batch, "prompt_tokens_min_max": [min(map(len, prompts)), max(map(len, prompts))],
+             "new_tokens": new_tokens}
+    rows = []
+    for (name, seeded), times in seconds.items():
+        median = statistics.median(times)
+        rows.append({"bench": "real_vocab_generation", "contender": name, "seeded": seeded, "device": "cpu",
+                     "threads": threads, "dtype": "float32", **shape, "repeats": repeats,
+                     "generated_tokens": tokens[(name, seeded)], "seconds_each": [round(t, 3) for t in times],
+                     "median_s": round(median, 3), "tokens_per_s": round(tokens[(name, seeded)] / median, 1)})
+    for ours in rows:
+        if ours["contender"] != "transformers_generate":
+            theirs = next(r for r in rows
+                          if r["contender"] == "transformers_generate" and r["seeded"] == ours["seeded"])
+            ours["speedup_vs_transformers_generate"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+            print(f"{ours['contender']} seeded={ours['seeded']}: {ours['tokens_per_s']} vs {theirs['tokens_per_s']} "
+                  f"tokens/s = {ours['speedup_vs_transformers_generate']}x", flush=True)
     return rows
 
 
@@ -145,7 +251,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "rollout_cpu.json"))
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--real-vocab", action="store_true",
+                   help="only the vocab-151,936 comparison with transformers generate (2 threads)")
+    p.add_argument("--note", default="", help="added to the result's meta (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
+    if args.real_vocab:
+        out = args.out if "--out" in " ".join(argv or sys.argv) else os.path.join(
+            ROOT, "benchmarks", "results", "rollout_real_vocab_cpu.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_real_vocab(tmp, args.quick)
+        meta = {"host_cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": args.note}
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print(f"wrote {out}")
+        return 0
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_generation(tmp, args.quick) + bench_sync(tmp, args.quick)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_EPS = 1e-6  # SGLang treats temperature below this as greedy
-CDF_BLOCK = 2048   # ids per block of the two-level CDF search
+CDF_BLOCK = 512    # ids per block of the two-level search ([B, 512] ops stay below torch's parallel grain)
 NUCLEUS_FIRST_K = 64  # first partial-sort width when looking for a top-p nucleus (doubled until it fits)
 
 
@@ -89,9 +89,9 @@ def sample_ids(weights: torch.Tensor, uniforms: torch.Tensor, keys: torch.Tensor
     seeded with keys[b]. Why not one inverse CDF over the ids: the logits of one row move in their
     last bits with the batch it shares (padding, matmul shapes), and a CDF boundary moved by that
     much swaps the pick with probability ~ (CDF error) / (probability of the picked id), which at
-    151,936 ids of ~1e-5 each made seeded samples depend on the batch. A block holds ~1/74 of the
-    mass and the Gumbel-max pick flips only when two perturbed scores come within the rounding
-    error, so both levels are stable. ``block`` = 1 is a plain inverse CDF.
+    151,936 ids of ~1e-5 each made seeded samples depend on the batch. A block of 512 ids holds
+    ~1/300 of the mass and the Gumbel-max pick flips only when two perturbed scores come within the
+    rounding error, so both levels are stable. ``block`` = 1 is a plain inverse CDF.
     """
     rows, vocab = weights.shape
     full = vocab // block * block

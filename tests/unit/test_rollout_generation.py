@@ -87,8 +87,8 @@ def test_stop_tokens_end_a_sequence_and_are_kept(tmp_path):
 
 
 def test_inverse_cdf_picks_by_hand():
-    """At block 1 (one id per block), row b takes the first token, in vocabulary order, whose cumulative kept mass exceeds u_b times
-    the kept total. probs 0.15/0.5/0.05/0.3 -> cumulative 0.15/0.65/0.70/1.0; at top_p 0.6 the
+    """At block 1 (one id per block), row b takes the first token, in vocabulary order, whose
+    cumulative kept mass exceeds u_b times the kept total. probs 0.15/0.5/0.05/0.3 -> cumulative 0.15/0.65/0.70/1.0; at top_p 0.6 the
     nucleus is {1, 3} (descending order 0.5, 0.3: the mass before 3 is 0.5 <= 0.6), cumulative 0.5/0.8."""
     probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
     logits = probs.log()[None].repeat(7, 1)
