@@ -77,7 +77,8 @@ def test_shipped_config_in_miniature(name, request, tmp_path):
     #    from the run's model.hf_path), at the layout it was trained in: the weights the config serves
     #    (the EMA target where rollout.weights is ema, else the policy).
     hf_dir = str(tmp_path / "hf")
-    weights = raw["rollout"].get("weights", "ema") if raw["algorithm"]["name"] == "popo" else "policy"
+    serves_ema = raw["algorithm"]["name"] == "popo" and raw["rollout"].get("weights", "ema") == "ema"
+    weights = "ema" if serves_ema else "policy"   # rollout.weights online: the policy
     r = shipped.run([sys.executable, "-m", "popo_mega.model.convert_cli", "mcore-to-hf", step_dir, hf_dir,
                      "--hf-dir", ckpt.path, "--weights", weights, "--tp", str(par["tensor"]),
                      "--pp", str(par["pipeline"]), "--device", "cpu"], timeout_s=300,
