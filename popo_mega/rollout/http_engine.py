@@ -29,8 +29,8 @@ from popo_mega.rollout.engine import Completion, SamplingParams, sample_seed
 from popo_mega.rollout.sglang_api import (ProtocolError, completions_from_response, generate_request,
                                           memory_occupation_request, pause_generation_request)
 from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
-                                           WeightSyncError, sync_from_disk, verify_probes, verify_prompt_logprobs,
-                                           verify_weight_version)
+                                           TensorWeightSync, WeightSyncError, send_all, sync_from_disk,
+                                           verify_probes, verify_prompt_logprobs, verify_weight_version)
 
 
 class RolloutServerError(RuntimeError):
@@ -48,12 +48,16 @@ class HttpEngine:
     failover:           retry a failed request on another server (True) or raise at once (False)
     max_retries:        retries per request when ``failover`` is on
     request_timeout_s:  per-HTTP-request read timeout; connect_timeout_s: connection timeout
-    sync_method:        "distributed" (init_weights_update_group + update_weights_from_distributed),
+    sync_method:        for the servers not in ``tensor_urls``: "distributed" (init_weights_update_group
+                        + update_weights_from_distributed),
                         "disk" (update_weights_from_disk), or "auto" (distributed, disk if it fails)
     sync_backend:       "gloo" (CPU trainer tensors) or "nccl" (CUDA tensors)
     load_format:        "auto" (per-tensor broadcasts on gloo, flattened buckets on NCCL),
                         "flattened_bucket", or None (see weight_sync)
     disk_dir:           where the disk fallback writes (must be readable by the servers)
+    tensor_urls:        servers synced by ``/update_weights_from_tensor`` (colocated servers on this
+                        host, see ``placement.sync_methods``); the others by ``sync_method``. Ignored
+                        when ``sync_method`` is "disk"
     verify_probes:      after a sync, read back a few small tensors with /get_weights_by_name
                         (servers that cannot answer it, e.g. SGLang serving Qwen2, are reported once
                         and then checked by weight version only)
@@ -69,7 +73,7 @@ class HttpEngine:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, load_format: str | None = "auto",
                  tp_sizes: list[int] | None = None, master_address: str | None = None,
                  disk_dir: str | None = None, sync_timeout_s: float = 300.0, verify_probes: bool = True,
-                 pause_mode: str = "retract", servers: list | None = None):
+                 pause_mode: str = "retract", servers: list | None = None, tensor_urls: Sequence[str] = ()):
         if not urls:
             raise ValueError("HttpEngine: no server URLs")
         if sync_method not in ("distributed", "disk", "auto"):
@@ -77,6 +81,9 @@ class HttpEngine:
         if sync_method == "disk" and not disk_dir:
             raise ValueError("HttpEngine: sync_method='disk' needs disk_dir")
         self.urls = [u.rstrip("/") for u in urls]
+        self.tensor_urls = {u.rstrip("/") for u in tensor_urls}
+        if not self.tensor_urls <= set(self.urls):
+            raise ValueError(f"HttpEngine: tensor_urls {sorted(self.tensor_urls - set(self.urls))} are not among urls")
         self.api_key = api_key
         self.timeout = (connect_timeout_s, request_timeout_s)
         self.failover, self.max_retries = failover, max_retries
@@ -208,7 +215,7 @@ class HttpEngine:
         return results
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        """pause_generation -> send (distributed, or disk) -> flush_cache -> continue_generation -> checks."""
+        """pause_generation -> send (tensor and/or distributed, or disk) -> flush_cache -> continue_generation -> checks."""
         urls = self.live_urls()
         if not urls:
             raise RolloutServerError("sync_weights: no live rollout server")
@@ -229,7 +236,8 @@ class HttpEngine:
         self._version, self.last_sync = report.version, report
 
     def _send(self, named_tensors, version: str, urls: list[str]) -> SyncReport:
-        """Distributed sync; in "auto" mode fall back to disk when the group cannot form.
+        """Tensor sync for ``tensor_urls``, distributed for the rest; in "auto" mode fall back to disk
+        when the group cannot form.
 
         The tensors are streamed, never all held (a 70B model would not fit): a failure after
         the first bucket cannot be replayed from a one-shot iterator, so it is raised (the servers'
@@ -239,12 +247,14 @@ class HttpEngine:
         fallback = self.sync_method == "auto" and bool(self.disk_dir)
         if self.sync_method == "disk" or (fallback and self._distributed_failed):
             return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+        by_tensor = [u for u in urls if u in self.tensor_urls]
+        by_group = [u for u in urls if u not in self.tensor_urls]
         try:
-            if self._sync is None or self._sync.urls != urls:
+            if by_group and (self._sync is None or self._sync.urls != by_group):
                 if self._sync is not None:
                     self._sync.close()
-                tp = [self._tp_sizes[u] for u in urls] if self._tp_sizes is not None else None
-                self._sync = DistributedWeightSync(urls, tp_sizes=tp, **self._sync_args)
+                tp = [self._tp_sizes[u] for u in by_group] if self._tp_sizes is not None else None
+                self._sync = DistributedWeightSync(by_group, tp_sizes=tp, **self._sync_args)
                 self._sync.connect()
         except WeightSyncError as exc:
             self._sync = None
@@ -253,11 +263,18 @@ class HttpEngine:
             self._distributed_failed = True
             warnings.warn(f"distributed weight sync unavailable ({exc}); using update_weights_from_disk")
             return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+        syncs = []
+        if by_tensor:
+            tp = [self._tp_sizes[u] for u in by_tensor] if self._tp_sizes is not None else None
+            syncs.append(TensorWeightSync(by_tensor, tp_sizes=tp, **self._sync_args))
+        if by_group:
+            syncs.append(self._sync)
         try:
-            return self._sync.send(named_tensors, version)
+            return send_all(syncs, named_tensors, version)
         except WeightSyncError as exc:
-            self._sync.close()
-            self._sync = None
+            if self._sync is not None:
+                self._sync.close()
+                self._sync = None
             if fallback:
                 self._distributed_failed = True
                 if isinstance(named_tensors, (list, tuple)):

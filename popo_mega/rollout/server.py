@@ -11,6 +11,7 @@ the rollout client and the weight sync use, with SGLang's request and response b
 carries ``weight_version``), ``/flush_cache``, ``/pause_generation``, ``/continue_generation``,
 ``/update_weights_from_disk``, ``/init_weights_update_group``, ``/begin_weight_update``,
 ``/update_weights_from_distributed`` (per-tensor broadcasts, or ``load_format: "flattened_bucket"``),
+``/update_weights_from_tensor`` (same-host handles, ``tensor_ipc``; only inside a window, either mode),
 ``/end_weight_update``, ``/destroy_weights_update_group``, ``/update_weight_version``,
 ``/get_weights_by_name``, ``/release_memory_occupation``, ``/resume_memory_occupation``,
 ``/server_info`` (``/get_server_info``).
@@ -169,6 +170,7 @@ class RolloutServer:
         self.windows: list[list[int]] = []          # tensors received per TP rank in each closed window
         self._window_start: list[int] = []
         self._retired = [0] * args.tp_size          # receipts of destroyed groups
+        self.tensor_receipts = 0                    # tensors loaded by /update_weights_from_tensor (every rank)
         self.stopping = threading.Event()
         self.scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self.scheduler.start()
@@ -370,8 +372,8 @@ class RolloutServer:
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def received(self) -> list[int]:
-        """Tensors received so far per TP rank (every group, destroyed ones included)."""
-        total = list(self._retired)
+        """Tensors received so far per TP rank (every group, destroyed ones included, and by tensor)."""
+        total = [n + self.tensor_receipts for n in self._retired]
         for g in list(self.groups.values()):
             total = [a + b for a, b in zip(total, g.receipts)]
         return total
@@ -421,6 +423,47 @@ class RolloutServer:
             if body.get("weight_version") is not None:
                 self.weight_version = str(body["weight_version"])
         return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def update_from_tensor(self, body: dict) -> dict:
+        """SGLang 0.5.23's ``/update_weights_from_tensor``: ``serialized_named_tensors`` holds one base64
+        ``MultiprocessingSerializer`` payload per TP rank (``TpModelWorker.deserialize_own_rank``); each
+        rank reads its own. Rejected outside a begin/end window as SGLang does
+        (``SchedulerWeightUpdaterManager.update_weights_from_tensor``), in both modes: the tensor path
+        is new and has no lenient callers. Every rank's payload is decoded and checked (names, shapes,
+        floating dtypes) before any weight is written, so a bad request changes nothing."""
+        from popo_mega.rollout.tensor_ipc import PayloadError, deserialize_named_tensors
+
+        if not self.window_open:
+            raise RequestError("update_weights_from_tensor must run between begin_weight_update() "
+                               "and end_weight_update()")
+        payloads = body.get("serialized_named_tensors")
+        if not isinstance(payloads, list) or len(payloads) != self.args.tp_size:
+            raise RequestError(f"/update_weights_from_tensor: serialized_named_tensors must be a list of one payload "
+                               f"per TP rank ({self.args.tp_size}), got "
+                               f"{len(payloads) if isinstance(payloads, list) else type(payloads).__name__}")
+        if body.get("load_format") not in (None,):
+            raise RequestError(f"/update_weights_from_tensor: load_format {body.get('load_format')!r} is not "
+                               "supported by this server (only None: a list of (name, tensor))")
+        try:
+            per_rank = [deserialize_named_tensors(p) for p in payloads]
+        except PayloadError as exc:
+            raise RequestError(f"/update_weights_from_tensor: {exc}") from None
+        named = per_rank[0]
+        for rank, other in enumerate(per_rank[1:], start=1):  # the embedded server holds one full copy
+            if [n for n, _ in other] != [n for n, _ in named]:
+                raise RequestError(f"/update_weights_from_tensor: TP rank {rank}'s payload names other tensors "
+                                   "than rank 0's")
+        for name, tensor in named:
+            if not tensor.is_floating_point():
+                raise RequestError(f"/update_weights_from_tensor: parameter {name!r}: dtype {tensor.dtype} is "
+                                   "not a floating-point type")
+        with self.model_lock:
+            self.load_named_tensors(named)  # checks every name and shape before the first copy
+            self.tensor_receipts += len(named)
+            if body.get("weight_version") is not None:
+                self.weight_version = str(body["weight_version"])
+        del per_rank, named  # drop the mappings of the sender's memory before answering
+        return {"success": True, "message": "Success"}
 
     def destroy_group(self, body: dict) -> dict:
         group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
@@ -532,6 +575,8 @@ def _handler(server: RolloutServer):
                     return self._send(200, server.end_update())
                 if path == "/update_weights_from_distributed":
                     return self._send(200, server.update_from_distributed(body))
+                if path == "/update_weights_from_tensor":
+                    return self._send(200, server.update_from_tensor(body))
                 if path == "/destroy_weights_update_group":
                     out = server.destroy_group(body)
                     return self._send(200 if out["success"] else 400, out)

@@ -170,3 +170,17 @@ def pause_generation_request(mode: str) -> dict:
 def memory_occupation_request(tags: list[str] | None) -> dict:
     """``ReleaseMemoryOccupationReqInput`` / ``ResumeMemoryOccupationReqInput``."""
     return {"tags": list(tags)} if tags else {}
+
+
+def update_weights_from_tensor_request(serialized_per_tp_rank: list[str], *, load_format: str | None = None) -> dict:
+    """``UpdateWeightsFromTensorReqInput`` (SGLang 0.5.23 ``managers/io_struct.py``): one base64
+    ``MultiprocessingSerializer`` payload per TP rank of the server (``TpModelWorker.deserialize_own_rank``
+    reads entry ``tp_rank`` only); the cache is flushed once after the whole sync and the version set
+    afterwards, as for ``/update_weights_from_distributed``."""
+    if not serialized_per_tp_rank or not all(isinstance(s, str) for s in serialized_per_tp_rank):
+        raise ValueError("update_weights_from_tensor: one base64 string per TP rank")
+    body = {"serialized_named_tensors": list(serialized_per_tp_rank), "flush_cache": False,
+            "abort_all_requests": False}
+    if load_format:
+        body["load_format"] = load_format
+    return body

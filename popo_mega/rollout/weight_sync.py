@@ -25,6 +25,12 @@ Protocol (SGLang 0.5.23's, so the same code drives SGLang servers and the embedd
    answers an error has not joined the broadcast (on gloo the root's send waits for every
    receiver), so the group is aborted at once and the error names the server; a server that
    neither answers nor joins within ``timeout_s`` ends the same way.
+2b. Servers on this host that share the trainer's GPUs (placement colocated): ``TensorWeightSync``
+   POSTs each bucket to ``/update_weights_from_tensor`` as handles into this process's memory
+   (``tensor_ipc``; CUDA IPC, or shared memory on CPU), inside the same begin/end windows (SGLang
+   0.5.23 rejects it outside one too). ``send_all`` drives several transports over one stream of
+   buckets, so a run with colocated servers on several nodes syncs node 0's by tensor and the
+   others by the group, each bucket read once.
 3. Fallback: ``sync_from_disk`` writes a safetensors file and POSTs ``/update_weights_from_disk``.
 4. Checks after a sync (cheap, catch a stale or garbled sync): ``verify_weight_version`` (every
    server reports the new version), ``verify_probes`` (the first values of a few 1-D tensors,
@@ -485,37 +491,20 @@ class DistributedWeightSync:
             self.group.abort()
             self.group = None
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncReport:
-        """Open the servers' update windows, stream all tensors bucket by bucket, close the windows,
-        then set ``version`` on every server. Any failure raises WeightSyncError naming the server."""
+    method = "distributed"
+
+    def _ready(self) -> None:
+        """Form the group if it is not formed; a group aborted by a failed sync must be closed first."""
         if self.group is None:
             if self._formed:
                 raise WeightSyncError(f"weight-update group {self.group_name} was aborted by a failed sync: "
                                       "close() and connect again")
             self.connect()
-        report = SyncReport(version=str(version), method="distributed")
-        probes = _ProbeKeeper()
-        t0 = time.perf_counter()
-        opened = self._begin()
-        try:
-            for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-                for name, tensor in bucket:
-                    probes.see(name, tensor)
-                self._send_bucket(index, bucket)
-                report.buckets += 1
-                report.tensors += len(bucket)
-                report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        except BaseException:
-            self._end(opened, best_effort=True)
-            raise
-        self._end(opened, best_effort=False)
-        if report.tensors == 0:
-            raise WeightSyncError("send: no tensors to sync")
-        set_weight_version(self.urls, report.version, timeout_s=self.timeout_s, api_key=self.api_key)
-        self.version = report.version
-        report.seconds = time.perf_counter() - t0
-        report.probes = probes.result()
-        return report
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncReport:
+        """Open the servers' update windows, stream all tensors bucket by bucket, close the windows,
+        then set ``version`` on every server. Any failure raises WeightSyncError naming the server."""
+        return send_all([self], named_tensors, version)
 
     def close(self) -> None:
         """Ask the servers to drop the group, then drop ours (best effort, bounded). After an abort
@@ -532,6 +521,101 @@ class DistributedWeightSync:
         if self.group is not None:
             self.group.close()
             self.group = None
+
+
+class TensorWeightSync(DistributedWeightSync):
+    """Sends HF-named tensors to servers on this host over ``/update_weights_from_tensor``.
+
+    For colocated servers: a server on a trainer rank's GPU cannot join an NCCL group with that
+    rank ("Duplicate GPU detected"), but it can map the trainer's memory. Each bucket is serialised
+    once per TP rank of each server (``tensor_ipc``: CUDA IPC handles, or shared memory for CPU
+    tensors) and POSTed; the bucket's tensors are held until every server answered, since the
+    handles point into this process's memory. SGLang 0.5.23 answers ``/update_weights_from_tensor``
+    with 400 outside a ``/begin_weight_update`` .. ``/end_weight_update`` window
+    (``SchedulerWeightUpdaterManager.update_weights_from_tensor``: ``self._session is None``), so the
+    windows, the buckets, the version bump after the last bucket and the bounded, server-naming
+    failures are :class:`DistributedWeightSync`'s; only the transport differs (no group to form).
+    """
+
+    method = "tensor"
+
+    def __init__(self, urls: list[str], *, tp_sizes: list[int] | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float = 300.0, api_key: str | None = None,
+                 **_unused):
+        super().__init__(urls, tp_sizes=tp_sizes, bucket_bytes=bucket_bytes, load_format=None,
+                         timeout_s=timeout_s, api_key=api_key)
+
+    def connect(self) -> None:
+        """Read each server's TP size (one payload per TP rank); there is no group to form."""
+        if self.tp_sizes is None:
+            self.tp_sizes = server_tp_sizes(self.urls, timeout_s=min(self.timeout_s, 30.0), api_key=self.api_key)
+
+    def _ready(self) -> None:
+        if self.tp_sizes is None:
+            self.connect()
+
+    def _send_bucket(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """Serialise the bucket for every TP rank of every server, POST it, wait for every answer."""
+        from popo_mega.rollout.tensor_ipc import serialize_named_tensors
+
+        bodies, held = {}, []
+        for url, tp in zip(self.urls, self.tp_sizes):
+            payloads, tensors = serialize_named_tensors(bucket, copies=tp)
+            bodies[url] = api.update_weights_from_tensor_request(payloads)
+            held.append(tensors)
+        try:
+            _on_all(self.urls, lambda u: self._post(u, "/update_weights_from_tensor", bodies[u]),
+                    f"update_weights_from_tensor, bucket {index} ({bucket[0][0]}...)", self.timeout_s + 5)
+        finally:
+            del held  # the servers answered (or gave up): their handles into these tensors are closed
+
+    def close(self) -> None:
+        """Nothing to tear down: no group was formed."""
+
+
+def send_all(syncs: list[DistributedWeightSync], named_tensors: Iterable[tuple[str, torch.Tensor]],
+             version: str) -> SyncReport:
+    """Stream ``named_tensors`` once to every sync's servers (each sync its own transport).
+
+    Open every server's update window, send each bucket through every sync, close the windows,
+    then set ``version`` everywhere: a sync that fails half-way never announces the new version,
+    and every window it opened is closed. ``report.method`` joins the syncs' methods ("tensor+distributed").
+    """
+    if not syncs:
+        raise ValueError("send_all: no syncs")
+    for sync in syncs:
+        sync._ready()
+    report = SyncReport(version=str(version), method="+".join(s.method for s in syncs))
+    probes = _ProbeKeeper()
+    t0 = time.perf_counter()
+    opened: list[tuple[DistributedWeightSync, list[str]]] = []
+    try:
+        for sync in syncs:
+            opened.append((sync, sync._begin()))
+        bucket_bytes = min(s.bucket_bytes for s in syncs)
+        for index, bucket in enumerate(iter_buckets(named_tensors, bucket_bytes)):
+            for name, tensor in bucket:
+                probes.see(name, tensor)
+            for sync in syncs:
+                sync._send_bucket(index, bucket)
+            report.buckets += 1
+            report.tensors += len(bucket)
+            report.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+    except BaseException:
+        for sync, urls in opened:
+            sync._end(urls, best_effort=True)
+        raise
+    for sync, urls in opened:
+        sync._end(urls, best_effort=False)
+    if report.tensors == 0:
+        raise WeightSyncError("send: no tensors to sync")
+    urls = [u for s in syncs for u in s.urls]
+    set_weight_version(urls, report.version, timeout_s=max(s.timeout_s for s in syncs), api_key=syncs[0].api_key)
+    for sync in syncs:
+        sync.version = report.version
+    report.seconds = time.perf_counter() - t0
+    report.probes = probes.result()
+    return report
 
 
 def _headers(api_key: str | None) -> dict:
