@@ -124,7 +124,13 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     retries: int = 2
     on_server_failure: Literal["retry", "error"] = "retry"
-    sync: Literal["distributed", "disk"] = "distributed"
+    sync: Literal["auto", "distributed", "tensor", "disk"] = "auto"  # per server (placement.sync_methods):
+                                            # auto: update_weights_from_tensor for colocated servers on
+                                            # rank 0's node, the weight-update group for the others;
+                                            # distributed: the group for all (not colocated: NCCL refuses
+                                            # two ranks on one GPU); tensor: all by tensor (all on rank 0's
+                                            # node); disk: update_weights_from_disk. The group falls back
+                                            # to disk when it cannot form.
     bucket_mb: int = 512
     verify_sync: bool = True
     deterministic: bool = True              # servers get --enable-deterministic-inference: without it SGLang

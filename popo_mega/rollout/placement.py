@@ -15,7 +15,9 @@ Two modes (``placement.mode``):
 * ``colocated`` -- the trainer runs on every GPU and the servers share them: SGLang is started with
   ``--enable-memory-saver`` and releases its weights and KV cache (``/release_memory_occupation``)
   for the policy step, resuming them (``/resume_memory_occupation``) for generation. A server on a
-  trainer rank's GPU cannot join an NCCL group with that rank, so ``rollout.sync`` must be ``disk``.
+  trainer rank's GPU cannot join an NCCL group with that rank, so ``rollout.sync: auto`` syncs the
+  servers on rank 0's node by ``/update_weights_from_tensor`` (CUDA IPC handles into rank 0's memory)
+  and those on other nodes (no GPU shared with rank 0) by the group (:func:`sync_methods`).
 
 Servers fill the nodes in order, ``ceil(rollout.num_servers / placement.nodes)`` per node, so that a
 server never spans nodes and server ``i`` is always on the same node and GPUs. Every misfit is a
@@ -115,13 +117,45 @@ def _check_keys(cfg: Config) -> None:
         if r.urls:
             raise ConfigError(f"{where}: key 'placement.mode' = colocated needs servers this run launches "
                               "(rollout.urls is set): it must start them with --enable-memory-saver")
-        if r.sync != "disk":
+        if r.sync == "distributed":
             raise ConfigError(f"{where}: key 'rollout.sync' = {r.sync!r} with placement.mode colocated: a server "
                               "on a trainer rank's GPU cannot join an NCCL group with it (\"Duplicate GPU "
-                              "detected\"); use rollout.sync: disk")
+                              "detected\"); use rollout.sync: auto (update_weights_from_tensor on rank 0's node, "
+                              "the group elsewhere), tensor or disk")
         if pc.trainer_gpus_per_node is not None and pc.trainer_gpus_per_node != pc.gpus_per_node:
             raise ConfigError(f"{where}: key 'placement.trainer_gpus_per_node' = {pc.trainer_gpus_per_node}: with "
                               "placement.mode colocated the trainer runs on all GPUs of each node; leave it unset")
+    if r.sync == "tensor" and pc.nodes is not None and pc.nodes > 1:
+        raise ConfigError(f"{where}: key 'rollout.sync' = tensor with placement.nodes = {pc.nodes}: "
+                          "update_weights_from_tensor reaches only servers on rank 0's node; use rollout.sync: auto")
+
+
+def sync_methods(sync: str, colocated: bool, server_nodes: list[int | None], sender_node: int = 0,
+                 where: str = "config") -> tuple[str, ...]:
+    """How each server gets the trainer's weights: "tensor", "distributed" or "disk", one per server.
+
+    sync:          ``rollout.sync``
+    colocated:     ``placement.mode == "colocated"``
+    server_nodes:  each server's node (None: unknown, e.g. an attached URL on another host)
+    sender_node:   the node of global rank 0, which sends the weights
+
+    ``auto``: tensor for a colocated server on the sender's node (it may share rank 0's GPU, which
+    NCCL refuses; it can map rank 0's memory), the group for every other server (a server on another
+    node shares no GPU with rank 0). ``tensor`` on a server off the sender's node is a ConfigError.
+    """
+    if sync not in ("auto", "distributed", "tensor", "disk"):
+        raise ConfigError(f"{where}: key 'rollout.sync' must be auto|distributed|tensor|disk, got {sync!r}")
+    if sync == "disk":
+        return tuple("disk" for _ in server_nodes)
+    if sync == "tensor":
+        off = [i for i, n in enumerate(server_nodes) if n != sender_node]
+        if off:
+            raise ConfigError(f"{where}: key 'rollout.sync' = tensor, but server(s) {off} are not on rank 0's node "
+                              "(update_weights_from_tensor passes memory handles within one host); use auto")
+        return tuple("tensor" for _ in server_nodes)
+    if sync == "auto" and colocated:
+        return tuple("tensor" if n == sender_node else "distributed" for n in server_nodes)
+    return tuple("distributed" for _ in server_nodes)
 
 
 def place(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None, *,

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 
@@ -233,6 +233,8 @@ class RunServers:
     local: list[ServerProcess]      # started by this process (stopped by it; relaunched by rank 0's engine)
     urls: list[str]                 # rank 0: every server's URL in server order; other ranks: []
     master_address: str            # where the servers reach rank 0 for the weight-update group
+    nodes: list = field(default_factory=list)  # rank 0: each server's node (None: an attached URL not on
+                                               # this host), for placement.sync_methods
 
 
 def node_gpu_names(gpus_per_node: int | None = None) -> list[str]:
@@ -268,13 +270,17 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
 
     r = cfg.rollout
     if r.urls:
-        return RunServers([], list(r.urls), "127.0.0.1")
+        from urllib.parse import urlparse
+
+        from popo_mega.rollout.placement import _LOOPBACK
+        return RunServers([], list(r.urls), "127.0.0.1",
+                          [0 if urlparse(u).hostname in _LOOPBACK else None for u in r.urls])
     extra = ("--enable-deterministic-inference",) if r.deterministic else ()  # both backends: strict embedded too
     common = dict(host=r.host, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=log_dir, extra_args=extra)
     if rt.device.type != "cuda":
         local = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, tp_size=r.server_tp,
                                mem_fraction_static=r.mem_fraction, **common) if rt.rank == 0 else []
-        return RunServers(local, [s.url for s in local], "127.0.0.1")
+        return RunServers(local, [s.url for s in local], "127.0.0.1", [0] * len(local))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     nodes, node_rank = rt.world_size // local_world, int(os.environ.get("GROUP_RANK", "0"))
     if cfg.placement.nodes is not None and cfg.placement.nodes != nodes:
@@ -311,7 +317,8 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
         raise RuntimeError("rollout servers failed to start: " + "; ".join(errors))
     urls = [u for _, u in sorted(iu for _, lst in found for iu in lst)] if rt.rank == 0 else []
     master = os.environ.get("MASTER_ADDR", "127.0.0.1") if nodes > 1 else "127.0.0.1"
-    return RunServers(local, urls, master)
+    node_of = {s.index: n.node for n in placement.nodes for s in n.servers}
+    return RunServers(local, urls, master, [node_of[i] for i in sorted(node_of)] if rt.rank == 0 else [])
 
 
 @contextlib.contextmanager

@@ -240,10 +240,13 @@ def run(cfg: Config, log=print) -> RunResult:
         run_servers = start_run_servers(cfg, rt, log_dir=run_dir)  # collective: each node starts its servers
         if is_rank0:
             from popo_mega.rollout.http_engine import HttpEngine
+            from popo_mega.rollout.placement import sync_methods
             from popo_mega.train.metrics import MetricsLogger
 
             r = cfg.rollout
+            methods = sync_methods(r.sync, cfg.placement.mode == "colocated", run_servers.nodes, where=cfg.source)
             engine = HttpEngine(run_servers.urls, servers=run_servers.local,
+                                tensor_urls=[u for u, m in zip(run_servers.urls, methods) if m == "tensor"],
                                 master_address=r.master_address or run_servers.master_address,
                                 api_key=r.api_key,
                                 request_timeout_s=r.request_timeout_s, failover=r.on_server_failure == "retry",
