@@ -171,6 +171,7 @@ class RolloutServer:
         self._window_start: list[int] = []
         self._retired = [0] * args.tp_size          # receipts of destroyed groups
         self.tensor_receipts = 0                    # tensors loaded by /update_weights_from_tensor (every rank)
+        self._window_tensor_start = 0
         self.stopping = threading.Event()
         self.scheduler = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self.scheduler.start()
@@ -384,6 +385,7 @@ class RolloutServer:
                 raise RequestError("a weight-update session is already open; call end_weight_update() first")
             self.window_open = True
             self._window_start = self.received()
+            self._window_tensor_start = self.tensor_receipts
         return {"success": True, "message": "Success"}
 
     def end_update(self) -> dict:
@@ -393,8 +395,9 @@ class RolloutServer:
             self.window_open = False
             counts = [a - b for a, b in zip(self.received(), self._window_start)]
             self.windows.append(counts)
+        by_tensor = self.tensor_receipts - self._window_tensor_start
         print(f"popo-rollout-server: weight-update window {len(self.windows)} closed: tensors received per "
-              f"TP rank {counts}", flush=True)
+              f"TP rank {counts} ({by_tensor} by update_weights_from_tensor)", flush=True)
         return {"success": True, "message": "Success"}
 
     def update_from_distributed(self, body: dict) -> dict:
