@@ -12,4 +12,4 @@ if [ -n "$NODEPS" ]; then
 fi
 # -m "not extended": the miniature runs of the shipped configs CI leaves out (README, "Two commands");
 # a later -m in "$@" replaces it (bash launch/test.sh -m extended runs them).
-python -m pytest tests -m "not extended" "$@"
+python -m pytest tests -m "not extended" --durations=30 "$@"
