@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from tests.distributed.test_train_step import full_weights, make_cfg, make_samples
 from tests.multiprocess import run_world
-from tests.tiny_models import qwen2_config, save_tiny
 
 BETA_KL = 0.04
 EPS_LOW, EPS_HIGH = 0.2, 0.28   # make_cfg's clip range
@@ -74,13 +73,6 @@ def _run(rank, world_size, path):
     out["d_tokens_seen"] = d.tokens_seen
     out["d"] = full_weights(d)
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "qwen2"
-    save_tiny(qwen2_config(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ import pytest
 import torch
 
 from tests.multiprocess import run_world
-from tests.tiny_models import qwen2_config, save_tiny
 
 # MicroBatch fields that a POPO step reads on the device: each left on the CPU must raise. The
 # PackedSeqParams' cu_seqlens are checked by a stand-in for Transformer Engine's attention (TE's
@@ -215,13 +214,6 @@ def _steps(rank, world_size, path, tp, then_dp2):
         except CollectiveDeviceError as exc:
             out["cpu_collective"] = str(exc)
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "qwen2"
-    save_tiny(qwen2_config(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

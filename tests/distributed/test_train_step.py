@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.multiprocess import run_world
-from tests.tiny_models import qwen2_config, save_tiny
 
 WEIGHTS = {0: .3, 2: .7, 3: .6, 5: .4}   # POPO w_i of the positives (groups of 3: i % 3 != 1 positive)
 ALPHA, BETA, EPS_LOW, EPS_HIGH = 0.1, 0.01, 0.2, 0.28
@@ -154,13 +153,6 @@ def _kernel_paths(rt, path):
             samples = make_samples() if name == "grpo" else [s for s in make_samples() if s.positive]
             out[name, impl] = {"stats": trainer.train_step(samples), "weights": full_weights(trainer)}
     return out
-
-
-@pytest.fixture(scope="module")
-def hf_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "qwen2"
-    save_tiny(qwen2_config(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
