@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA", "momentum", "SCHEDULES"]
+__all__ = ["EMA", "momentum", "SCHEDULES", "match_parameters"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -54,6 +54,18 @@ def _buckets(numels: list[int], limit: int) -> Iterator[tuple[int, int]]:
         total += n
     if lo < len(numels):
         yield lo, len(numels)
+
+
+def match_parameters(held: dict[str, Tensor], module: nn.Module, prefix: str, noun: str) -> dict[str, Tensor]:
+    """``module``'s parameters in the order of ``held`` (a per-name copy such as the EMA's shadow or
+    the frozen reference); an error naming the missing / unexpected names when the sets differ."""
+    params = dict(module.named_parameters())
+    missing = sorted(set(held) - set(params))
+    extra = sorted(set(params) - set(held))
+    if missing or extra:
+        raise ValueError(f"{prefix}: module parameters do not match the {noun}: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    return {n: params[n] for n in held}
 
 
 class EMA:
@@ -98,18 +110,12 @@ class EMA:
         return momentum(self.step, self.tau, self.schedule, self.total_steps)
 
     def _matched(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        params = dict(module.named_parameters())
-        missing = sorted(set(self._shadow) - set(params))
-        extra = sorted(set(params) - set(self._shadow))
-        if missing or extra:
-            raise ValueError(f"ema: module parameters do not match the EMA: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
-        names = list(self._shadow)
-        for n in names:
-            if params[n].shape != self._shadow[n].shape:
-                raise ValueError(f"ema: parameter {n!r} has shape {tuple(params[n].shape)}, "
+        params = match_parameters(self._shadow, module, "ema", "EMA")
+        for n, p in params.items():
+            if p.shape != self._shadow[n].shape:
+                raise ValueError(f"ema: parameter {n!r} has shape {tuple(p.shape)}, "
                                  f"EMA has {tuple(self._shadow[n].shape)}")
-        return [self._shadow[n] for n in names], [params[n] for n in names]
+        return list(self._shadow.values()), list(params.values())
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> float:

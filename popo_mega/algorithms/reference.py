@@ -34,6 +34,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from popo_mega.algorithms.ema import match_parameters
+
 __all__ = ["FrozenReference"]
 
 
@@ -46,12 +48,7 @@ class FrozenReference:
             raise ValueError("reference: the module has no parameters")
 
     def _matched(self, module: nn.Module) -> list[tuple[Tensor, Tensor]]:
-        params = dict(module.named_parameters())
-        missing = sorted(set(self._ref) - set(params))
-        extra = sorted(set(params) - set(self._ref))
-        if missing or extra:
-            raise ValueError(f"reference: module parameters do not match the reference: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
+        params = match_parameters(self._ref, module, "reference", "reference")
         pairs = []
         for name, r in self._ref.items():
             p = params[name]
