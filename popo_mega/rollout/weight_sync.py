@@ -102,9 +102,13 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]], device: torch.device)
     return torch.cat([t.detach().to(device).contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
 
 
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _post(session: requests.Session, url: str, path: str, body: dict, *, timeout_s: float,
           api_key: str | None) -> requests.Response:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _headers(api_key)
     try:
         r = session.post(f"{url}{path}", json=body, headers=headers, timeout=timeout_s)
     except requests.RequestException as exc:
@@ -152,9 +156,8 @@ class _Calls:
         self._done: set[str] = set()
         self.urls = list(urls)
         self.finished = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(u, call), daemon=True) for u in self.urls]
-        for t in self._threads:
-            t.start()
+        for u in self.urls:
+            threading.Thread(target=self._run, args=(u, call), daemon=True).start()
 
     def _run(self, url: str, call) -> None:
         try:
@@ -174,10 +177,6 @@ class _Calls:
     def pending(self) -> list[str]:
         with self._lock:
             return [u for u in self.urls if u not in self._done]
-
-    def join(self, deadline: float) -> None:
-        for t in self._threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def await_collective(is_done: Callable[[], bool], calls: _Calls, *, deadline: float, what: str,
@@ -227,7 +226,7 @@ def _works_done(works: list) -> Callable[[], bool]:
 def server_tp_sizes(urls: list[str], *, timeout_s: float = 30.0, api_key: str | None = None) -> list[int]:
     """Each server's TP size from ``GET /server_info`` (``tp_size``; SGLang returns its resolved
     ServerArgs there): the number of ranks it joins the weight-update group with."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _headers(api_key)
 
     def get(u):
         r = requests.get(f"{u}/server_info", headers=headers, timeout=timeout_s)
@@ -452,9 +451,9 @@ class DistributedWeightSync:
 
         try:
             _on_all(self.urls, begin, "begin_weight_update", self.timeout_s + 5)
-        except (WeightSyncError, requests.RequestException) as exc:
+        except WeightSyncError:   # _on_all reports every failure (HTTP errors included) as one
             self._end(opened, best_effort=True)
-            raise WeightSyncError(str(exc)) from None
+            raise
         return opened
 
     def _end(self, urls: list[str], *, best_effort: bool) -> None:
@@ -618,10 +617,6 @@ def send_all(syncs: list[DistributedWeightSync], named_tensors: Iterable[tuple[s
     return report
 
 
-def _headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def set_weight_version(urls: list[str], version: str, *, timeout_s: float = 60.0, api_key: str | None = None) -> None:
     """POST ``/update_weight_version`` on every server."""
     session = requests.Session()
@@ -661,7 +656,7 @@ def sync_from_disk(urls: list[str], named_tensors: Iterable[tuple[str, torch.Ten
 
 def verify_weight_version(urls: list[str], version: str, *, timeout_s: float = 30.0, api_key: str | None = None) -> None:
     """Every server's ``/model_info`` reports ``version``; else WeightSyncError naming the stale ones."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _headers(api_key)
 
     def get(u):
         r = requests.get(f"{u}/model_info", headers=headers, timeout=timeout_s)
@@ -715,7 +710,7 @@ def verify_probes(urls: list[str], probes: dict[str, list], *, atol: float = 0.0
 
 def prompt_logprobs(url: str, prompt_ids: list[int], *, timeout_s: float = 60.0, api_key: str | None = None) -> list[float]:
     """log p(prompt[t] | prompt[:t]) for t = 1..P-1 from a server (``/generate`` input_token_logprobs)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _headers(api_key)
     r = requests.post(f"{url}/generate", json=api.prompt_logprob_request(prompt_ids), headers=headers, timeout=timeout_s)
     if r.status_code != 200:
         raise WeightSyncError(f"{url}/generate (prompt log-probs): HTTP {r.status_code}: {r.text[:300]}")
