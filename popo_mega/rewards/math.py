@@ -6,11 +6,31 @@ Public API
     score_batch_with_stats(...) -> (scores, ScoreStats)
     MathVerifier(num_workers, deadline_s)             a reusable pool (the trainer keeps one per run)
 
-How one item is graded (``grade``): the gold is normalised (GSM8K ``####`` answer, unboxed,
-thousands separators removed) and parsed as ``\\boxed{gold}``; the response's final answer is found
-by ``rewards/extract.py`` (last ``\\boxed{}``, ``####``, a short bare answer), else by math-verify on
-the whole text, else the last number; then ``math_verify.verify(gold, prediction)``. Both sides are
-always parsed: ``verify("3", "3.0")`` on raw strings is False (environment.md).
+How one item is graded (``grade``): both texts get their unicode digits made ASCII
+(``extract.normalize_unicode``); the gold is normalised (GSM8K ``####`` answer, unboxed, thousands
+separators removed) and parsed as ``\\boxed{gold}``; the response's final answer is found by
+``rewards/extract.py`` (a response ending inside an unclosed ``\\boxed{`` has none; else the last
+``\\boxed{}``, ``####``, a short bare answer), else by math-verify on the whole text, else the last
+number; then ``math_verify.verify(gold, prediction)``. Both sides are always parsed:
+``verify("3", "3.0")`` on raw strings is False (environment.md).
+
+A bad gold (counted in ``ScoreStats.bad_gold``, the item scores 0) is empty, has unbalanced braces,
+or math-verify parses nothing from it. Braces are checked before parsing because math-verify's
+``parse`` returns the raw string as a fallback even for ``\\boxed{\\frac{}``, and ``verify`` then
+compares strings: ``"\\boxed{\\frac{}"`` scored 1.0 against the gold ``"\\frac{"`` (issue 15). A
+balanced gold that parses only to that string fallback stays gradable by exact string: 8 of the 7,474
+MATH-train golds (``30^\\circ.``, ``7\\text{ hours}.``, ``\\dfrac{1}{29,\\!322,\\!216}``) are such;
+every MATH-500, AIME, AMC23 and GSM8K gold parses to an expression.
+
+Deadline: ``grade`` keeps its own clock from its first line. Extraction is linear in the response's
+length; before each math-verify phase (parse gold, parse the response, verify) the remaining time
+bounds that phase's alarm, and an exhausted budget ends the item as a timeout. Alarms count whole
+seconds, so in-process grading (``score`` on the main thread) ends within the deadline + 1 s; in the
+pool the parent's kill at the deadline stays the hard limit.
+
+Logs: on a timeout math-verify logs ``"Timeout during parsing: <the whole input>"`` as a warning
+(2 MB of stderr from two hostile items); ``_math_verify`` installs a filter on its loggers that cuts
+each message to ``LOG_MESSAGE_CHARS`` characters.
 
 Why processes and not threads: math-verify's timeouts use ``signal.alarm``, which only works in a
 process's main thread, and an alarm cannot interrupt one long C-level computation (a big-integer
@@ -21,6 +41,8 @@ inside the item's deadline, and the parent kills and replaces a worker whose ite
 
 from __future__ import annotations
 
+import logging
+import math
 import multiprocessing as mp
 import signal
 import threading
@@ -30,9 +52,12 @@ from dataclasses import dataclass, fields
 from multiprocessing.connection import wait as wait_connections
 from typing import Callable, Sequence
 
-from popo_mega.rewards.extract import extract_answer, last_number, normalize_gold
+from popo_mega.rewards.extract import braces_balanced, extract_answer, last_number, normalize_gold, normalize_unicode
 
 DEFAULT_DEADLINE_S = 10.0
+LOG_MESSAGE_CHARS = 300   # math-verify log messages are cut to this (they quote the whole input)
+_MATH_VERIFY_LOGGERS = ("math_verify", "math_verify.parser", "math_verify.grader", "math_verify.utils",
+                        "latex2sympy2_extended")
 
 # statuses returned by grade(); "timeout" and "crash" are set by the pool
 OK, NO_ANSWER, BAD_GOLD, ERROR, TIMEOUT, CRASH = "ok", "no_answer", "bad_gold", "error", "timeout", "crash"
@@ -40,9 +65,10 @@ OK, NO_ANSWER, BAD_GOLD, ERROR, TIMEOUT, CRASH = "ok", "no_answer", "bad_gold", 
 
 @dataclass
 class ScoreStats:
-    """Counts over graded items. ``timeouts``: items killed at the deadline; ``no_answer``: responses
-    with no extractable answer (malformed, truncated, empty box); ``bad_gold``: golds math-verify
-    cannot parse; ``errors``: exceptions inside the grader; ``crashes``: workers that died otherwise."""
+    """Counts over graded items. ``timeouts``: items past the deadline (killed by the pool, or out of
+    time inside ``grade``); ``no_answer``: responses with no extractable answer (malformed, truncated,
+    unclosed or empty box); ``bad_gold``: golds that are empty, have unbalanced braces or that
+    math-verify cannot parse; ``errors``: exceptions inside the grader; ``crashes``: workers that died otherwise."""
 
     n: int = 0
     correct: int = 0
@@ -67,11 +93,32 @@ class ScoreStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class _CutLongMessages(logging.Filter):
+    """Cuts a log record's message to LOG_MESSAGE_CHARS (math-verify quotes whole inputs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if len(msg) > LOG_MESSAGE_CHARS:
+            record.msg = f"{msg[:LOG_MESSAGE_CHARS]}... [{len(msg)} characters, cut by popo_mega.rewards.math]"
+            record.args = ()
+        return True
+
+
+_CUT_FILTER = _CutLongMessages()
+
+
 def _math_verify():
     try:
         import math_verify
     except ImportError as e:  # pragma: no cover - declared in setup.py
         raise ImportError("popo_mega.rewards.math needs math-verify: pip install math-verify") from e
+    # a logger's filters see only records logged on it (not its children's): add to each one
+    names = set(_MATH_VERIFY_LOGGERS) | {n for n in logging.Logger.manager.loggerDict
+                                         if n.startswith(("math_verify.", "latex2sympy2_extended."))}
+    for name in names:
+        logger = logging.getLogger(name)
+        if _CUT_FILTER not in logger.filters:
+            logger.addFilter(_CUT_FILTER)
     return math_verify
 
 
@@ -83,39 +130,57 @@ def _inner_timeout(deadline_s: float) -> int:
     return max(1, int(deadline_s // 2))
 
 
+class _OutOfTime(Exception):
+    """grade's own deadline passed between two math-verify phases."""
+
+
 def grade(response: str, gold: str, deadline_s: float = DEFAULT_DEADLINE_S, _gold_cache: dict | None = None) -> tuple[float, str]:
-    """(score, status) for one item, in the calling process. Must run on a main thread (signal.alarm)."""
+    """(score, status) for one item, in the calling process, within about ``deadline_s`` (+1 s: alarms
+    count whole seconds). Must run on a main thread (signal.alarm)."""
+    end = time.monotonic() + deadline_s
     mv = _math_verify()
     t = _inner_timeout(deadline_s)
-    gold_text = normalize_gold(gold)
-    gold_parsed = None if _gold_cache is None else _gold_cache.get(gold_text)
-    if gold_parsed is None:
-        gold_parsed = mv.parse("\\boxed{" + gold_text + "}", parsing_timeout=t) if gold_text else []
-        if _gold_cache is not None:
-            if len(_gold_cache) > 4096:
-                _gold_cache.clear()
-            _gold_cache[gold_text] = gold_parsed
-    if not gold_parsed:
-        return 0.0, BAD_GOLD
-    answer, how = extract_answer(response)
-    if how == "boxed" and answer is None:  # an empty \boxed{}
-        return 0.0, NO_ANSWER
-    candidates = []  # parsed predictions, tried in order; the first that verifies wins
-    if answer is not None:
-        candidates.append(mv.parse("\\boxed{" + answer + "}", parsing_timeout=t))
-    if how in ("none", "short"):  # a short line may be prose ("the answer is 4"): let math-verify read it too
-        free = mv.parse(response, parsing_timeout=t)
-        if not free and how == "none":
-            num = last_number(response)
-            free = mv.parse("\\boxed{" + num + "}", parsing_timeout=t) if num else []
-        candidates.append(free)
-    candidates = [c for c in candidates if c]
-    if not candidates:
-        return 0.0, NO_ANSWER
-    for pred in candidates:
-        if mv.verify(gold_parsed, pred, timeout_seconds=t):
-            return 1.0, OK
-    return 0.0, OK
+
+    def alarm_s() -> int:   # the next math-verify phase's timeout: half the deadline, at most what is left
+        left = end - time.monotonic()
+        if left <= 0:
+            raise _OutOfTime
+        return max(1, min(t, math.ceil(left)))
+
+    try:
+        gold_text = normalize_gold(normalize_unicode(str(gold)))
+        gold_parsed = None if _gold_cache is None else _gold_cache.get(gold_text)
+        if gold_parsed is None:
+            ok = bool(gold_text) and braces_balanced(gold_text)
+            gold_parsed = mv.parse("\\boxed{" + gold_text + "}", parsing_timeout=alarm_s()) if ok else []
+            if _gold_cache is not None:
+                if len(_gold_cache) > 4096:
+                    _gold_cache.clear()
+                _gold_cache[gold_text] = gold_parsed
+        if not gold_parsed:
+            return 0.0, BAD_GOLD
+        response = normalize_unicode(str(response))
+        answer, how = extract_answer(response)
+        if how in ("boxed", "unclosed") and answer is None:  # an empty \boxed{}, or cut off inside one
+            return 0.0, NO_ANSWER
+        candidates = []  # parsed predictions, tried in order; the first that verifies wins
+        if answer is not None:
+            candidates.append(mv.parse("\\boxed{" + answer + "}", parsing_timeout=alarm_s()))
+        if how in ("none", "short"):  # a short line may be prose ("the answer is 4"): let math-verify read it too
+            free = mv.parse(response, parsing_timeout=alarm_s())
+            if not free and how == "none":
+                num = last_number(response)
+                free = mv.parse("\\boxed{" + num + "}", parsing_timeout=alarm_s()) if num else []
+            candidates.append(free)
+        candidates = [c for c in candidates if c]
+        if not candidates:
+            return 0.0, NO_ANSWER
+        for pred in candidates:
+            if mv.verify(gold_parsed, pred, timeout_seconds=alarm_s()):
+                return 1.0, OK
+        return 0.0, OK
+    except _OutOfTime:
+        return 0.0, TIMEOUT
 
 
 def score(response: str, gold: str, *, deadline_s: float = DEFAULT_DEADLINE_S) -> float:

@@ -20,8 +20,8 @@ def test_last_boxed_nested_and_last():
     assert extract.last_boxed(r"first \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
     assert extract.last_boxed(r"\boxed{\left(3, \frac{\pi}{2}\right)}") == r"\left(3, \frac{\pi}{2}\right)"
     assert extract.last_boxed(r"\fbox{7}") == "7"
-    # an unclosed last box (truncated response) falls back to the earlier closed one
-    assert extract.last_boxed(r"\boxed{5} and \boxed{\frac{1}{") == "5"
+    # an unclosed last box (truncated response) is no answer: no fall back to the earlier closed one (issue 15)
+    assert extract.last_boxed(r"\boxed{5} and \boxed{\frac{1}{") is None
     assert extract.last_boxed("no box here") is None
     assert extract.last_boxed(r"\boxed{}") == ""
 
