@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -347,8 +348,86 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | t
     return cfg
 
 
+# Ranges of numeric keys: (key, rule, who reads it / why). Checked at load, before anything is built
+# (issue 15: train.lr=-1, train.steps=-1 and rollout.group_size=0 failed only after the model was built
+# and the servers launched, with torch tracebacks naming no key and a run directory left behind;
+# data.prompts_per_step=0 ran empty steps with reward NaN; POPO with group_size 1 ran without a word).
+# Every rule is written so that NaN fails it (comparisons with NaN are False); floats must be finite.
+_RANGE_RULES = {
+    ">= 0": lambda v: 0 <= v < math.inf,
+    "> 0": lambda v: 0 < v < math.inf,
+    ">= 1": lambda v: 1 <= v < math.inf,
+    ">= 2": lambda v: 2 <= v < math.inf,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "finite": lambda v: -math.inf < v < math.inf,
+}
+_RANGES = (
+    ("model.make_vocab_size_divisible_by", ">= 1", "the padded vocabulary is a multiple of it"),
+    ("model.fp8_amax_history_len", ">= 1", "Transformer Engine's amax history length"),
+    ("algorithm.eps_low", "in [0, 1]", "the clip's lower bound 1 - eps_low must be >= 0"),
+    ("algorithm.eps_high", ">= 0", "the clip's upper bound is 1 + eps_high"),
+    ("algorithm.popo.alpha", ">= 0", "the similarity term's weight (P5)"),
+    ("algorithm.popo.beta", "finite", "the entropy term's weight (P5)"),
+    ("algorithm.popo.weight_temperature", "> 0", "the softmax weights divide by it (P1)"),
+    ("algorithm.popo.tau", "in [0, 1]", "EMA momentum (P6)"),
+    ("algorithm.popo.predictor_hidden", ">= 1", "the predictor's width"),
+    ("algorithm.popo.predictor_layers", ">= 1", "the predictor's Linear layers"),
+    ("algorithm.popo.noise_std", ">= 0", "a standard deviation"),
+    ("algorithm.popo.reward_threshold", "finite", "positive iff reward > it"),
+    ("algorithm.grpo.max_refill_rounds", ">= 0", "extra rollout rounds"),
+    ("algorithm.a3po.ratio", "in [0, 1]", "the fraction of tokens shaped"),
+    ("algorithm.a3po.rho", "finite", "the initial shaping scale"),
+    ("algorithm.a3po.alpha", ">= 0", "the shaping scale's decay per step"),
+    ("rollout.group_size", ">= 2", "POPO, GRPO and A3PO compare rollouts within a group"),
+    ("rollout.temperature", ">= 0", "0 is greedy"),
+    ("rollout.top_p", "in (0, 1]", "a probability mass"),
+    ("rollout.max_new_tokens", ">= 1", "tokens per rollout"),
+    ("rollout.request_timeout_s", "> 0", "seconds"),
+    ("rollout.retries", ">= 0", "retries per request"),
+    ("rollout.bucket_mb", ">= 1", "weight-sync bucket size"),
+    ("rollout.max_server_restarts", ">= 0", "relaunches per run"),
+    ("data.prompts_per_step", ">= 1", "prompts per step"),
+    ("data.max_prompt_tokens", ">= 1", "the longest prompt kept"),
+    ("train.steps", ">= 0", "0 trains nothing"),
+    ("train.lr", "> 0", "the peak learning rate"),
+    ("train.min_lr", ">= 0", "the schedule's floor"),
+    ("train.weight_decay", ">= 0", "AdamW's decay"),
+    ("train.adam_beta1", "in [0, 1)", "Adam's first-moment decay"),
+    ("train.adam_beta2", "in [0, 1)", "Adam's second-moment decay"),
+    ("train.grad_clip", ">= 0", "0 disables clipping"),
+    ("train.micro_batch_tokens", ">= 1", "packed tokens per micro-batch"),
+    ("train.save_interval", ">= 0", "0 saves no checkpoint"),
+    ("train.keep_last", ">= 1", "checkpoints kept (train/checkpoint.py)"),
+    ("train.log_interval", ">= 1", "steps between console lines (train/metrics.py)"),
+)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Each key of ``_RANGES`` within its range; the error names the key, the rule, the value and the file."""
+    for key, rule, why in _RANGES:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not _RANGE_RULES[rule](value):
+            raise ConfigError(f"{cfg.source}: key '{key}' must be {rule} ({why}), got {value!r}")
+    t = cfg.train
+    if t.min_lr > t.lr:
+        raise ConfigError(f"{cfg.source}: key 'train.min_lr' ({t.min_lr}) must be <= train.lr ({t.lr})")
+    from popo_mega.rewards.synthetic import SyntheticTask
+
+    syn = cfg.data.synthetic
+    try:
+        SyntheticTask(max_operand=syn.max_operand, ops=syn.ops, n_heldout=syn.n_heldout, seed=syn.seed,
+                      fixed_width=syn.fixed_width)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: key 'data.synthetic': {e}") from None
+
+
 def _check_values(cfg: Config) -> None:
     """Value checks a type cannot express; errors name the key and the file."""
+    _check_ranges(cfg)
     where, t = cfg.source, cfg.train
     if not 0.0 <= t.warmup_fraction < 1.0:
         raise ConfigError(f"{where}: key 'train.warmup_fraction' must be in [0, 1), got {t.warmup_fraction}")
@@ -391,7 +470,7 @@ def _check_eval(e: EvalConfig, where: str) -> None:
             raise ConfigError(f"{where}: key 'eval.{key}' must be >= {low}, got {value}")
     if e.limit is not None and e.limit < 1:
         raise ConfigError(f"{where}: key 'eval.limit' must be >= 1 (or null: every problem), got {e.limit}")
-    if e.temperature < 0:
+    if not 0 <= e.temperature < math.inf:   # NaN fails too
         raise ConfigError(f"{where}: key 'eval.temperature' must be >= 0 (0: greedy), got {e.temperature}")
 
 
