@@ -55,6 +55,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    expert: int = 1                         # MoE models: each layer's experts split over this many ranks,
+                                            # carved from the data-parallel ranks (megatron's EP)
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
 
@@ -492,12 +494,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 
 def read_hf_config(hf_path: str, where: str = "model.hf_path") -> dict:
-    """The ``config.json`` of an HF model directory, with a clear error naming the key if missing."""
+    """The ``config.json`` of an HF model directory, with a clear error naming the key if missing and
+    the file if it is not a JSON object."""
     cfg_file = os.path.join(hf_path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ConfigError(f"{where}: no config.json in '{hf_path}'")
-    with open(cfg_file) as f:
-        return json.load(f)
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:   # ValueError: JSONDecodeError and undecodable bytes
+        raise ConfigError(f"{where}: {cfg_file} is not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where}: {cfg_file} must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | None = None) -> None:
@@ -505,6 +514,8 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
 
     heads (and KV groups) must divide by ``parallel.tensor``; layers by ``parallel.pipeline``; the
     world size by ``parallel.tensor * parallel.pipeline``; sequence parallelism needs ``parallel.tensor > 1``.
+    ``parallel.expert`` needs a mixture-of-experts model whose experts it divides, and divides the
+    data-parallel size (world / (tensor * pipeline)): expert-parallel ranks are data-parallel ranks.
     """
     where = cfg.source
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -517,7 +528,17 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
                           "sequence over the tensor-parallel ranks); set parallel.sequence_parallel=false")
     if hf_config is None and cfg.model.hf_path:
         hf_config = read_hf_config(cfg.model.hf_path)
+    ep = cfg.parallel.expert
+    if ep < 1:
+        raise ConfigError(f"{where}: key 'parallel.expert' must be >= 1, got {ep}")
     if hf_config is not None:
+        experts = hf_config.get("num_experts", hf_config.get("num_local_experts")) or 0
+        if ep > 1 and not experts:
+            raise ConfigError(f"{where}: key 'parallel.expert' = {ep} needs a mixture-of-experts model; "
+                              f"{cfg.model.hf_path}/config.json ({hf_config.get('model_type')}) has no experts")
+        if experts and experts % ep:
+            raise ConfigError(f"{where}: key 'parallel.expert' = {ep} does not divide the model's "
+                              f"{experts} experts ({cfg.model.hf_path}/config.json)")
         heads = hf_config["num_attention_heads"]
         groups = hf_config.get("num_key_value_heads") or heads
         layers = hf_config["num_hidden_layers"]
@@ -533,5 +554,8 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
     if world_size is not None and world_size % (tp * pp):
         raise ConfigError(f"{where}: world size {world_size} is not divisible by parallel.tensor x "
                           f"parallel.pipeline = {tp} x {pp}")
+    if world_size is not None and (world_size // (tp * pp)) % ep:
+        raise ConfigError(f"{where}: key 'parallel.expert' = {ep} does not divide the data-parallel size "
+                          f"{world_size // (tp * pp)} (world {world_size} / tensor {tp} / pipeline {pp})")
     if cfg.model.fp8 is not None and cfg.model.transformer_impl == "local":
         raise ConfigError(f"{where}: key 'model.fp8' needs model.transformer_impl: transformer_engine or auto")

@@ -99,3 +99,12 @@ def test_the_console_command_prints_one_line_and_no_traceback(single_dir, tmp_pa
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert str(d / "model.safetensors") in proc.stderr and "header too large" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "qwen2", ', "[1, 2]", "\udcff"])
+def test_broken_config_json_names_it(single_dir, tmp_path, text):
+    d = _copy(single_dir, tmp_path / "hf")
+    (d / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(["hf-to-mcore", str(d), str(tmp_path / "out")])
+    assert str(d / "config.json") in str(e.value.code), e.value.code
