@@ -4,8 +4,11 @@ The grader (``rewards/math.py``) looks for the final answer in this order:
 
 0. a response that ends inside an unclosed ``\\boxed{`` (cut off at max_new_tokens while writing
    its answer) has NO answer, whatever else it holds: a truncated response must not earn reward
-   (issue 15: ``"... = \\boxed{4"`` scored 1.0 against 4 through the short-answer path). math-verify
-   itself never extracts an unclosed box (its plain-box pattern needs a closing brace);
+   (issue 15: ``"... = \\boxed{4"`` scored 1.0 against 4 through the short-answer path). This is
+   decided here, before math-verify sees the response, because math-verify 0.9.0 is not strict: its
+   plain-box pattern ``\\boxed{.+}`` runs to the last ``}`` anywhere, so ``parse`` gives 1 for
+   ``"x = \\boxed{\\sqrt{2} + 1"`` and 4 for ``"\\boxed{4} then \\boxed{5"`` (only a lone
+   ``"\\boxed{4"`` gives nothing);
 1. the LAST ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched with nesting, so
    ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``;
 2. a GSM8K-style ``#### 42`` line;

@@ -26,6 +26,7 @@ from popo_mega.rewards.math import BAD_GOLD, NO_ANSWER, OK, grade, score_batch_w
     ("\\boxed{\\boxed{4}", "4"),                    # a closed box inside an unclosed one
     ("The answer is \\fbox{7", "7"),
     ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}"),      # cut before the last brace
+    ("x = \\boxed{\\sqrt{2} + 1", "1"),             # math-verify's own parse of this gives 1
 ])
 def test_a_response_cut_inside_a_box_scores_zero(response, gold):
     assert grade(response, gold, 10) == (0.0, NO_ANSWER)
