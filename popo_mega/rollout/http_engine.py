@@ -104,6 +104,7 @@ class HttpEngine:
                                bucket_bytes=bucket_bytes, load_format=load_format, timeout_s=sync_timeout_s,
                                api_key=api_key, master_address=master_address)
         self._sync: DistributedWeightSync | None = None
+        self._tensor_sync: TensorWeightSync | None = None  # kept: its TP sizes come from /server_info once
         self._distributed_failed = False
         self.unprobed: dict[str, str] = {}      # servers whose weights cannot be read back -> why
         self._seed_checked: set[str] = set()    # servers asked whether they honour sampling_seed
@@ -265,13 +266,16 @@ class HttpEngine:
             return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
         syncs = []
         if by_tensor:
-            tp = [self._tp_sizes[u] for u in by_tensor] if self._tp_sizes is not None else None
-            syncs.append(TensorWeightSync(by_tensor, tp_sizes=tp, **self._sync_args))
+            if self._tensor_sync is None or self._tensor_sync.urls != by_tensor:
+                tp = [self._tp_sizes[u] for u in by_tensor] if self._tp_sizes is not None else None
+                self._tensor_sync = TensorWeightSync(by_tensor, tp_sizes=tp, **self._sync_args)
+            syncs.append(self._tensor_sync)
         if by_group:
             syncs.append(self._sync)
         try:
             return send_all(syncs, named_tensors, version)
         except WeightSyncError as exc:
+            self._tensor_sync = None
             if self._sync is not None:
                 self._sync.close()
                 self._sync = None

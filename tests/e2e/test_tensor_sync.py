@@ -37,8 +37,10 @@ def server(tmp_path_factory):
         stop_servers(servers)
 
 
-def test_tensor_sync_matches_trainer_and_rejects_bad_update_whole(server):
+def test_tensor_sync_matches_trainer_and_rejects_bad_update_whole(server, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    import popo_mega.rollout.weight_sync as weight_sync
 
     from popo_mega.rollout.http_engine import HttpEngine
     from popo_mega.rollout.weight_sync import WeightSyncError, prompt_logprobs, verify_weight_version
@@ -51,8 +53,13 @@ def test_tensor_sync_matches_trainer_and_rejects_bad_update_whole(server):
 
     engine = HttpEngine([url], sync_method="distributed", tensor_urls=[url], bucket_bytes=8192, sync_timeout_s=60,
                         request_timeout_s=60)
+    tp_reads = []  # each server's TP size is read from /server_info once per engine, not per sync
+    real_tp_sizes = weight_sync.server_tp_sizes
+    monkeypatch.setattr(weight_sync, "server_tp_sizes", lambda *a, **k: tp_reads.append(a) or real_tp_sizes(*a, **k))
     try:
+        engine.sync_weights(model.state_dict().items(), "v0")
         engine.sync_weights(model.state_dict().items(), "v1")
+        assert len(tp_reads) == 1
         assert engine.last_sync.method == "tensor"
         assert engine.last_sync.buckets > 1
         assert engine.verify_prompt_logprobs(PROMPT, want, atol=ATOL) <= ATOL
