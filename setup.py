@@ -84,11 +84,14 @@ setup(
         "numpy",
         "matplotlib",
         "requests",
+        "fastapi>=0.100",   # the embedded rollout server's HTTP side (pydantic v2 request models)
+        "uvicorn>=0.24",    # ... served by uvicorn (timeout_graceful_shutdown)
+        "pydantic>=2.0",
     ],
     extras_require={
         "sglang": ["sglang", "sglang-router"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "ninja", "pyarrow"],
+        "dev": ["pytest", "pytest-timeout", "ninja", "pyarrow", "hypothesis>=6.0"],
     },
     entry_points={
         "console_scripts": [

@@ -51,6 +51,8 @@ class SequenceRequest:
     stop_token_ids: frozenset[int] = frozenset()
     logprob_start_len: int = -1
     seed: int | None = None  # SGLang's sampling_seed: the row's own uniform stream
+    ignore_eos: bool = False  # SGLang's ignore_eos: no token-based stop at all (EOS nor stop_token_ids)
+    cancelled: bool = False   # set from another thread (its client left): the row leaves at the next step
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
@@ -261,8 +263,10 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
 
     Rows with a ``seed`` draw their randomness from ``random.Random(seed)``, the others from ``generator``.
     A sequence stops at its ``max_new_tokens`` (finish ("length", n)), or after emitting a token in
-    ``stop_token_ids`` or ``eos_token_ids`` (finish ("stop", token); the token is kept, as in SGLang);
-    it then leaves the batch and ``on_finish(seq)`` is called. After every decode step
+    ``stop_token_ids`` or ``eos_token_ids`` unless ``ignore_eos`` (finish ("stop", token); the token is
+    kept, as in SGLang: ``Req._check_token_based_finish`` returns early under ignore_eos), or once
+    ``cancelled`` is set (finish ("abort", tokens so far), checked after every decode step: a client
+    that left frees its rows within one step); it then leaves the batch and ``on_finish(seq)`` is called. After every decode step
     ``admit(step)`` may return more sequences: they are prefilled and join the running batch (so a
     burst of requests that reached the server while a batch started still shares its decode steps).
     Returns when every sequence, admitted ones included, has finished.
@@ -296,7 +300,10 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
         for i, s in enumerate(rows):
             s.output_ids.append(tokens_l[i])
             s.output_logprobs.append(logps_l[i])
-            if tokens_l[i] in s.stop_token_ids or tokens_l[i] in eos_token_ids:
+            if s.cancelled:
+                s.finish = ("abort", len(s.output_ids))
+                finished(s)
+            elif not s.ignore_eos and (tokens_l[i] in s.stop_token_ids or tokens_l[i] in eos_token_ids):
                 s.finish = ("stop", tokens_l[i])
                 finished(s)
             elif len(s.output_ids) >= s.max_new_tokens:

@@ -2,8 +2,10 @@
 
     popo-rollout-server --model-path DIR [--host 127.0.0.1] [--port 30000] [--device cpu|cuda]
                         [--dtype auto|float32|bfloat16|float16] [--random-seed N] [--api-key KEY]
-                        [--max-running-requests N] [--weight-version V] [--num-threads N]
-                        [--strict-sglang] [--tp-size N] [--enable-deterministic-inference]
+                        [--config FILE.yaml] [--max-running-requests N] [--weight-version V]
+                        [--num-threads N] [--strict-sglang] [--tp-size N] [--enable-deterministic-inference]
+                        [--max-sequences-per-request N] [--max-body-bytes N] [--stall-timeout-s S]
+                        [--weight-group-timeout-s S]
 
 Flag names are ``sglang.launch_server``'s where they overlap. It serves the native SGLang endpoints
 the rollout client and the weight sync use, with SGLang's request and response bodies:
@@ -14,7 +16,8 @@ carries ``weight_version``), ``/flush_cache``, ``/pause_generation``, ``/continu
 ``/update_weights_from_tensor`` (same-host handles, ``tensor_ipc``; only inside a window, either mode),
 ``/end_weight_update``, ``/destroy_weights_update_group``, ``/update_weight_version``,
 ``/get_weights_by_name``, ``/release_memory_occupation``, ``/resume_memory_occupation``,
-``/server_info`` (``/get_server_info``).
+``/server_info`` (``/get_server_info``). The HTTP side (FastAPI + uvicorn, as SGLang's own
+``http_server``) is ``server_app``; the ``/generate`` body is checked by ``server_schema``.
 
 ``--strict-sglang`` answers as SGLang 0.5.23 does where a lenient stand-in would hide a GPU-run
 failure (the launcher starts embedded servers with it):
@@ -32,16 +35,25 @@ each receiving every broadcast (``server_tp_ranks``); ``/server_info`` reports `
 ``enable_deterministic_inference`` and, under ``popo_weight_updates``, the tensors each TP rank
 received, in all and per closed window. Each closed window is also logged.
 
-Simplifications against SGLang: stdlib ``http.server`` (a thread per connection), one scheduler
-thread with static batches of up to ``--max-running-requests`` sequences, no radix cache (so
-``/flush_cache`` only checks that nothing is pending), no streaming, no text (token ids only:
-``text`` is always "").
+Limits (issue 15: one request used to lock the server up): a request's prompt + max_new_tokens must
+fit the model's context length (SGLang's check), prompts x n is capped (``--max-sequences-per-request``),
+bodies above ``--max-body-bytes`` are 413, a client that disconnects takes its sequences out of the
+batch within one decode step, and ``/health`` answers 503 once a running batch made no progress for
+``--stall-timeout-s``. The API key (``--api-key``, the ``api-key`` of a ``--config`` YAML file as
+SGLang reads it, or the ``POPO_ROLLOUT_API_KEY`` environment variable, which the launcher uses so
+that the key is not on the command line) is compared in constant time; ``/health*`` and ``/ready``
+need no key, as in SGLang (``decide_request_auth``).
+
+Simplifications against SGLang: one scheduler thread with batches of up to ``--max-running-requests``
+sequences (newcomers join a running batch between decode steps), no radix cache (so ``/flush_cache``
+only checks that nothing is pending), no streaming, no text (token ids only: ``text`` is always "").
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import concurrent.futures
+import contextlib
 import json
 import os
 import queue
@@ -49,14 +61,18 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
 from popo_mega.rollout.generation import SequenceRequest, generate_batch
+from popo_mega.rollout.server_schema import (GeneratePlan, RequestError, context_length, json_number,
+                                             parse_generate)
 from popo_mega.rollout.server_tp_ranks import TpRankGroup
 from popo_mega.rollout.sglang_api import finish_reason
+
+__all__ = ["RequestError", "RolloutServer", "ServerArgs", "main", "parse_args", "serve"]
+
+API_KEY_ENV = "POPO_ROLLOUT_API_KEY"  # the launcher passes the key here: argv is visible to every user (ps)
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,41 @@ class ServerArgs:
     strict_sglang: bool = False
     tp_size: int = 1
     enable_deterministic_inference: bool = False
+    max_sequences_per_request: int = 1024
+    max_body_bytes: int = 64 * 2 ** 20
+    stall_timeout_s: float = 300.0
+    weight_group_timeout_s: float = 120.0
+
+
+def _config_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--config FILE.yaml`` as SGLang reads it (``ConfigArgumentMerger``): each key is a flag
+    (``api-key`` or ``api_key``), a true boolean a bare flag; the file's flags go first, so the
+    command line wins. An unknown key is an error naming it and the file."""
+    if "--config" not in argv:
+        return argv
+    import yaml
+
+    at = argv.index("--config")
+    if at == len(argv) - 1:
+        parser.error("--config needs a YAML file")
+    path = argv[at + 1]
+    if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
+        parser.error(f"--config {path}: not a .yaml/.yml file")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: must hold a mapping of flag names to values")
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    out = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in flags or flag == "--config":
+            parser.error(f"--config {path}: unknown key {key!r}")
+        if isinstance(flags[flag], argparse._StoreTrueAction):
+            out += [flag] if value else []
+        else:
+            out += [flag, str(value)]
+    return out + argv[:at] + argv[at + 2:]
 
 
 def parse_args(argv) -> ServerArgs:
@@ -85,7 +136,10 @@ def parse_args(argv) -> ServerArgs:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None,
+                   help=f"the key every route but /health* and /ready needs (or set {API_KEY_ENV}, or put "
+                        "api-key in a --config file: a key on the command line is visible in ps)")
+    p.add_argument("--config", default=None, help="a YAML file of flags (as sglang.launch_server's --config)")
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--weight-version", default="default")
     p.add_argument("--num-threads", type=int, default=1,
@@ -103,14 +157,32 @@ def parse_args(argv) -> ServerArgs:
                         "as a TP-N SGLang server does; generation itself is not sharded")
     p.add_argument("--enable-deterministic-inference", action="store_true",
                    help="honour sampling_seed under --strict-sglang (SGLang ignores it without this flag)")
-    a = p.parse_args(argv)
-    if a.tp_size < 1:
-        p.error(f"--tp-size must be >= 1, got {a.tp_size}")
+    p.add_argument("--max-sequences-per-request", type=int, default=1024,
+                   help="prompts x n of one /generate (400 above it)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 2 ** 20, help="request bodies above this are 413")
+    p.add_argument("--stall-timeout-s", type=float, default=300.0,
+                   help="/health answers 503 once a running batch made no progress for this long "
+                        "(SGLang's --watchdog-timeout default)")
+    p.add_argument("--weight-group-timeout-s", type=float, default=120.0,
+                   help="/init_weights_update_group answers 400 when the group has not formed by then")
+    argv = list(argv)
+    a = p.parse_args(_config_argv(argv, p))
+    for flag, value, low in (("--tp-size", a.tp_size, 1), ("--max-running-requests", a.max_running_requests, 1),
+                             ("--max-sequences-per-request", a.max_sequences_per_request, 1),
+                             ("--max-body-bytes", a.max_body_bytes, 1024)):
+        if value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--stall-timeout-s", a.stall_timeout_s), ("--weight-group-timeout-s", a.weight_group_timeout_s)):
+        if not value > 0:
+            p.error(f"{flag} must be > 0, got {value}")
+    api_key = a.api_key if a.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     return ServerArgs(model_path=a.model_path, host=a.host, port=a.port, device=a.device, dtype=a.dtype,
-                      random_seed=a.random_seed, api_key=a.api_key,
+                      random_seed=a.random_seed, api_key=api_key,
                       max_running_requests=a.max_running_requests, weight_version=a.weight_version,
                       num_threads=a.num_threads, parent_pid=a.parent_pid, strict_sglang=a.strict_sglang,
-                      tp_size=a.tp_size, enable_deterministic_inference=a.enable_deterministic_inference)
+                      tp_size=a.tp_size, enable_deterministic_inference=a.enable_deterministic_inference,
+                      max_sequences_per_request=a.max_sequences_per_request, max_body_bytes=a.max_body_bytes,
+                      stall_timeout_s=a.stall_timeout_s, weight_group_timeout_s=a.weight_group_timeout_s)
 
 
 # SGLang 0.5.23 model classes that define get_weights_by_name (grep "def get_weights_by_name"
@@ -119,10 +191,7 @@ def parse_args(argv) -> ServerArgs:
 SGLANG_WEIGHT_READERS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM",
                                    "Exaone4ForCausalLM", "OPTForCausalLM"})
 DETERMINISTIC_DEFAULT_SEED = 42  # SamplingBatchInfo.from_schedule_batch: a row without sampling_seed
-
-
-class RequestError(Exception):
-    """A bad request body: answered with HTTP 400 and the message."""
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 
 
 def _torch_dtype(name: str, where: str) -> torch.dtype:
@@ -132,7 +201,8 @@ def _torch_dtype(name: str, where: str) -> torch.dtype:
     return dtype
 
 
-ADMIT_STEPS = 64  # requests join a running batch during its first 64 decode steps (RolloutServer._continuous_batching)
+class Cancelled(Exception):
+    """The request's sequences were cancelled (its client left) before they finished."""
 
 
 class RolloutServer:
@@ -152,6 +222,7 @@ class RolloutServer:
         self.config = AutoConfig.from_pretrained(args.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(self.device).eval()
         self.model_path = args.model_path
+        self.context_len = context_length(self.config)
         eos = self.config.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else ([eos] if isinstance(eos, int) else eos))
         pad = getattr(self.config, "pad_token_id", None)
@@ -159,10 +230,14 @@ class RolloutServer:
         self.generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
         self.weight_version = args.weight_version
         self.model_lock = threading.Lock()         # held by a running batch and by weight loads
+        self._lock_waiters = 0                      # weight operations waiting for model_lock (_exclusive)
+        self._waiters_lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue()
         self.running = threading.Event()            # cleared by /pause_generation
         self.running.set()
         self.busy = False
+        self.in_batch = False                       # generate_batch is running (progress_at is its heartbeat)
+        self.progress_at = time.monotonic()
         self.released = False
         self.groups: dict[str, TpRankGroup] = {}
         self.window_open = False                    # between /begin_weight_update and /end_weight_update
@@ -177,6 +252,22 @@ class RolloutServer:
         self.scheduler.start()
 
     # ---- generation ----
+    def _take(self) -> tuple | None:
+        """The next queued job whose client is still there (a cancelled one is answered and dropped)."""
+        while True:
+            seq, slot = self.queue.get_nowait()
+            if not seq.cancelled:
+                return seq, slot
+            self._fail(slot, "cancelled")
+
+    @staticmethod
+    def _fail(slot: dict, why: str) -> None:
+        if not slot["done"].is_set():
+            slot["error"] = why
+            slot["done"].set()
+            if slot.get("notify"):
+                slot["notify"]()
+
     def _schedule(self) -> None:
         while not self.stopping.is_set():
             if not self.running.wait(timeout=0.1):
@@ -185,6 +276,9 @@ class RolloutServer:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            if first[0].cancelled:
+                self._fail(first[1], "cancelled")
+                continue
             self.busy = True  # from here on, a request is held by the scheduler (flush_cache must refuse)
             while not self.running.wait(timeout=0.1):  # paused after we started waiting: hold it
                 if self.stopping.is_set():
@@ -192,7 +286,7 @@ class RolloutServer:
             batch = [first]
             while len(batch) < self.args.max_running_requests:
                 try:
-                    batch.append(self.queue.get_nowait())
+                    batch.append(self._take())
                 except queue.Empty:
                     break
             slots = {id(s): slot for s, slot in batch}
@@ -200,34 +294,37 @@ class RolloutServer:
                 with self.model_lock:
                     if self.released:
                         raise RuntimeError("memory released (call /resume_memory_occupation first)")
+                    self.progress_at, self.in_batch = time.monotonic(), True
                     generate_batch(self.model, [s for s, _ in batch], pad_token_id=self.pad_token_id,
                                    eos_token_ids=self.eos_token_ids, generator=self.generator, device=self.device,
                                    **self._continuous_batching(slots))
             except Exception as exc:  # noqa: BLE001 - reported to every waiting request
                 for slot in slots.values():
-                    if not slot["done"].is_set():
-                        slot["error"] = f"{type(exc).__name__}: {exc}"
-                        slot["done"].set()
+                    self._fail(slot, f"{type(exc).__name__}: {exc}")
             finally:
+                self.in_batch = False
                 self.busy = False
 
-    # ---- continuous batching (generate_batch's admit / on_finish; owned by the rollout-generation work) ----
+    # ---- continuous batching (generate_batch's admit / on_finish) ----
     def _continuous_batching(self, slots: dict) -> dict:
         """``generate_batch``'s callbacks for one batch, run with the model lock held: a finished
         sequence is answered at once; requests queued while the batch runs join it between decode
         steps (up to --max-running-requests rows), so the prompts of one rollout step that reach the
         server one by one share their decode steps (before, the first of 32 concurrent requests
         often ran alone and the other 31 after it). Joining stops while generation is paused and
-        after ADMIT_STEPS steps, so a steady stream of requests cannot hold the model lock against
-        weight updates."""
+        while a weight operation waits for the model lock (``_exclusive``), so a steady stream of
+        requests cannot hold the lock against weight updates; before, joining stopped after 64
+        steps whatever happened, and one long request kept every later one waiting (issue 15).
+        Each call is the loop's heartbeat (``progress_at``, read by ``/health``)."""
         running = [len(slots)]
 
         def admit(step: int) -> list:
+            self.progress_at = time.monotonic()
             joining = []
-            while (step <= ADMIT_STEPS and self.running.is_set()
+            while (self.running.is_set() and not self._lock_waiters
                    and running[0] + len(joining) < self.args.max_running_requests):
                 try:
-                    seq, slot = self.queue.get_nowait()
+                    seq, slot = self._take()
                 except queue.Empty:
                     break
                 slots[id(seq)] = slot
@@ -239,81 +336,126 @@ class RolloutServer:
             running[0] -= 1
             slot = slots[id(seq)]
             slot["version"] = self.weight_version
+            if seq.finish[0] == "abort":
+                return self._fail(slot, "cancelled")
             slot["done"].set()
+            if slot.get("notify"):
+                slot["notify"]()
 
         return {"admit": admit, "on_finish": on_finish}
 
-    def generate(self, body: dict) -> object:
-        prompts = body.get("input_ids")
-        if prompts is None:
-            raise RequestError("/generate: this server needs input_ids (it has no tokenizer; text is not accepted)")
-        single = bool(prompts) and isinstance(prompts[0], int)
-        prompts = [prompts] if single else prompts
-        if not prompts or any(not p or not all(isinstance(t, int) for t in p) for p in prompts):
-            raise RequestError("/generate: input_ids must be a non-empty list of token ids (or a list of such lists)")
-        vocab = self.config.vocab_size
-        for p in prompts:
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"/generate: token id {bad[0]} outside the vocabulary [0, {vocab})")
-        sp_all = body.get("sampling_params") or {}
-        sp_list = sp_all if isinstance(sp_all, list) else [sp_all] * len(prompts)
-        if len(sp_list) != len(prompts):
-            raise RequestError(f"/generate: {len(sp_list)} sampling_params for {len(prompts)} prompts")
-        return_logprob = body.get("return_logprob") or False
-        start_len = body.get("logprob_start_len")
-        start_len = -1 if start_len is None else start_len
-        rid = body.get("rid") or uuid.uuid4().hex
-        t0 = time.time()
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """The model lock for a weight operation; while it waits, running batches admit nobody, so
+        the lock comes free once the rows already decoding have finished."""
+        with self._waiters_lock:
+            self._lock_waiters += 1
+        try:
+            self.model_lock.acquire()
+        finally:
+            with self._waiters_lock:
+                self._lock_waiters -= 1
+        try:
+            yield
+        finally:
+            self.model_lock.release()
+
+    def health(self) -> str | None:
+        """Why ``/health`` must fail (None: healthy): memory released, the scheduler thread gone, or a
+        batch that made no progress for ``--stall-timeout-s`` (SGLang's ``/health_generate`` fails when
+        the scheduler sent nothing back for its HEALTH_CHECK_TIMEOUT)."""
+        if self.released:
+            return "memory released"
+        if not self.scheduler.is_alive():
+            return "the scheduler thread is gone"
+        idle = time.monotonic() - self.progress_at
+        if self.in_batch and idle > self.args.stall_timeout_s:
+            return f"generation made no progress for {idle:.0f}s (--stall-timeout-s {self.args.stall_timeout_s:g})"
+        return None
+
+    def plan(self, body) -> GeneratePlan:
+        """The checked /generate request (400 naming the field otherwise; see ``server_schema``)."""
+        plan = parse_generate(body, vocab_size=self.config.vocab_size, context_len=self.context_len,
+                              max_sequences=self.args.max_sequences_per_request)
+        for i, p in enumerate(plan.prompts):
+            if p.n > 1 and p.sampling_seed is not None and self._sampling_seed(p.sampling_seed) is not None:
+                # SGLang would give all n the same sample
+                raise RequestError(f"sampling_params{'' if len(plan.prompts) == 1 else f'.{i}'}.sampling_seed: "
+                                   f"one seed for n = {p.n} samples gives {p.n} identical samples; "
+                                   "send n prompts with one seed each")
+        return plan
+
+    def submit(self, plan: GeneratePlan, notify=None) -> list[tuple[SequenceRequest, dict]]:
+        """Queue every sequence of ``plan``; ``notify()`` is called (from the scheduler thread) as each
+        one finishes or fails. Returns the (sequence, slot) jobs in response order."""
         jobs = []
-        for i, (p, sp) in enumerate(zip(prompts, sp_list)):
-            n = int(sp.get("n", 1) or 1)
-            stop = sp.get("stop_token_ids") or []
-            if sp.get("stop"):
-                raise RequestError("/generate: string 'stop' needs a tokenizer; use stop_token_ids")
-            seed = self._sampling_seed(sp.get("sampling_seed"))
-            for j in range(n):
-                seq = SequenceRequest(prompt=list(p), temperature=float(sp.get("temperature", 1.0)),
-                                      top_p=float(sp.get("top_p", 1.0)),
-                                      max_new_tokens=int(sp.get("max_new_tokens", 128)),
-                                      stop_token_ids=frozenset(int(t) for t in stop),
-                                      logprob_start_len=start_len if return_logprob else -1, seed=seed)
-                if sp.get("sampling_seed") is not None and seq.seed is not None and n > 1:
-                    # SGLang would give all n the same sample
-                    raise RequestError("/generate: sampling_seed with n > 1 gives n identical samples; "
-                                       "send n prompts with one seed each")
-                if seq.top_p <= 0 or seq.top_p > 1:
-                    raise RequestError(f"/generate: top_p must be in (0, 1], got {seq.top_p}")
-                if seq.temperature < 0:
-                    raise RequestError(f"/generate: temperature must be >= 0, got {seq.temperature}")
-                jobs.append((seq, {"done": threading.Event()}))
+        for p in plan.prompts:
+            seed = self._sampling_seed(p.sampling_seed)
+            for _ in range(p.n):
+                seq = SequenceRequest(prompt=list(p.prompt), temperature=p.temperature, top_p=p.top_p,
+                                      max_new_tokens=p.max_new_tokens, stop_token_ids=p.stop_token_ids,
+                                      logprob_start_len=p.logprob_start_len, seed=seed, ignore_eos=p.ignore_eos)
+                jobs.append((seq, {"done": threading.Event(), "notify": notify}))
         for job in jobs:
             self.queue.put(job)
+        return jobs
+
+    def pending(self) -> bool:
+        """Whether a request is queued or running (``/flush_cache`` refuses then); queued requests
+        whose client left are dropped first, so they never hold a flush while generation is paused."""
+        with self.queue.mutex:
+            gone = [job for job in self.queue.queue if job[0].cancelled]
+            if gone:
+                live = [job for job in self.queue.queue if not job[0].cancelled]
+                self.queue.queue.clear()
+                self.queue.queue.extend(live)
+        for _, slot in gone:
+            self._fail(slot, "cancelled")
+        return self.busy or not self.queue.empty()
+
+    @staticmethod
+    def cancel(jobs) -> None:
+        """Take ``jobs`` out: queued ones are dropped, running ones leave the batch at the next step."""
+        for seq, _ in jobs:
+            seq.cancelled = True
+
+    def response(self, plan: GeneratePlan, jobs, t0: float) -> object:
+        """SGLang's /generate answer for finished ``jobs`` (one object for one sequence, else a list);
+        raises RuntimeError when the batch failed. Log-probs are JSON-safe (``json_number``)."""
+        rid = plan.rid or uuid.uuid4().hex
+        returns = [p.return_logprob for p in plan.prompts for _ in range(p.n)]
         outs = []
-        for k, (seq, slot) in enumerate(jobs):
-            slot["done"].wait()
+        for k, ((seq, slot), ret) in enumerate(zip(jobs, returns)):
             if "error" in slot:
+                if slot["error"] == "cancelled":
+                    raise Cancelled("the request was cancelled")
                 raise RuntimeError(slot["error"])
             kind, val = seq.finish
             meta = {"id": f"{rid}-{k}", "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output_ids),
                     "cached_tokens": 0,
                     "finish_reason": finish_reason(kind, matched=val) if kind == "stop" else finish_reason(kind, length=val),
                     "weight_version": slot["version"], "e2e_latency": time.time() - t0}
-            if return_logprob:
-                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(seq.output_logprobs, seq.output_ids)]
+            if ret:
+                meta["output_token_logprobs"] = [[json_number(lp), t, None]
+                                                 for lp, t in zip(seq.output_logprobs, seq.output_ids)]
                 if seq.logprob_start_len >= 0:
-                    meta["input_token_logprobs"] = [[lp, t, None] for lp, t in
+                    meta["input_token_logprobs"] = [[json_number(lp), t, None] for lp, t in
                                                     zip(seq.input_logprobs, seq.prompt[seq.logprob_start_len:])]
             outs.append({"text": "", "output_ids": list(seq.output_ids), "meta_info": meta})
         return outs[0] if len(outs) == 1 else outs
 
+    def generate(self, body: dict) -> object:
+        """/generate for an in-process caller: check, queue, wait, answer."""
+        plan, t0 = self.plan(body), time.time()
+        jobs = self.submit(plan)
+        for _, slot in jobs:
+            slot["done"].wait()
+        return self.response(plan, jobs, t0)
+
     def _sampling_seed(self, value) -> int | None:
         """The seed a row samples with: SGLang builds per-row seeds only under
         --enable-deterministic-inference, 42 for a row without one (strict mode); the lenient
-        mode honours every given seed."""
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not -(2 ** 63) <= value <= 2 ** 63 - 1):
-            raise RequestError(f"/generate: sampling_seed must be an integer in [-2**63, 2**63 - 1], got {value!r}")
+        mode honours every given seed. (Its type and range were checked by ``server_schema``.)"""
         if not self.args.strict_sglang:
             return value
         if not self.args.enable_deterministic_inference:
@@ -333,40 +475,147 @@ class RolloutServer:
                 raise RequestError(f"unknown parameter name {name!r} (not in the served model)")
             if tuple(params[key].shape) != tuple(tensor.shape):
                 raise RequestError(f"parameter {name!r}: shape {tuple(tensor.shape)} != served {tuple(params[key].shape)}")
+            if params[key].is_floating_point() != tensor.is_floating_point():  # a cast would change the values
+                raise RequestError(f"parameter {name!r}: dtype {tensor.dtype} cannot replace the served {params[key].dtype}")
             targets.append((params[key], tensor))
         with torch.no_grad():
             for param, tensor in targets:
                 param.copy_(tensor.to(device=param.device, dtype=param.dtype))
 
-    def update_from_disk(self, body: dict) -> dict:
-        from safetensors.torch import load_file
+    def model_tensor_set(self) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """The tensors a checkpoint of the served model holds: name -> served tensor (parameters and
+        persistent buffers, as ``save_pretrained`` writes them), and the names that may be left out
+        (``lm_head.weight`` of a model with tied embeddings)."""
+        state = self.model.state_dict()
+        optional = set()
+        if getattr(self.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+            optional.add("lm_head.weight")
+        return state, optional
 
+    def read_disk_checkpoint(self, path: str) -> list[tuple[str, torch.Tensor]]:
+        """Exactly the served model's tensors from ``path``: the files ``model.safetensors.index.json``
+        names (its ``weight_map``), or the directory's one ``*.safetensors`` without an index; every
+        tensor checked (name, shape, floating or not) before the caller writes any. Before, every
+        ``*.safetensors`` was loaded, so a stale extra file silently overrode tensors and a file
+        with only some of them was a success (issue 15). Errors name the file and the tensor."""
+        from safetensors import safe_open
+
+        where = "/update_weights_from_disk"
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map must map tensor names to file names")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise RequestError(f"{where}: {index}: unreadable index ({type(exc).__name__}: {exc})") from None
+            wanted: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                if os.path.basename(fname) != fname:
+                    raise RequestError(f"{where}: {index}: tensor {name!r} points outside the directory ({fname!r})")
+                wanted.setdefault(fname, []).append(name)
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if len(files) != 1:
+                raise RequestError(f"{where}: {path}: {len(files)} *.safetensors files ({', '.join(files[:5])}) and "
+                                   "no model.safetensors.index.json to say which hold the model" if files else
+                                   f"{where}: no *.safetensors in {path}")
+            wanted = {files[0]: None}
+        state, optional = self.model_tensor_set()
+        named, seen = [], {}
+        for fname, names in sorted(wanted.items()):
+            file = os.path.join(path, fname)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    keys = set(f.keys())
+                    if names is None:
+                        names = sorted(keys)
+                    missing = [n for n in names if n not in keys]
+                    if missing:
+                        raise RequestError(f"{where}: {file} lacks tensor {missing[0]!r} that {index} puts there")
+                    for name in names:
+                        if name not in state:
+                            raise RequestError(f"{where}: {file}: tensor {name!r} is not one of the served model's")
+                        tensor = f.get_tensor(name)
+                        served = state[name]
+                        if tuple(tensor.shape) != tuple(served.shape):
+                            raise RequestError(f"{where}: {file}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                                               f"served model's is {tuple(served.shape)}")
+                        if tensor.is_floating_point() != served.is_floating_point():
+                            raise RequestError(f"{where}: {file}: tensor {name!r} has dtype {tensor.dtype}, the served "
+                                               f"model's is {served.dtype}")
+                        if name in seen:
+                            raise RequestError(f"{where}: tensor {name!r} is in both {seen[name]} and {file}")
+                        seen[name] = file
+                        named.append((name, tensor))
+            except RequestError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file: name it
+                raise RequestError(f"{where}: {file}: unreadable safetensors ({type(exc).__name__}: {exc})") from None
+        absent = sorted(set(state) - set(seen) - optional)
+        if absent:
+            raise RequestError(f"{where}: {path} lacks {len(absent)} of the served model's tensors, e.g. {absent[0]!r} "
+                               "(nothing was loaded)")
+        return named
+
+    def update_from_disk(self, body: dict) -> dict:
         path = body.get("model_path")
-        if not path or not os.path.isdir(path):
+        if not isinstance(path, str) or not os.path.isdir(path):
             raise RequestError(f"/update_weights_from_disk: model_path {path!r} is not a directory")
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise RequestError(f"/update_weights_from_disk: no *.safetensors in {path}")
-        named = [kv for f in files for kv in load_file(f).items()]
-        with self.model_lock:
+        version = body.get("weight_version")
+        named = self.read_disk_checkpoint(path)
+        with self._exclusive():
             self.load_named_tensors(named)
             self.model_path = path
-            if body.get("weight_version") is not None:
-                self.weight_version = str(body["weight_version"])
-        return {"success": True, "message": f"Succeeded to update model weights from {len(files)} file(s).",
+            if version is not None:
+                self.weight_version = str(version)
+        return {"success": True, "message": f"Succeeded to update model weights from {path} ({len(named)} tensors).",
                 "num_paused_requests": 0}
 
     def init_group(self, body: dict) -> dict:
-        """Join the group with ``--tp-size`` ranks ``rank_offset + tp_rank`` (SGLang's ranks)."""
+        """Join the group with ``--tp-size`` ranks ``rank_offset + tp_rank`` (SGLang's ranks).
+
+        The trainer is rank 0 and hosts the group's store at ``master_address``; this server only
+        connects to it. So world_size < 2 or rank_offset < 1 (which would make this server host an
+        unauthenticated store, and then receive from nobody) and a wildcard master are 400, and the
+        answer comes within ``--weight-group-timeout-s`` even when the master is unreachable (torch's
+        store client retries past its own timeout: 248 s for a stated 120 s, issue 15)."""
+        where = "/init_weights_update_group"
+        fields = {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int}
+        for key, kind in fields.items():
+            if key not in body:
+                raise RequestError(f"{where}: missing field {key!r}")
+            if not isinstance(body[key], kind) or isinstance(body[key], bool):
+                raise RequestError(f"{where}: {key} must be {kind.__name__}, got {body[key]!r:.60}")
+        name, backend = body.get("group_name", "weight_update_group"), body.get("backend", "nccl")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"{where}: group_name must be a non-empty string, got {name!r:.60}")
+        if name in self.groups:
+            raise RequestError(f"group {name!r} already exists")
+        if body["world_size"] < 2:
+            raise RequestError(f"{where}: world_size must be >= 2 (the trainer at rank 0 and this server), "
+                               f"got {body['world_size']}")
+        if body["rank_offset"] < 1:
+            raise RequestError(f"{where}: rank_offset must be >= 1 (rank 0 is the trainer's), got {body['rank_offset']}")
+        if not 0 < body["master_port"] < 65536:
+            raise RequestError(f"{where}: master_port must be in [1, 65535], got {body['master_port']}")
+        if body["master_address"].strip() in WILDCARD_ADDRESSES:
+            raise RequestError(f"{where}: master_address {body['master_address']!r} is a wildcard; give the "
+                               "trainer's address")
+        timeout = self.args.weight_group_timeout_s
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"join-{name}")
+        future = pool.submit(TpRankGroup, master_address=body["master_address"], master_port=body["master_port"],
+                             rank_offset=body["rank_offset"], world_size=body["world_size"], group_name=name,
+                             backend=backend, tp_size=self.args.tp_size, timeout_s=timeout)
+        pool.shutdown(wait=False)
         try:
-            name = body.get("group_name", "weight_update_group")
-            if name in self.groups:
-                raise RequestError(f"group {name!r} already exists")
-            group = TpRankGroup(master_address=body["master_address"], master_port=int(body["master_port"]),
-                                rank_offset=int(body["rank_offset"]), world_size=int(body["world_size"]),
-                                group_name=name, backend=body.get("backend", "nccl"), tp_size=self.args.tp_size)
-        except KeyError as exc:
-            raise RequestError(f"/init_weights_update_group: missing field {exc}") from None
+            group = future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.add_done_callback(lambda f: f.exception() is None and f.result().close())  # joined too late
+            raise RequestError(f"Failed to initialize custom process group: group {name!r} at "
+                               f"{body['master_address']}:{body['master_port']} did not form within {timeout:g}s "
+                               "(--weight-group-timeout-s).") from None
         except (ValueError, RuntimeError) as exc:  # SGLang: 400 "Failed to initialize custom process group"
             raise RequestError(f"Failed to initialize custom process group: {exc}.") from None
         self.groups[name] = group
@@ -421,7 +670,7 @@ class RolloutServer:
                     raise RequestError(f"unaligned tensor {n} in flattened bucket (byte offset {offset}, {d})")
                 offset += int(torch.Size(s).numel()) * d.itemsize
         named = list(zip(names, group.receive(list(zip(dts, shapes)), flattened)))
-        with self.model_lock:
+        with self._exclusive():
             self.load_named_tensors(named)
             if body.get("weight_version") is not None:
                 self.weight_version = str(body["weight_version"])
@@ -460,7 +709,7 @@ class RolloutServer:
             if not tensor.is_floating_point():
                 raise RequestError(f"/update_weights_from_tensor: parameter {name!r}: dtype {tensor.dtype} is "
                                    "not a floating-point type")
-        with self.model_lock:
+        with self._exclusive():
             self.load_named_tensors(named)  # checks every name and shape before the first copy
             self.tensor_receipts += len(named)
             if body.get("weight_version") is not None:
@@ -486,11 +735,11 @@ class RolloutServer:
             name = "model.embed_tokens.weight"
         if name not in params:
             raise RequestError(f"/get_weights_by_name: unknown parameter {body.get('name')!r}")
-        with self.model_lock:
+        with self._exclusive():
             return params[name].detach()[:size].float().cpu().tolist()  # == tolist()[:size], without the full copy
 
     def set_released(self, released: bool) -> None:
-        with self.model_lock:
+        with self._exclusive():
             if self.device.type == "cuda":
                 self.model.to("cpu" if released else self.device)
                 torch.cuda.empty_cache()
@@ -516,132 +765,11 @@ class RolloutServer:
                 "reasoning_parser": None, "tool_call_parser": None}
 
 
-def _handler(server: RolloutServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
-
-        def log_message(self, *args):  # keep test logs quiet
-            pass
-
-        def _send(self, status: int, payload, text: bool = False):
-            data = (payload if text else json.dumps(payload)).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain" if text else "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            if not length:
-                return {}
-            try:
-                body = json.loads(self.rfile.read(length))
-            except json.JSONDecodeError as exc:
-                raise RequestError(f"request body is not JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise RequestError("request body must be a JSON object")
-            return body
-
-        def _route(self, method: str):
-            path = self.path.split("?")[0]
-            if server.args.api_key and self.headers.get("Authorization") != f"Bearer {server.args.api_key}":
-                return self._send(HTTPStatus.UNAUTHORIZED, {"error": "Unauthorized"})
-            try:
-                body = self._body() if method == "POST" else {}
-                if path in ("/health", "/health_generate", "/ready"):
-                    return self._send(200 if not server.released else 503, "", text=True)
-                if path in ("/model_info", "/get_model_info"):
-                    return self._send(200, server.model_info())
-                if path == "/generate":
-                    return self._send(200, server.generate(body))
-                if path == "/flush_cache":
-                    if server.busy or not server.queue.empty():
-                        return self._send(400, "Flush cache failed: requests are pending.\n", text=True)
-                    return self._send(200, "Cache flushed.\n", text=True)
-                if path == "/pause_generation":
-                    server.running.clear()
-                    return self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
-                if path == "/continue_generation":
-                    server.running.set()
-                    return self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
-                if path == "/update_weights_from_disk":
-                    return self._send(200, server.update_from_disk(body))
-                if path == "/init_weights_update_group":
-                    return self._send(200, server.init_group(body))
-                if path in ("/server_info", "/get_server_info"):
-                    return self._send(200, server.server_info())
-                if path == "/begin_weight_update":
-                    return self._send(200, server.begin_update())
-                if path == "/end_weight_update":
-                    return self._send(200, server.end_update())
-                if path == "/update_weights_from_distributed":
-                    return self._send(200, server.update_from_distributed(body))
-                if path == "/update_weights_from_tensor":
-                    return self._send(200, server.update_from_tensor(body))
-                if path == "/destroy_weights_update_group":
-                    out = server.destroy_group(body)
-                    return self._send(200 if out["success"] else 400, out)
-                if path == "/update_weight_version":
-                    if "new_version" not in body:
-                        raise RequestError("/update_weight_version: missing new_version")
-                    server.weight_version = str(body["new_version"])
-                    return self._send(200, {"success": True, "message": f"Weight version updated to {server.weight_version}",
-                                            "new_version": server.weight_version})
-                if path == "/get_weights_by_name":
-                    return self._send(200, server.get_weights_by_name(body))
-                if path in ("/release_memory_occupation", "/resume_memory_occupation"):
-                    server.set_released(path == "/release_memory_occupation")
-                    return self._send(200, "", text=True)
-                return self._send(404, {"error": {"message": f"no route {method} {path}"}})
-            except RequestError as exc:
-                return self._send(400, {"success": False, "message": str(exc), "error": {"message": str(exc)}})
-            except Exception as exc:  # noqa: BLE001 - a server error is answered, never crashes the server
-                return self._send(500, {"success": False, "message": f"{type(exc).__name__}: {exc}",
-                                        "error": {"message": f"{type(exc).__name__}: {exc}"}})
-
-        def do_GET(self):
-            self._route("GET")
-
-        def do_POST(self):
-            self._route("POST")
-
-        do_PUT = do_POST
-
-    return Handler
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # listen backlog: the default 5 reset bursts of 32 concurrent clients
-
-
-def _exit_with_parent(parent_pid: int, httpd, interval_s: float = 0.5) -> None:
-    """Shut the server down once ``parent_pid`` is no longer our parent (it exited or was killed:
-    the kernel re-parents us at once, even while the dead parent is an unreaped zombie)."""
-    while os.getppid() == parent_pid:
-        time.sleep(interval_s)
-    print(f"popo-rollout-server: parent process {parent_pid} is gone; shutting down", flush=True)
-    httpd.shutdown()
-
-
 def serve(args: ServerArgs, ready: threading.Event | None = None) -> None:
-    """Load the model and serve until interrupted."""
-    server = RolloutServer(args)
-    httpd = _HTTPServer((args.host, args.port), _handler(server))
-    if args.parent_pid is not None:
-        threading.Thread(target=_exit_with_parent, args=(args.parent_pid, httpd), name="parent-watch",
-                         daemon=True).start()
-    if ready is not None:
-        ready.set()
-    print(f"popo-rollout-server: serving {args.model_path} on http://{args.host}:{httpd.server_address[1]} "
-          f"({server.device}, weight_version={server.weight_version})", flush=True)
-    try:
-        httpd.serve_forever(poll_interval=0.1)
-    finally:
-        server.stopping.set()
-        httpd.server_close()
+    """Load the model and serve until interrupted (``server_app.run``)."""
+    from popo_mega.rollout.server_app import run
+
+    run(RolloutServer(args), ready)
 
 
 def main(argv=None) -> int:
@@ -654,6 +782,13 @@ def main(argv=None) -> int:
         serve(args)
     except KeyboardInterrupt:
         pass
+    # uvicorn has stopped. A route still blocked in a worker thread (a group join, a broadcast: not
+    # daemon threads) would hold the exit for up to its timeout; the stdlib server's handler threads
+    # were daemons and never did. Nothing is left to clean up that the OS does not.
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

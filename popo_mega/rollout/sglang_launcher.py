@@ -59,7 +59,7 @@ def sglang_server_command(model_path: str, *, host: str = "127.0.0.1", port: int
            "--port", str(port), "--tp-size", str(tp_size), "--base-gpu-id", str(base_gpu_id)]
     if mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
-    if api_key:
+    if api_key:  # visible in ps: launch_servers passes keys by --config file or environment instead
         cmd += ["--api-key", api_key]
     if random_seed is not None:
         cmd += ["--random-seed", str(random_seed)]
@@ -79,11 +79,28 @@ def embedded_server_command(model_path: str, *, host: str = "127.0.0.1", port: i
            "--port", str(port), "--device", device, "--dtype", dtype]
     if exit_with_parent:
         cmd += ["--parent-pid", str(os.getpid())]
-    if api_key:
+    if api_key:  # visible in ps: launch_servers passes keys by --config file or environment instead
         cmd += ["--api-key", api_key]
     if random_seed is not None:
         cmd += ["--random-seed", str(random_seed)]
     return cmd + ["--strict-sglang", *extra_args]
+
+
+API_KEY_ENV = "POPO_ROLLOUT_API_KEY"  # read by the embedded server (popo_mega.rollout.server)
+
+
+def api_key_config_file(api_key: str) -> str:
+    """A ``--config`` YAML file (mode 0600) holding ``api-key``, as ``sglang.launch_server`` reads it
+    (``ConfigArgumentMerger``; SGLang 0.5.23 reads no key from the environment). ``launch_servers``
+    gives keys this way (SGLang) or by ``POPO_ROLLOUT_API_KEY`` (the embedded server), never on the
+    command line, where every user of the node can read it (``ps``)."""
+    import json
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="popo_rollout_key_", suffix=".yaml")  # created 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(f"api-key: {json.dumps(api_key)}\n")  # a JSON string is a YAML string
+    return path
 
 
 def router_command(worker_urls: list[str], *, host: str = "127.0.0.1", port: int = 30000) -> list[str]:
@@ -208,14 +225,17 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(node_gpus)}
                     placed = dict(tp_size=len(slot.gpus), mem_fraction_static=slot.mem_fraction,
                                   base_gpu_id=slot.base_gpu_id, memory_saver=slot.memory_saver)
-                cmd = sglang_server_command(model_path, host=host, port=port, api_key=api_key,
-                                            random_seed=random_seed, extra_args=extra_args, **placed)
+                key_args = ("--config", api_key_config_file(api_key)) if api_key else ()
+                cmd = sglang_server_command(model_path, host=host, port=port, random_seed=random_seed,
+                                            extra_args=(*key_args, *extra_args), **placed)
             else:
                 if slot is not None:
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": node_gpus[slot.gpus[0]]}
+                if api_key:
+                    env = {**(env or os.environ), API_KEY_ENV: api_key}
                 cmd = embedded_server_command(model_path, host=host, port=port,
                                               device="cuda" if slot is not None else device, dtype=dtype,
-                                              api_key=api_key, random_seed=random_seed, extra_args=extra_args)
+                                              random_seed=random_seed, extra_args=extra_args)
             log = os.path.join(log_dir, f"{kind}_server_{index}.log") if log_dir else None
             started.append(start(cmd, f"http://{advertise_host or host}:{port}", log_path=log, env=env))
         for s in started:

@@ -41,8 +41,17 @@ class WeightUpdateGroup:
         self.rank, self.world_size, self.backend, self.group_name = rank, world_size, backend, group_name
         self._pending: list = []  # broadcasts started and maybe not completed (waited out by abort)
         timeout = datetime.timedelta(seconds=timeout_s)
-        self._store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),
-                                    timeout=timeout, wait_for_workers=False)
+        listener = _listen(master_address, int(master_port)) if rank == 0 else None
+        try:
+            self._store = dist.TCPStore(master_address, int(master_port), world_size, is_master=(rank == 0),
+                                        timeout=timeout, wait_for_workers=False,
+                                        master_listen_fd=None if listener is None else listener.fileno())
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
+        if listener is not None:
+            listener.detach()  # the store's server owns the descriptor now (it closes it with the store)
         device = "cpu" if backend == "gloo" else "cuda"
         store = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, self._store)))
         if backend == "gloo":
@@ -98,6 +107,24 @@ class WeightUpdateGroup:
         pg, self._pg = getattr(self, "_pg", None), None
         _shutdown(pg)
         self._store = None
+
+
+def _listen(address: str, port: int):
+    """A socket listening on ``address:port`` only, for rank 0's store (``master_listen_fd``):
+    torch's TCPStore server binds the wildcard address whatever host it is given (seen: ``::`` for
+    127.0.0.1), which put an unauthenticated store on every interface of the trainer (issue 15)."""
+    import socket
+
+    family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"WeightUpdateGroup: cannot listen on {address}:{port} for the group's store: {exc}") from None
+    return sock
 
 
 def _wait_then_shutdown(pg, pending: list, abort_first: bool) -> None:
