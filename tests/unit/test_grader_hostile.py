@@ -84,10 +84,11 @@ def test_grade_returns_within_the_deadline(name, response):
 
 def test_math_verify_timeout_warnings_do_not_quote_the_whole_input():
     """Two items whose free-text parse times out, graded by the pool: math-verify logs "Timeout during
-    parsing: <input>" for each; the input is 560 KB, so stderr must be far smaller than one copy."""
+    parsing: <input>" for each. The input is 2.1 MB: parsing grows linearly (10,000 repeats took 0.65 s
+    here), so 150,000 run far past the 1 s alarm on any machine. stderr must stay far below one copy."""
     code = textwrap.dedent("""
         from popo_mega.rewards.math import MathVerifier
-        resp = "the answer is " * 40000
+        resp = "the answer is " * 150000
         with MathVerifier(num_workers=2, deadline_s=2) as v:
             scores, stats = v.score_batch_with_stats([resp, resp], ["42", "42"])
         print(scores, stats.n)
