@@ -554,14 +554,15 @@ class TensorWeightSync(DistributedWeightSync):
             self.connect()
 
     def _send_bucket(self, index: int, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """Serialise the bucket for every TP rank of every server, POST it, wait for every answer."""
+        """Serialise the bucket once (one payload per TP rank of every server, over one copy of a CPU
+        bucket), hand each server its ranks' payloads, POST, wait for every answer."""
         from popo_mega.rollout.tensor_ipc import serialize_named_tensors
 
-        bodies, held = {}, []
+        payloads, held = serialize_named_tensors(bucket, copies=sum(self.tp_sizes))
+        bodies, start = {}, 0
         for url, tp in zip(self.urls, self.tp_sizes):
-            payloads, tensors = serialize_named_tensors(bucket, copies=tp)
-            bodies[url] = api.update_weights_from_tensor_request(payloads)
-            held.append(tensors)
+            bodies[url] = api.update_weights_from_tensor_request(payloads[start:start + tp])
+            start += tp
         try:
             _on_all(self.urls, lambda u: self._post(u, "/update_weights_from_tensor", bodies[u]),
                     f"update_weights_from_tensor, bucket {index} ({bucket[0][0]}...)", self.timeout_s + 5)
