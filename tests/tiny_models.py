@@ -41,3 +41,28 @@ def hf_logits(path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def qwen3_config(**over):
+    """Qwen3 dense: QK-norm, no QKV bias, head_dim 32 != hidden/heads (64/4 = 16), tied embeddings (as the
+    0.6B-4B sizes), GQA."""
+    from transformers import Qwen3Config
+
+    kw = dict(vocab_size=251, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rope_theta=1000000.0,
+              rms_norm_eps=1e-6, tie_word_embeddings=True)
+    kw.update(over)
+    return Qwen3Config(**kw)
+
+
+def qwen3_moe_config(**over):
+    """Qwen3-MoE: 4 experts, top-2 with renormalised probabilities (norm_topk_prob, as Qwen3-30B-A3B),
+    QK-norm, head_dim 32, untied embeddings, the HF default router_aux_loss_coef (0.001)."""
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(vocab_size=251, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+              norm_topk_prob=True, max_position_embeddings=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=False)
+    kw.update(over)
+    return Qwen3MoeConfig(**kw)

@@ -1,86 +1,27 @@
-"""Build megatron-core ``GPTModel``s for the Qwen2 / Qwen2.5 and Llama-3 families from an HF config.
+"""Build megatron-core ``GPTModel``s for the registered families (popo_mega.model.families) from an HF config.
 
-    arch  = Architecture.from_hf(read_hf_config(path), source=path)   # what the HF config says
-    model = build_gpt_model(arch, model_cfg, tp=2, pp=1, pp_rank=0)    # this rank's shard
+    arch  = Architecture.from_hf(read_hf_config(path), source=path)        # what the HF config says
+    model = build_gpt_model(arch, model_cfg, tp=2, pp=1, pp_rank=0, ep=1)   # this rank's shard
 
-The model code is megatron's; this module only translates the HF config (RMSNorm eps, QKV bias,
-GQA, rope base and llama3 rope scaling, tied or untied embeddings) into a ``TransformerConfig``
-and picks the layer spec: Transformer Engine's when TE imports (FP8 settings pass through),
-otherwise megatron's local spec with :class:`~popo_mega.model.attention.SDPAttention` and
-:class:`~popo_mega.model.norm.RMSNorm` (both support sequence parallelism).
+The model code is megatron's; this module only translates the :class:`Architecture` (RMSNorm eps,
+QKV bias, QK-norm, GQA and head_dim, rope base and llama3 rope scaling, tied or untied embeddings,
+routed experts) into a ``TransformerConfig`` and picks the layer spec: Transformer Engine's when TE
+imports (FP8 settings pass through), otherwise megatron's local spec with
+:class:`~popo_mega.model.attention.SDPAttention` and :class:`~popo_mega.model.norm.RMSNorm` (both
+support sequence parallelism; the RMSNorm also serves as Qwen3's per-head q/k norm).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from popo_mega.config import ConfigError, ModelConfig
+from popo_mega.model.families import SUPPORTED_MODEL_TYPES, Architecture  # noqa: F401  (re-exported)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The facts of an HF Qwen2/Llama config that the Megatron model needs."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    norm_eps: float
-    qkv_bias: bool
-    tie_embeddings: bool
-    rope_theta: float
-    rope_scaling_factor: float | None   # llama3-style scaling factor, None when absent
-    max_position_embeddings: int
-
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "Architecture":
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: model_type {model_type!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2/Qwen2.5, Llama-3)")
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only silu / SwiGLU)")
-        if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-            raise ConfigError(f"{source}: Llama with attention_bias/mlp_bias is not supported")
-        if model_type == "qwen2" and hf.get("use_sliding_window"):
-            raise ConfigError(f"{source}: use_sliding_window=true is not supported")
-        # transformers >= 5 writes rope_parameters; released checkpoints carry rope_theta/rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        if not rope:
-            rope = dict(hf.get("rope_scaling") or {})
-            rope["rope_theta"] = hf.get("rope_theta", 10000.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-            for key, want in expected.items():
-                if float(rope.get(key, want)) != want:
-                    raise ConfigError(f"{source}: llama3 rope scaling with {key}={rope[key]} is not supported "
-                                      f"(megatron-core fixes it at {want})")
-            scaling = float(rope["factor"])
-        elif rope_type not in ("default", None):
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        return cls(model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                   ffn_hidden_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                   num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-                   norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=(model_type == "qwen2"),
-                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   rope_theta=float(rope.get("rope_theta", 10000.0)), rope_scaling_factor=scaling,
-                   max_position_embeddings=hf.get("max_position_embeddings", 4096))
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -110,8 +51,33 @@ def use_transformer_engine(model_cfg: ModelConfig, te_available: bool | None = N
     return model_cfg.transformer_impl != "local" and te
 
 
+def moe_settings(arch: Architecture, ep: int = 1) -> dict:
+    """megatron-core's MoE arguments for ``arch`` ({} for a dense model).
+
+    Routing as HF Qwen3-MoE's: softmax over all experts, top-k; with ``norm_topk_prob`` the k
+    probabilities are renormalised, which equals megatron's softmax over the top-k logits
+    (``moe_router_pre_softmax=False``); without it megatron's pre-softmax top-k keeps them as they
+    are. Dropless (no capacity factor), tokens exchanged by all-to-all over the EP group.
+    Load balancing: megatron's per-layer ``aux_loss`` (E * sum_e f_e * P_e per layer) weighted by HF's
+    ``router_aux_loss_coef``; HF computes its loss once over all layers' router logits concatenated
+    (and only with ``output_router_logits``), so the weight is HF's, the per-layer form megatron's.
+    """
+    if not arch.is_moe:
+        if ep != 1:
+            raise ConfigError(f"expert parallelism {ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
+        return {}
+    coef = arch.moe_aux_loss_coef
+    return dict(num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+                moe_router_topk=arch.moe_top_k, moe_router_score_function="softmax",
+                moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+                moe_router_load_balancing_type="aux_loss" if coef > 0 else "none", moe_aux_loss_coeff=coef,
+                moe_grouped_gemm=False, moe_permute_fusion=False, moe_router_fusion=False,
+                expert_model_parallel_size=ep)
+
+
 def transformer_config(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, pp: int = 1,
-                       sequence_parallel: bool = False, use_te: bool = False, use_cpu_init: bool | None = None):
+                       sequence_parallel: bool = False, use_te: bool = False, use_cpu_init: bool | None = None,
+                       ep: int = 1):
     """The ``TransformerConfig`` for ``arch`` at this layout (dropout off: RL fine-tuning)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -132,7 +98,7 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, 
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
         normalization="RMSNorm", layernorm_epsilon=arch.norm_eps, add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias, gated_linear_unit=True, activation_func=F.silu,
+        add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm, gated_linear_unit=True, activation_func=F.silu,
         hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -140,32 +106,42 @@ def transformer_config(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, 
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=use_cpu_init, variable_seq_lengths=True, moe_token_dispatcher_type="alltoall", deallocate_pipeline_outputs=True,
-        **fp8, **recompute)
+        **fp8, **recompute, **moe_settings(arch, ep))
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, arch: Architecture | None = None):
     """TE's fused spec, or megatron's local spec with SDPA attention (works on CPU and GPU) and our
-    :class:`~popo_mega.model.norm.RMSNorm` (megatron's torch-norm fallback refuses sequence parallelism)."""
+    :class:`~popo_mega.model.norm.RMSNorm` (megatron's torch-norm fallback refuses sequence parallelism)
+    for the layer norms and QK-norm. MoE layers use megatron's ``MoELayer`` with ``SequentialMLP``
+    experts in the local spec (its grouped GEMM needs Transformer Engine or grouped_gemm)."""
+    qk_norm = bool(arch and arch.qk_norm)
+    experts = arch.num_experts if arch is not None and arch.is_moe else None
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
+                                                          qk_layernorm=qk_norm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from popo_mega.model.attention import SDPAttention
     from popo_mega.model.norm import RMSNorm
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk_norm,
+                                    normalization="RMSNorm")
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if qk_norm:
+        attention.q_layernorm = RMSNorm
+        attention.k_layernorm = RMSNorm
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
-def block_spec(use_te: bool, config, pp_rank: int):
+def block_spec(use_te: bool, config, pp_rank: int, arch: Architecture | None = None):
     """The decoder spec for this pipeline stage. For the local spec it names the final norm too:
     given a bare layer spec, megatron's TransformerBlock picks its module-level fallback norm."""
-    spec = layer_spec(use_te)
+    spec = layer_spec(use_te, arch)
     if use_te:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -176,8 +152,19 @@ def block_spec(use_te: bool, config, pp_rank: int):
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
 
 
+def _moe_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router GEMM (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None``, a name bound only when Transformer Engine imports: without TE
+    every MoE forward raises NameError (CPU, or a GPU without TE). Binding it to None selects the
+    torch.mm path that the same function already has."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_gpt_model(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, pp: int = 1, pp_rank: int = 0,
-                    sequence_parallel: bool = False, te_available: bool | None = None):
+                    sequence_parallel: bool = False, te_available: bool | None = None, ep: int = 1):
     """This rank's ``GPTModel`` shard (parallel_state must be initialised for this TP/PP layout).
 
     The output layer keeps its logits vocab-parallel ([s, b, V_padded/tp]): log-probs and entropy
@@ -186,9 +173,11 @@ def build_gpt_model(arch: Architecture, model_cfg: ModelConfig, tp: int = 1, pp:
     from megatron.core.models.gpt import GPTModel
 
     use_te = use_transformer_engine(model_cfg, te_available)
-    config = transformer_config(arch, model_cfg, tp, pp, sequence_parallel, use_te)
+    if arch.is_moe:
+        _moe_without_transformer_engine()
+    config = transformer_config(arch, model_cfg, tp, pp, sequence_parallel, use_te, ep=ep)
     model = GPTModel(
-        config=config, transformer_layer_spec=block_spec(use_te, config, pp_rank),
+        config=config, transformer_layer_spec=block_spec(use_te, config, pp_rank, arch),
         vocab_size=padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
         max_sequence_length=arch.max_position_embeddings, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1,
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings,

@@ -1,15 +1,16 @@
 """``popo-convert``: HF <-> Megatron checkpoints, and a parity check users can run on real models.
 
-    popo-convert hf-to-mcore HF_DIR OUT_DIR [--tp N] [--pp M]
-    popo-convert mcore-to-hf MCORE_DIR OUT_DIR [--tp N] [--pp M]
+    popo-convert hf-to-mcore HF_DIR OUT_DIR [--tp N] [--pp M] [--ep E]
+    popo-convert mcore-to-hf MCORE_DIR OUT_DIR [--tp N] [--pp M] [--ep E]
     popo-convert mcore-to-hf RUN/checkpoints/step_XXXXXXXX OUT_DIR --hf-dir HF_DIR [--weights ema]
-    popo-convert verify HF_DIR [--tp N] [--pp M] [--dtype float32] [--tol 1e-4]
+    popo-convert verify HF_DIR [--tp N] [--pp M] [--ep E] [--dtype float32] [--tol 1e-4]
 
 A Megatron checkpoint is a megatron-core ``dist_checkpointing`` directory (loadable at any TP/PP
 layout) plus ``popo_mega_checkpoint.json`` and the HF config/tokenizer files under ``hf/``. ``mcore-to-hf``
 also exports a popo-train checkpoint (``popo_checkpoint.json``; its policy or, ``--weights ema``, its
 EMA target): it holds no HF files, so ``--hf-dir`` names the run's ``model.hf_path`` for them.
-Run under torchrun, or let the command start TP x PP local processes itself (gloo on CPU, NCCL on
+``--ep`` (mixture-of-experts models) splits each layer's experts over E ranks, which are data-parallel
+ranks for the dense layers. Run under torchrun, or let the command start TP x PP x EP local processes itself (gloo on CPU, NCCL on
 GPU). ``verify`` prints the max abs logits difference as its last line and exits 1 above ``--tol``.
 """
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("out", metavar="OUT_DIR")
         s.add_argument("--tp", type=int, default=1)
         s.add_argument("--pp", type=int, default=1)
+        s.add_argument("--ep", type=int, default=1, help="expert parallelism (MoE models): experts split over E ranks")
         s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="model dtype (default: float32 for verify, the checkpoint's torch_dtype otherwise)")
@@ -82,8 +84,9 @@ def main(argv=None) -> int:
             if size % n:
                 raise SystemExit(f"popo-convert: {what} {n} does not divide the model's "
                                  f"{'key/value heads' if what == '--tp' else 'layers'} ({size})")
+        _check_expert_parallel(args.ep, arch)
         _check_safetensors_headers(args.src)
-    results = launch(_worker, args.tp * args.pp, args)
+    results = launch(_worker, args.tp * args.pp * args.ep, args)
     return int(results[0]) if results else 0
 
 
@@ -115,6 +118,15 @@ def _check_safetensors_headers(hf_dir: str) -> None:
         except Exception as e:  # safetensors raises SafetensorError, and OSError for unreadable files
             raise SystemExit(f"popo-convert: {path}: not a readable safetensors file "
                              f"({type(e).__name__}: {e})") from None
+
+
+def _check_expert_parallel(ep: int, arch) -> None:
+    if ep < 1:
+        raise SystemExit(f"popo-convert: --ep must be >= 1, got {ep}")
+    if ep > 1 and not arch.is_moe:
+        raise SystemExit(f"popo-convert: --ep {ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
+    if arch.is_moe and arch.num_experts % ep:
+        raise SystemExit(f"popo-convert: --ep {ep} does not divide the model's {arch.num_experts} experts")
 
 
 def _is_train_checkpoint(src: str) -> bool:
@@ -177,14 +189,14 @@ def _worker(args) -> int:
     from popo_mega.model import hf as hfmod
     from popo_mega.model.loader import build_from_hf
 
-    rt = rt_mod.initialize(args.tp, args.pp, seed=0, device=args.device)
+    rt = rt_mod.initialize(args.tp, args.pp, seed=0, device=args.device, expert_parallel=args.ep)
     try:
         if args.command == "hf-to-mcore":
             dtype = args.dtype or _hf_dtype(args.src)
             loaded = build_from_hf(ModelConfig(hf_path=args.src, dtype=dtype, transformer_impl="local"), rt)
             save_mcore(loaded.model, args.out, args.src, dtype, rt)
             if rt.rank == 0:
-                print(f"wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}, {dtype}) to {args.out}")
+                print(f"wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}, ep={args.ep}, {dtype}) to {args.out}")
             return 0
         if args.command == "mcore-to-hf":
             train = _is_train_checkpoint(args.src)
@@ -201,7 +213,8 @@ def _worker(args) -> int:
 
             hfmod.save_hf_checkpoint(loaded.model, loaded.arch, loaded.layout, args.out, meta_dir,
                                      tp_group=ps.get_tensor_model_parallel_group(),
-                                     pp_group=ps.get_pipeline_model_parallel_group())
+                                     pp_group=ps.get_pipeline_model_parallel_group(),
+                                     dp_rank=ps.get_data_parallel_rank())
             if rt.rank == 0:
                 print(f"wrote HF checkpoint to {args.out}")
             return 0
@@ -223,7 +236,7 @@ def save_mcore(model, out_dir: str, hf_dir: str, dtype: str, rt) -> None:
         copy_hf_metadata(hf_dir, os.path.join(out_dir, "hf"))
         with open(os.path.join(out_dir, CHECKPOINT_META), "w") as f:
             json.dump({"format": "megatron-core dist_checkpointing", "dtype": dtype,
-                       "saved_tp": rt.tp, "saved_pp": rt.pp}, f, indent=2)
+                       "saved_tp": rt.tp, "saved_pp": rt.pp, "saved_ep": rt.ep}, f, indent=2)
     dist.barrier()
 
 
@@ -281,7 +294,7 @@ def _verify(args, rt) -> int:
         diff = (outs[0] - ref).abs().max().reshape(1)
     diff = _max_over_world(diff, rt)
     if rt.rank == 0:
-        print(f"tp={args.tp} pp={args.pp} dtype={dtype} tokens={ids.shape[1]} tolerance={tol:g}")
+        print(f"tp={args.tp} pp={args.pp} ep={args.ep} dtype={dtype} tokens={ids.shape[1]} tolerance={tol:g}")
         print(f"max abs logits difference: {diff:.3e}")
     return 0 if diff <= tol else 1
 

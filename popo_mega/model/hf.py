@@ -1,6 +1,7 @@
-"""HF safetensors checkpoints <-> Megatron GPT models at any TP/PP layout.
+"""HF safetensors checkpoints <-> Megatron GPT models at any TP/PP/EP layout.
 
-Name mapping (HF Qwen2/Llama -> megatron local spec; TE spec names in brackets):
+Names and shardings come from the family's weight table (popo_mega.model.weight_table, one table
+per family in popo_mega.model.families); for the dense families it reads:
 
     model.embed_tokens.weight                 embedding.word_embeddings.weight      rows split by TP, vocab padded
     lm_head.weight (embed_tokens if tied)     output_layer.weight                   rows split by TP, vocab padded
@@ -11,21 +12,24 @@ Name mapping (HF Qwen2/Llama -> megatron local spec; TE spec names in brackets):
                                               [decoder.layers.j.mlp.linear_fc1.layer_norm_weight]
     q/k/v_proj.weight (+ .bias)               self_attention.linear_qkv.weight (+ .bias)  GROUPED: per KV group
                                               [q heads of the group..., k, v]; TP rank r holds groups r*G/tp..
+    q_norm / k_norm (Qwen3)                   self_attention.q_layernorm / k_layernorm
     o_proj.weight                             self_attention.linear_proj.weight     columns split by TP
     gate_proj, up_proj                        mlp.linear_fc1.weight                 rank r holds [gate_r; up_r]
     down_proj.weight                          mlp.linear_fc2.weight                 columns split by TP
+    mlp.gate.weight (Qwen3-MoE)               mlp.router.weight
+    mlp.experts.x.{gate,up,down}_proj         mlp.experts.local_experts.e.linear_fc{1,2}   x = e + ep_rank * E/ep
 
 where i = j + pp_rank * (num_layers / pp) is the global layer of stage-local layer j.
 
 Loading reads, on each rank, only the slices its shard needs (``safe_open(...).get_slice``);
-exporting gathers TP shards over the TP group and writes one safetensors file per pipeline stage.
+exporting gathers TP shards over the TP group (and experts over the EP group) and writes one
+safetensors file per pipeline stage.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from contextlib import ExitStack
 from typing import Iterator
@@ -33,17 +37,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from popo_mega.model import weight_table as wt
 from popo_mega.model.builder import Architecture, padded_vocab_size
+from popo_mega.model.weight_table import HFCheckpointError  # noqa: F401  (re-exported)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "added_tokens.json",
                    "chat_template.jinja")
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-class HFCheckpointError(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,87 +106,35 @@ class SafetensorsReader:
 # --------------------------------------------------------------------------------------------
 
 class ShardLayout:
-    """Which rows/columns of each HF tensor this (tp_rank, pp_rank) shard holds."""
+    """Which rows/columns of each HF tensor this (tp_rank, pp_rank, ep_rank) shard holds.
 
-    def __init__(self, arch: Architecture, tp: int, tp_rank: int, pp: int, pp_rank: int, vocab_divisible_by: int = 128):
+    Expert parallelism splits each layer's experts into ``ep`` blocks of whole experts; EP rank r
+    holds experts r*E/ep .. (r+1)*E/ep - 1 (megatron's ``local_expert_indices``)."""
+
+    def __init__(self, arch: Architecture, tp: int, tp_rank: int, pp: int, pp_rank: int, vocab_divisible_by: int = 128,
+                 ep: int = 1, ep_rank: int = 0):
         self.arch, self.tp, self.tp_rank, self.pp, self.pp_rank = arch, tp, tp_rank, pp, pp_rank
+        self.ep, self.ep_rank = ep, ep_rank
         self.layers_per_stage = arch.num_layers // pp
         self.layer_offset = pp_rank * self.layers_per_stage
         self.padded_vocab = padded_vocab_size(arch.vocab_size, vocab_divisible_by, tp)
         self.groups_per_rank = arch.num_kv_heads // tp
         self.q_per_group = arch.num_heads // arch.num_kv_heads
         self.ffn_per_rank = arch.ffn_hidden_size // tp
+        self.experts_per_rank = arch.num_experts // ep if arch.is_moe else 0
 
     def vocab_rows(self) -> tuple[int, int]:
         per = self.padded_vocab // self.tp
         return self.tp_rank * per, (self.tp_rank + 1) * per
 
 
-def _mcore_suffix_to_hf(suffix: str, i: int) -> str | None:
-    """HF name for a per-layer megatron parameter that maps one-to-one (norms); None otherwise."""
-    table = {
-        "input_layernorm.weight": "input_layernorm.weight",
-        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-        "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    }
-    return f"model.layers.{i}.{table[suffix]}" if suffix in table else None
-
-
-def _vocab_shard(reader: SafetensorsReader, name: str, layout: ShardLayout) -> torch.Tensor:
-    lo, hi = layout.vocab_rows()
-    real = layout.arch.vocab_size
-    rows = reader.slice(name)[lo:min(hi, real)] if lo < real else None
-    width = reader.shape(name)[1]
-    dtype = rows.dtype if rows is not None else torch.float32
-    out = torch.zeros(hi - lo, width, dtype=dtype)
-    if rows is not None:
-        out[: rows.shape[0]] = rows
-    return out
-
-
 def hf_tensor_for(mcore_name: str, reader: SafetensorsReader, layout: ShardLayout) -> torch.Tensor:
     """This shard's value of megatron parameter ``mcore_name``, read from the HF checkpoint."""
-    arch = layout.arch
-    if mcore_name == "embedding.word_embeddings.weight":
-        return _vocab_shard(reader, "model.embed_tokens.weight", layout)
-    if mcore_name == "output_layer.weight":
-        src = "model.embed_tokens.weight" if arch.tie_embeddings or "lm_head.weight" not in reader else "lm_head.weight"
-        return _vocab_shard(reader, src, layout)
-    if mcore_name == "decoder.final_layernorm.weight":
-        return reader.slice("model.norm.weight")[:]
-    m = _LAYER.match(mcore_name)
-    if not m:
-        raise HFCheckpointError(f"no HF source for megatron parameter '{mcore_name}'")
-    i = layout.layer_offset + int(m.group(1))
-    suffix = m.group(2)
-    p = f"model.layers.{i}."
-    direct = _mcore_suffix_to_hf(suffix, i)
-    if direct is not None:
-        return reader.slice(direct)[:]
-    r, hd = layout.tp_rank, arch.head_dim
-    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        g0, g1 = r * layout.groups_per_rank, (r + 1) * layout.groups_per_rank
-        qpg = layout.q_per_group
-        q = reader.slice(f"{p}self_attn.q_proj.{kind}")[g0 * qpg * hd:g1 * qpg * hd]
-        k = reader.slice(f"{p}self_attn.k_proj.{kind}")[g0 * hd:g1 * hd]
-        v = reader.slice(f"{p}self_attn.v_proj.{kind}")[g0 * hd:g1 * hd]
-        tail = q.shape[1:]
-        n = layout.groups_per_rank
-        return torch.cat([q.reshape(n, qpg * hd, *tail), k.reshape(n, hd, *tail), v.reshape(n, hd, *tail)],
-                         dim=1).reshape(n * (qpg + 2) * hd, *tail)
-    if suffix == "self_attention.linear_proj.weight":
-        cols = arch.num_heads * hd // layout.tp
-        return reader.slice(f"{p}self_attn.o_proj.weight")[:, r * cols:(r + 1) * cols]
-    if suffix == "mlp.linear_fc1.weight":
-        f = layout.ffn_per_rank
-        return torch.cat([reader.slice(f"{p}mlp.gate_proj.weight")[r * f:(r + 1) * f],
-                          reader.slice(f"{p}mlp.up_proj.weight")[r * f:(r + 1) * f]], dim=0)
-    if suffix == "mlp.linear_fc2.weight":
-        f = layout.ffn_per_rank
-        return reader.slice(f"{p}mlp.down_proj.weight")[:, r * f:(r + 1) * f]
-    raise HFCheckpointError(f"no HF source for megatron parameter '{mcore_name}'")
+    try:
+        rule, match = wt.find_rule(layout.arch.family.weights, mcore_name)
+    except HFCheckpointError:
+        raise HFCheckpointError(f"no HF source for megatron parameter '{mcore_name}'") from None
+    return wt.read_shard(rule, rule.hf_names(match, layout), reader, layout)
 
 
 def _model_tensors(model) -> dict[str, torch.Tensor]:
@@ -227,56 +176,33 @@ def gather_tp_shards(t: torch.Tensor, group, tp: int) -> list[torch.Tensor]:
 
 
 def iter_hf_tensors(model, arch: Architecture, layout: ShardLayout, tp_group=None,
-                    include_tied_output: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                    include_tied_output: bool = False, ep_group=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for this pipeline stage's parameters, TP shards gathered.
 
     Collective over the TP group: every TP rank of the stage must call it and consume it in step.
+    With expert parallelism (``layout.ep > 1``) it is collective over the EP group too: each expert
+    parameter is gathered from every EP rank, so every rank yields all the stage's experts
+    (``ep_group`` defaults to megatron's expert-model-parallel group).
     With tied embeddings, ``lm_head.weight`` is not produced (HF ties it) unless asked for.
     """
-    tp, hd = layout.tp, arch.head_dim
-    real_vocab = arch.vocab_size
+    if layout.ep > 1 and ep_group is None:
+        from megatron.core import parallel_state
+
+        ep_group = parallel_state.get_expert_model_parallel_group()
     for name, param in _model_tensors(model).items():
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue
+        rule, match = wt.find_rule(arch.family.weights, name)
         t = param.detach()
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            full = torch.cat(gather_tp_shards(t, tp_group, tp), dim=0)[:real_vocab]
-            if name == "embedding.word_embeddings.weight":
-                yield "model.embed_tokens.weight", full
-            elif not arch.tie_embeddings or include_tied_output:
-                yield "lm_head.weight", full
+        parts = [t] if rule.shard == "replicated" else gather_tp_shards(t, tp_group, layout.tp)
+        if rule.per_expert and layout.ep > 1:   # this local expert on every EP rank: [ep][tp] shards
+            by_rank = list(zip(*(gather_tp_shards(p, ep_group, layout.ep) for p in parts)))
+            i, local = layout.layer_offset + int(match.group("j")), int(match.group("e"))
+            for r, rank_parts in enumerate(by_rank):
+                names = [n.format(i=i, x=r * layout.experts_per_rank + local) for n in rule.hf]
+                yield from wt.export_tensors(rule, names, list(rank_parts), layout)
             continue
-        if name == "decoder.final_layernorm.weight":
-            yield "model.norm.weight", t
-            continue
-        m = _LAYER.match(name)
-        if not m:
-            raise HFCheckpointError(f"no HF name for megatron parameter '{name}'")
-        i = layout.layer_offset + int(m.group(1))
-        suffix, p = m.group(2), f"model.layers.{i}."
-        direct = _mcore_suffix_to_hf(suffix, i)
-        if direct is not None:
-            yield direct, t
-        elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-            kind = suffix.rsplit(".", 1)[1]
-            full = torch.cat(gather_tp_shards(t, tp_group, tp), dim=0)
-            qpg, ng, tail = layout.q_per_group, arch.num_kv_heads, t.shape[1:]
-            grouped = full.reshape(ng, (qpg + 2) * hd, *tail)
-            q, k, v = grouped.split([qpg * hd, hd, hd], dim=1)
-            yield f"{p}self_attn.q_proj.{kind}", q.reshape(ng * qpg * hd, *tail)
-            yield f"{p}self_attn.k_proj.{kind}", k.reshape(ng * hd, *tail)
-            yield f"{p}self_attn.v_proj.{kind}", v.reshape(ng * hd, *tail)
-        elif suffix == "self_attention.linear_proj.weight":
-            yield f"{p}self_attn.o_proj.weight", torch.cat(gather_tp_shards(t, tp_group, tp), dim=1)
-        elif suffix == "mlp.linear_fc1.weight":
-            parts = gather_tp_shards(t, tp_group, tp)
-            f = layout.ffn_per_rank
-            yield f"{p}mlp.gate_proj.weight", torch.cat([s[:f] for s in parts], dim=0)
-            yield f"{p}mlp.up_proj.weight", torch.cat([s[f:] for s in parts], dim=0)
-        elif suffix == "mlp.linear_fc2.weight":
-            yield f"{p}mlp.down_proj.weight", torch.cat(gather_tp_shards(t, tp_group, tp), dim=1)
-        else:
-            raise HFCheckpointError(f"no HF name for megatron parameter '{name}'")
+        yield from wt.export_tensors(rule, rule.hf_names(match, layout), parts, layout, include_tied_output)
 
 
 def copy_hf_metadata(src_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> None:

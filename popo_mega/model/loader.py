@@ -21,12 +21,12 @@ class LoadedModel:
 
 
 def build_from_hf(model_cfg: ModelConfig, runtime: Runtime, sequence_parallel: bool = False) -> LoadedModel:
-    """The GPT shard for ``runtime``'s (tp_rank, pp_rank), with HF weights when ``model_cfg.load_weights``."""
+    """The GPT shard for ``runtime``'s (tp_rank, pp_rank, ep_rank), with HF weights when ``model_cfg.load_weights``."""
     hf = read_hf_config(model_cfg.hf_path)
     arch = Architecture.from_hf(hf, source=f"{model_cfg.hf_path}/config.json")
     layout = ShardLayout(arch, runtime.tp, runtime.tp_rank, runtime.pp, runtime.pp_rank,
-                         model_cfg.make_vocab_size_divisible_by)
-    model = build_gpt_model(arch, model_cfg, runtime.tp, runtime.pp, runtime.pp_rank, sequence_parallel)
+                         model_cfg.make_vocab_size_divisible_by, ep=runtime.ep, ep_rank=runtime.ep_rank)
+    model = build_gpt_model(arch, model_cfg, runtime.tp, runtime.pp, runtime.pp_rank, sequence_parallel, ep=runtime.ep)
     if model_cfg.load_weights:
         load_hf_weights(model, arch, model_cfg.hf_path, layout)
     return LoadedModel(model, arch, layout)

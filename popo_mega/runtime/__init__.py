@@ -30,6 +30,8 @@ class Runtime:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1        # expert parallelism: splits each MoE layer's experts over ranks of the data-parallel group
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -111,7 +113,7 @@ def seed_everything(seed: int) -> None:
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, device: str = "auto",
-               timeout_s: float = 600.0) -> Runtime:
+               timeout_s: float = 600.0, expert_parallel: int = 1) -> Runtime:
     """Initialise the process group (NCCL on GPU, gloo on CPU), parallel_state (TP, PP, DP), seeds.
 
     Single-process runs need no launcher: without RANK/WORLD_SIZE a one-process group is made on a
@@ -146,7 +148,8 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 pipeline_model_parallel_size=pipeline_parallel)
+                                                 pipeline_model_parallel_size=pipeline_parallel,
+                                                 expert_model_parallel_size=expert_parallel)
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
@@ -154,7 +157,8 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
                    dp=parallel_state.get_data_parallel_world_size(),
                    tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                   dp_rank=parallel_state.get_data_parallel_rank())
+                   dp_rank=parallel_state.get_data_parallel_rank(),
+                   ep=expert_parallel, ep_rank=parallel_state.get_expert_model_parallel_rank())
 
 
 def shutdown() -> None:

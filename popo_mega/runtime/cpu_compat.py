@@ -22,6 +22,13 @@ Item 1 (``DotProductAttention`` allocates on CUDA) is not a patch: our local lay
      from the ORIGINAL factories; otherwise ``with torch.device("meta")`` (used by transformers to
      initialise models) silently stops applying to factories and HF rotary buffers come out wrong.
      It is therefore called before any factory is wrapped.
+  9. CUDA streams (MoE's all-to-all token dispatcher makes a ``torch.cuda.Stream()`` for its
+     device-to-host copies of the split sizes, and records an event on it): ``torch.cuda.Stream``,
+     ``current_stream`` and ``stream(...)`` become no-op stand-ins; CPU work is already in order.
+ 10. The same dispatcher moves its all-to-all split sizes to the host as numpy arrays only when they
+     are CUDA tensors (``moe_utils.maybe_move_tensor_to_cpu``); on CPU they stay tensors, which
+     ``torch.distributed.all_to_all_single`` refuses ("incompatible function arguments"): split sizes
+     given as tensors are passed on as lists of ints.
 
 Usage: ``popo_mega.runtime.initialize`` calls :func:`apply` when the device is CPU. :func:`apply`
 is idempotent; :func:`is_applied` tells whether it ran; nothing here is ever undone in-process.
@@ -74,6 +81,41 @@ def _cpu_factory(original):
     return factory
 
 
+class _CPUEvent:
+    """Item 9: an already-completed event."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record(self, stream=None) -> None:
+        pass
+
+
+class _CPUStream:
+    """Item 9: a stand-in for ``torch.cuda.Stream``; ops on CPU run in issue order, nothing to wait for."""
+
+    def __init__(self, device=None, priority: int = 0, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CPUEvent:
+        return _CPUEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
 def is_applied() -> bool:
     return _APPLIED
 
@@ -123,6 +165,24 @@ def apply(pretend_cuda: bool = False) -> None:
             setattr(torch, name, _cpu_factory(getattr(torch, name)))
     # 6.
     torch.cuda.synchronize = lambda device=None: None
+    # 9.
+    import contextlib
+
+    torch.cuda.Stream = _CPUStream
+    torch.cuda.current_stream = lambda device=None: _CPUStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # 10.
+    import torch.distributed as dist
+
+    all_to_all_single = dist.all_to_all_single
+
+    @functools.wraps(all_to_all_single)
+    def all_to_all_single_cpu(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        as_list = lambda sizes: sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes  # noqa: E731
+        return all_to_all_single(output, input, as_list(output_split_sizes), as_list(input_split_sizes),
+                                 *args, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single_cpu
     # 7.
     original_type = torch.Tensor.type
 

@@ -194,7 +194,8 @@ def run(cfg: Config, log=print) -> RunResult:
 
     world = rt_mod.launched_world_size()
     check_layout(cfg, world_size=world)
-    rt = rt_mod.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
+    rt = rt_mod.initialize(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed,
+                           expert_parallel=cfg.parallel.expert)
     run_dir = cfg.train.output_dir
     is_rank0 = rt.rank == 0
     if is_rank0:
