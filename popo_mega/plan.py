@@ -64,6 +64,9 @@ KNOWN_MODELS: dict[str, dict] = {
     "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
                         tie_word_embeddings=False, max_position_embeddings=131072, rope_theta=1000000.0),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
+                     tie_word_embeddings=False, max_position_embeddings=40960, rope_theta=1000000.0),
     "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
                        tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0,
@@ -72,6 +75,7 @@ KNOWN_MODELS: dict[str, dict] = {
 # HF directory names (as in configs/*.yaml model.hf_path) -> built-in names.
 _ALIASES = {"qwen2.5-math-1.5b": "qwen2.5-math-1.5b", "qwen2.5-math-7b": "qwen2.5-math-7b",
             "qwen2.5-7b": "qwen2.5-7b", "qwen2.5-32b": "qwen2.5-32b", "qwen2.5-72b": "qwen2.5-72b",
+            "qwen3-8b": "qwen3-8b", "qwen3-8b-base": "qwen3-8b",
             "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b", "llama3-70b": "llama3-70b"}
 
 
@@ -101,6 +105,9 @@ class Layout:
     margin_gib: float = 6.0
 
     def check(self, arch) -> None:
+        if arch.is_moe:   # every term below is a dense layer's; counting experts as one MLP would be wrong
+            raise ConfigError(f"popo-plan: {arch.model_type} is a mixture-of-experts model; popo-plan has no MoE "
+                              "terms yet (expert weights, EP sharding, routed activations, all-to-all buffers)")
         for name in ("tp", "pp", "dp", "micro_batch_tokens", "seq_len", "predictor_hidden", "predictor_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"popo-plan: {name} must be >= 1, got {getattr(self, name)}")
@@ -121,11 +128,11 @@ def layer_params(arch, tp: int) -> dict[str, int]:
     """Elements of one transformer layer on one TP rank (megatron's local/TE GPT layer, SwiGLU, GQA).
 
     qkv [(a + 2g) d / tp, h] (+ bias when Qwen2), proj [h, a d / tp], fc1 [2F / tp, h],
-    fc2 [h, F / tp], two RMSNorm weights [h] (replicated over TP)."""
+    fc2 [h, F / tp], two RMSNorm weights [h] (replicated over TP), and Qwen3's q/k norms [d] when present."""
     h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.ffn_hidden_size
     qkv_out = (a + 2 * g) * d // tp
     linear = qkv_out * h + h * (a * d // tp) + (2 * f // tp) * h + h * (f // tp)
-    return {"linear": linear, "bias": qkv_out if arch.qkv_bias else 0, "norm": 2 * h}
+    return {"linear": linear, "bias": qkv_out if arch.qkv_bias else 0, "norm": 2 * h + (2 * d if arch.qk_norm else 0)}
 
 
 def stage_params(arch, tp: int, pp: int, pp_rank: int, divisible_by: int = 128) -> dict[str, int]:
