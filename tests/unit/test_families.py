@@ -153,3 +153,18 @@ def test_plan_refuses_moe_models():
 
     with pytest.raises(ConfigError, match="qwen3_moe is a mixture-of-experts model; popo-plan has no MoE terms"):
         Layout().check(Architecture.from_hf(qwen3_moe_config().to_dict()))
+
+
+@pytest.mark.parametrize("family,ep,message", [
+    ("qwen3_moe", 3, "--ep 3 does not divide the model's 4 experts"),
+    ("qwen3", 2, "--ep 2 needs a mixture-of-experts model \\(qwen3 is dense\\)"),
+    ("qwen3_moe", 0, "--ep must be >= 1"),
+])
+def test_popo_convert_checks_ep_before_starting_processes(tmp_path, family, ep, message):
+    from popo_mega.model.convert_cli import main
+
+    save_tiny(CONFIGS[family](), tmp_path / "m")
+    for command in (["verify", str(tmp_path / "m")], ["hf-to-mcore", str(tmp_path / "m"), str(tmp_path / "out")]):
+        with pytest.raises(SystemExit, match=message):
+            main([*command, "--ep", str(ep), "--device", "cpu"])
+    assert not (tmp_path / "out").exists()
