@@ -516,6 +516,7 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
     world size by ``parallel.tensor * parallel.pipeline``; sequence parallelism needs ``parallel.tensor > 1``.
     ``parallel.expert`` needs a mixture-of-experts model whose experts it divides, and divides the
     data-parallel size (world / (tensor * pipeline)): expert-parallel ranks are data-parallel ranks.
+    A mixture-of-experts model at ``parallel.tensor > 1`` needs sequence parallelism.
     """
     where = cfg.source
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -539,6 +540,10 @@ def check_layout(cfg: Config, world_size: int | None = None, hf_config: dict | N
         if experts and experts % ep:
             raise ConfigError(f"{where}: key 'parallel.expert' = {ep} does not divide the model's "
                               f"{experts} experts ({cfg.model.hf_path}/config.json)")
+        if experts and tp > 1 and not cfg.parallel.sequence_parallel:   # megatron's MoELayer refuses to train so
+            raise ConfigError(f"{where}: key 'parallel.sequence_parallel' must be true for a mixture-of-experts "
+                              f"model at parallel.tensor = {tp} (megatron-core's MoE layer refuses to train "
+                              "with tensor parallelism without it)")
         heads = hf_config["num_attention_heads"]
         groups = hf_config.get("num_key_value_heads") or heads
         layers = hf_config["num_hidden_layers"]

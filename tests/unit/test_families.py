@@ -119,12 +119,15 @@ def test_check_layout_knows_parallel_expert():
 
     moe, dense = qwen3_moe_config().to_dict(), qwen3_config().to_dict()
 
-    def cfg(ep, tp=1):
-        return config_from_dict({"parallel": {"expert": ep, "tensor": tp}}, source="run.yaml")
+    def cfg(ep, tp=1, sp=None):
+        sp = tp > 1 if sp is None else sp
+        return config_from_dict({"parallel": {"expert": ep, "tensor": tp, "sequence_parallel": sp}}, source="run.yaml")
 
     check_layout(cfg(2), world_size=4, hf_config=moe)            # 4 experts over 2 of the 4 data-parallel ranks
     check_layout(cfg(4, tp=2), world_size=8, hf_config=moe)
+    check_layout(cfg(1, tp=2, sp=False), world_size=2, hf_config=dense)
     for c, world, hf, message in [
+        (cfg(1, tp=2, sp=False), 2, moe, r"'parallel.sequence_parallel' must be true for a mixture-of-experts"),
         (cfg(2), 2, dense, r"'parallel.expert' = 2 needs a mixture-of-experts model"),
         (cfg(3), 3, moe, r"'parallel.expert' = 3 does not divide the model's 4 experts"),
         (cfg(2, tp=2), 2, moe, r"'parallel.expert' = 2 does not divide the data-parallel size 1"),
