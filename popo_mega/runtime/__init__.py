@@ -90,17 +90,6 @@ def _one_cuda_connection() -> None:
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 
 
-def all_ranks_true(flag: bool, device: torch.device, group=None) -> bool:
-    """Whether ``flag`` is True on every rank of ``group`` (default: all ranks). Collective.
-
-    A MIN all-reduce of a one-element tensor on ``device``, the runtime's device: on GPU the
-    default group is NCCL, which refuses CPU tensors ("No backend type associated with device
-    type cpu")."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item() > 0)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

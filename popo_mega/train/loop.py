@@ -129,7 +129,7 @@ def _score_and_select(cfg: Config, step: int, prompts, completions, tokenizer, v
     (``refill.stream_rollouts``) first tops the step up to data.prompts_per_step informative groups."""
     from popo_mega.rewards import synthetic
     from popo_mega.train.refill import Rollouts, refill
-    from popo_mega.train.select import select
+    from popo_mega.train.objectives import make_objective
 
     def grade(prompts, completions) -> Rollouts:
         texts = [tokenizer.decode(c.output_ids, skip_special_tokens=True) for g in completions for c in g]
@@ -147,9 +147,9 @@ def _score_and_select(cfg: Config, step: int, prompts, completions, tokenizer, v
     if roll_more is not None:
         graded, fill_stats = refill(graded, lambda rnd, k: grade(*roll_more(rnd, k)), target=cfg.data.prompts_per_step,
                                     group_size=cfg.rollout.group_size, max_rounds=cfg.algorithm.grpo.max_refill_rounds)
-    sel = select([p.ids for p in graded.prompts], graded.completions, torch.tensor(graded.rewards, dtype=torch.float32),
-                 cfg.algorithm, cfg.rollout.group_size,
-                 uid_offset=step * cfg.data.prompts_per_step * cfg.rollout.group_size)
+    sel = make_objective(cfg.algorithm).select(
+        [p.ids for p in graded.prompts], graded.completions, torch.tensor(graded.rewards, dtype=torch.float32),
+        cfg.rollout.group_size, uid_offset=step * cfg.data.prompts_per_step * cfg.rollout.group_size)
     return sel.samples, {**sel.stats, **graded.counts, **fill_stats}
 
 
@@ -336,7 +336,7 @@ def run(cfg: Config, log=print) -> RunResult:
                 sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
                                           seed=sample_seed(cfg.train.seed, step))  # same rollouts after a resume
-                refilling = cfg.algorithm.name != "popo" and cfg.algorithm.grpo.dynamic_sampling
+                refilling = trainer.objective.refills
                 try:
                     completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
                     payload = (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier, roll_more=(
@@ -357,10 +357,10 @@ def run(cfg: Config, log=print) -> RunResult:
                 checkpoint()
                 break
             share = shard_for_data_parallel(samples, rt.dp, rt.dp_rank)
-            trainable = [s for s in share if s.positive] if (cfg.algorithm.name == "popo" and
-                                                             cfg.algorithm.popo.entropy_on == "positive") else share
-            # On rt.device: on GPU the default group is NCCL, which takes no CPU tensor.
-            has_work = rt_mod.all_ranks_true(bool(trainable), rt.device) if world > 1 else bool(trainable)
+            # Nothing to train on in the whole batch (POPO: no positive) is decided on the broadcast
+            # batch, the same on every rank; a DP rank whose own share is empty joins the step with an
+            # empty micro-batch (PolicyTrainer.train_step) and the step is never dropped for the others.
+            has_work = bool(trainer.objective.trainable(samples))
             # train.updates_per_rollout optimizer steps on this batch (train.steps counts optimizer steps)
             updates, prev = min(cfg.train.updates_per_rollout, cfg.train.steps - step), step
             batch_m = {**sel_stats, "rollout_s": rollout_s}  # the rollout batch's metrics: on its first record
@@ -370,7 +370,7 @@ def run(cfg: Config, log=print) -> RunResult:
                             rollouts=int(batch_m.get("rollouts", 0)), tokens=int(stats.get("tokens_fed", 0)))
                 batch_m.clear()
 
-            if not has_work:  # some DP rank has nothing to train on: skip the update everywhere
+            if not has_work:  # no rank has anything to train on: skip the update everywhere
                 step_stats = {"skipped": 1.0, "tokens_fed": 0.0}
                 step = trainer.step = trainer.step + updates
             else:

@@ -39,44 +39,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from popo_mega.algorithms.a3po import shape_advantages
 from popo_mega.algorithms.ema import EMA
-from popo_mega.algorithms.grpo import policy_loss
-from popo_mega.algorithms.popo import popo_loss, popo_normalisers
 from popo_mega.algorithms.predictor import Predictor
 from popo_mega.algorithms.reference import FrozenReference
 from popo_mega.ops import masked_mean_pool
 from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
 from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches, token_multiple
+from popo_mega.train.objectives import make_objective
 
-__all__ = ["PolicyTrainer", "a3po_token_advantages", "POPO_STATS", "PG_STATS"]
-
-POPO_STATS = ("loss", "pg", "sim", "ent", "positive_token_count", "clip_low_count", "clip_high_count", "rho_sum",
-              "weighted_cos_sum", "entropy_sum")
-PG_STATS = ("loss", "pg", "kl", "clip_low_count", "clip_high_count", "rho_sum", "token_count")
-
-
-def a3po_token_advantages(samples: list[RolloutSample], step: int, cfg: Config) -> list[RolloutSample]:
-    """Samples with ``token_advantages`` = A3PO's shaped advantages (section 4 of docs/algorithms.md):
-    the rollouts are padded to [B, R_max] and passed to ``a3po.shape_advantages`` (needs old_logp)."""
-    if not samples:
-        return []
-    a = cfg.algorithm.a3po
-    R = max(s.tokens.numel() - s.prompt_len for s in samples)
-    old = torch.zeros(len(samples), R)
-    mask = torch.zeros(len(samples), R)
-    for b, s in enumerate(samples):
-        if s.old_logp is None:
-            raise ValueError(f"a3po_token_advantages: rollout {b} has no old_logp (A3PO ranks tokens by it)")
-        r = s.tokens.numel() - s.prompt_len
-        old[b, :r] = s.old_logp.float()
-        mask[b, :r] = 1
-    adv = torch.tensor([float(s.advantage) for s in samples])
-    shaped = shape_advantages(adv, old, mask, step, a.ratio, a.rho, a.alpha)
-    return [RolloutSample(**{**s.__dict__, "token_advantages": shaped[b, :s.tokens.numel() - s.prompt_len].clone()})
-            for b, s in enumerate(samples)]
-
+__all__ = ["PolicyTrainer"]
 
 def _cast_stray_params(model, dtype: torch.dtype) -> int:
     """Cast floating parameters that are not in ``dtype`` to it (returns how many). megatron-core
@@ -117,6 +89,7 @@ class PolicyTrainer:
         self.cfg, self.rt = cfg, runtime
         self.model, self.arch, self.layout = loaded.model, loaded.arch, loaded.layout
         self.algo = cfg.algorithm
+        self.objective = make_objective(cfg.algorithm, cfg.train.kernels)
         self.step = 0
         self.tokens_seen = 0
         t = cfg.train
@@ -128,7 +101,7 @@ class PolicyTrainer:
         chunks = [self.ddp_model]
         self.predictor = self.ddp_predictor = None
         popo = self.algo.popo
-        if self.algo.name == "popo" and popo.alpha != 0 and runtime.is_last_stage:
+        if self.objective.keeps_predictor and runtime.is_last_stage:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(t.seed + 7919)   # the same initial h_phi on every layout
                 self.predictor = Predictor(self.arch.hidden_size, popo.predictor_hidden, popo.predictor_layers)
@@ -156,11 +129,10 @@ class PolicyTrainer:
         # gets lr * 1/warmup_steps, not megatron's init_lr (0), which would waste the first batch.
         self.scheduler.step(increment=1)
         self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
-                    if self.algo.name == "popo" else None)
+                    if self.objective.keeps_ema else None)
         # GRPO/A3PO with algorithm.grpo.beta_kl != 0: the frozen initial policy for the k3 KL term,
         # taken from the HF weights before any step (also on resume: load_checkpoint runs later).
-        self.reference = (FrozenReference(self.model)
-                          if self.algo.name != "popo" and self.algo.grpo.beta_kl != 0 else None)
+        self.reference = FrozenReference(self.model) if self.objective.keeps_reference else None
         mcfg = self.model.config
         mcfg.finalize_model_grads_func = self._finalize_grads
         mcfg.grad_scale_func = self.optimizer.scale_loss
@@ -283,12 +255,7 @@ class PolicyTrainer:
         Summed on the runtime's device (where the micro-batches are), one copy to the CPU at the end."""
         acc = torch.zeros(3, dtype=torch.float64, device=self.rt.device)
         for mb in mbs:
-            if self.algo.name == "popo":
-                n = popo_normalisers(mb.mask, mb.cu_seqlens, mb.weights, mb.positive, self.algo.popo.entropy_on)
-                acc += torch.stack([n["num_positive_tokens"], n["weight_sum"], n["entropy_token_count"]]).double()
-            else:
-                acc[0] += mb.mask.sum().double()
-                acc[1] += mb.num_sequences
+            acc += self.objective.normalisers(mb)
         if self.rt.dp > 1:
             dist.all_reduce(acc, group=_groups()[2])
         return acc.cpu()
@@ -297,32 +264,19 @@ class PolicyTrainer:
         """This micro-batch's share of the full-batch loss (Eq. P5, or GRPO/A3PO) and summable stats."""
         T = mb.num_tokens
         logp, ent = self._logp_entropy(output[0, :T], mb.labels)
-        a = self.algo
-        if a.name == "popo":
-            p = a.popo
-            pred = target = None
-            if self.predictor is not None:
-                feats = self._pooled_features(mb)
-                pred = self.ddp_predictor(feats.to(next(self.predictor.parameters()).dtype)).float()
-                target = mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
-            loss, parts = popo_loss(
-                logp, mb.mask, mb.cu_seqlens, mb.weights, mb.positive, num_positive_tokens=norm[0].item(),
-                old_logp=mb.old_logp if p.is_correction == "token" else None, is_correction=p.is_correction,
-                eps_low=a.eps_low, eps_high=a.eps_high, pred=pred, target=target, weight_sum=norm[1].item(),
-                alpha=p.alpha, entropy=ent if p.beta != 0 else None, entropy_token_count=norm[2].item(),
-                entropy_on=p.entropy_on, beta=p.beta, impl=self.cfg.train.kernels)
-            keys = POPO_STATS
-        else:
-            g = a.grpo
-            agg_norm = norm[0].item() if g.aggregation == "token_mean" else norm[1].item()
-            loss, parts = policy_loss(logp, mb.old_logp, mb.token_advantages, mb.mask, normaliser=agg_norm,
-                                      agg=g.aggregation, cu_seqlens=mb.cu_seqlens, eps_low=a.eps_low,
-                                      eps_high=a.eps_high, impl=self.cfg.train.kernels,
-                                      beta_kl=g.beta_kl, ref_logp=mb.extras.get("ref_logp"))
-            keys = PG_STATS
+        loss, parts = self.objective.loss(mb, logp, ent, norm, self._prediction)
         parts = {**parts, "loss": loss}
-        stats = torch.stack([parts[k].detach().double().reshape(()).clone() for k in keys])
+        stats = torch.stack([parts[k].detach().double().reshape(()).clone() for k in self.objective.stat_keys])
         return loss, stats
+
+    def _prediction(self, mb: MicroBatch) -> tuple[Tensor | None, Tensor | None]:
+        """(h_phi(z), target): the predictor on this micro-batch's pooled final-norm features and the
+        EMA target features plus noise (Eq. P3), [B, H] fp32 each; (None, None) without a predictor."""
+        if self.predictor is None:
+            return None, None
+        feats = self._pooled_features(mb)
+        pred = self.ddp_predictor(feats.to(next(self.predictor.parameters()).dtype)).float()
+        return pred, mb.extras["target_features"] + self._target_noise(mb.uids, feats.shape[1])
 
     # ------------------------------------------------------------------------------ the step
     def train_step(self, samples: list[RolloutSample]) -> dict:
@@ -335,17 +289,10 @@ class PolicyTrainer:
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        a = self.algo
-        if a.name == "popo" and a.popo.entropy_on == "positive":
-            samples = [s for s in samples if s.positive]  # negatives enter no term: never run them
-        if a.name != "popo" or a.popo.is_correction == "token":
-            for i, smp in enumerate(samples):
-                if smp.old_logp is None:
-                    raise ValueError(f"train_step: rollout {i} has no old_logp; algorithm {a.name!r}"
-                                     + (" with is_correction: token" if a.name == "popo" else "")
-                                     + " needs the sampling policy's log-probs")
-        if a.name == "a3po":
-            samples = a3po_token_advantages(samples, self.step, self.cfg)
+        obj = self.objective
+        samples = obj.trainable(samples)   # POPO, entropy_on positive: negatives enter no term, never run them
+        obj.check_inputs(samples)
+        samples = obj.prepare(samples, self.step)   # A3PO: token-level shaped advantages
         total = torch.tensor([float(len(samples))], device=self.rt.device)
         if self.rt.dp > 1:
             dist.all_reduce(total, group=_groups()[2])
@@ -353,13 +300,13 @@ class PolicyTrainer:
             raise ValueError("train_step: no rollout to train on in the whole batch (POPO: no positive); "
                              "the caller must skip this batch")
         mbs = self.pack(samples) if samples else [self._empty_micro_batch()]
-        if a.name == "popo" and a.popo.alpha != 0:
+        if obj.keeps_predictor:
             self.target_pass(mbs)   # collective over the pipeline: every stage runs it
         if self.reference is not None:
             self.reference_pass(mbs)   # GRPO/A3PO k3 KL: reference log-probs, collective likewise
         norm = self.normalisers(mbs)
         n_mb, dp = len(mbs), self.rt.dp
-        keys = POPO_STATS if a.name == "popo" else PG_STATS
+        keys = obj.stat_keys
         per_mb: list[Tensor] = []
 
         def forward_step(data_iterator, model):

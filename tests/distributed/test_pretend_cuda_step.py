@@ -17,10 +17,9 @@ all-reduces, the NaN/inf gradient check, megatron's optimizer step (the distribu
 reduce-scatter and all-gather, grad-norm clipping, Adam) and the EMA update; the all-masked
 micro-batch of a DP rank without rollouts; one GRPO and one A3PO step (their normaliser branch,
 A3PO's advantage shaping); ``sync_engine_weights`` with the EMA swapped in (``iter_hf_tensors``' TP
-all-gathers, and at PP=2 the funnel's send/recv to rank 0); ``all_ranks_true`` (the RL loop's
-has-work vote). Then the failure cases: every micro-batch field that the GPU path reads, left on
-the CPU alone, raises; and a CPU tensor handed to the default group (what the loop's has-work
-all-reduce did) raises in the collective check.
+all-gathers, and at PP=2 the funnel's send/recv to rank 0). Then the failure cases: every
+micro-batch field that the GPU path reads, left on the CPU alone, raises; and a CPU tensor handed
+to the default group (what the loop's has-work all-reduce once did) raises in the collective check.
 
 NOT covered (also in docs/architecture.md, "Pretend-CUDA dry run"): CUDA kernels themselves (CPU
 kernels compute the values; popo_mega._C has no "cuda" kernel in this build, so the reference twins
@@ -28,7 +27,7 @@ run, as on a GPU build without the extension); Transformer Engine (not installab
 spec with SDPA attention runs, plus a stand-in check that the packed cu_seqlens are CUDA int32 as
 TE's attention needs); streams, events and communication overlap; NCCL itself; checkpoint save /
 load; the rollout engine's own weight-update group (its ``broadcast_async`` checks the device
-itself); the RL loop around the step (only its has-work vote, through ``all_ranks_true``); and
+itself); the RL loop around the step (it decides whether a batch trains without a collective); and
 tensors created in C++ from a CPU tensor without a Python call (they count as CUDA: a miss, never a
 false alarm).
 """
@@ -150,7 +149,6 @@ def _steps(rank, world_size, path, tp, then_dp2):
 
     from megatron.core import parallel_state
 
-    from popo_mega.runtime import all_ranks_true
     from popo_mega.train.batch import MicroBatch, shard_for_data_parallel
     from popo_mega.train.loop import sync_engine_weights
     from tests.collective_devices import CollectiveDeviceError, collective_devices_checked
@@ -171,7 +169,6 @@ def _steps(rank, world_size, path, tp, then_dp2):
         if world_size == 1:
             for name in ("grpo", "a3po"):
                 out[name] = _trainer(path, rt, {"algorithm.name": name}).train_step(make_samples())
-        out["votes"] = (all_ranks_true(True, rt.device), all_ranks_true(rank == 0, rt.device))
         if then_dp2:   # same processes, re-initialised as TP=1 x DP=2
             parallel_state.destroy_model_parallel()
             rt = _pretend_runtime(1)
@@ -258,7 +255,6 @@ def _check_run(out, hf_path, world):
 @pytest.mark.slow   # spawned megatron processes: ~35 s of CPU for the fixture and the plain-CPU comparison (95 s wall at load 20)
 def test_pretend_cuda_step_one_process(one, hf_path):
     _check_run(one, hf_path, 1)
-    assert one["votes"] == (True, True)
     # Pretending changes no value: the same step on the plain CPU runtime gives the same stats.
     plain = run_world(_plain_step, 1, hf_path)[0]
     for k, v in plain.items():
@@ -278,7 +274,6 @@ def test_a_micro_batch_tensor_left_on_the_cpu_is_caught(one):
 def test_pretend_cuda_step_tp2_dp2_pp2(two, one, hf_path):
     for rank, out in enumerate(two):
         _check_run(out, hf_path, 2)
-        assert out["votes"] == (True, False)
         assert out["dp2"]["skipped"] == 0.0 and out["dp2_empty_rank"]["skipped"] == 0.0
         assert out["calls"].get("all_gather", 0) > 0   # TP gathers of the weight sync
     assert two[0]["received"] and not two[1]["received"]   # rank 0 sends

@@ -9,8 +9,9 @@ expression is given a config section type where one can be told:
   ``_cfg`` / ``_config`` (unannotated: taken to be the whole ``Config``),
 - ``<typed>.<field>`` where the field is itself a section (``cfg.algorithm.popo``),
 - a name or ``self.`` attribute assigned from a typed expression (``r = cfg.rollout``,
-  ``self.popo = algo.popo``; in a class, ``self.`` bindings hold in every method), and names of
-  an enclosing function (closures).
+  ``self.popo = algo.popo``; in a class, ``self.`` bindings hold in every method, and in the
+  subclasses defined in the same module), a class-level annotation (``algo: AlgorithmConfig``
+  types ``self.algo``), and names of an enclosing function (closures).
 
 A key ``section.field`` is read when ``<expression of that section's type>.field`` (or
 ``getattr(<typed>, "field")``) is loaded somewhere. Untyped attribute accesses never count, so
@@ -124,6 +125,7 @@ class _Scanner:
 
     def __init__(self):
         self.reads: set[tuple[type, str]] = set()
+        self.class_self: dict[str, dict[str, type]] = {}  # class name -> its self.<x> types (for subclasses)
 
     def type_of(self, node: ast.AST, env: dict[str, type]) -> type | None:
         name = _dotted(node)
@@ -197,11 +199,18 @@ class _Scanner:
             env = self.function_env(node, env) if not isinstance(node, ast.Lambda) else env
         elif isinstance(node, ast.ClassDef):
             env = dict(env)
+            for base in node.bases:  # a subclass of a class scanned in this module has its self.<x> types
+                env.update(self.class_self.get(_dotted(base) or "", {}))
+            for stmt in node.body:  # class-level ``algo: AlgorithmConfig`` types self.algo
+                tp = _annotation_class(stmt.annotation) if isinstance(stmt, ast.AnnAssign) else None
+                if tp is not None and isinstance(stmt.target, ast.Name):
+                    env["self." + stmt.target.id] = tp
             methods = [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
             for _ in range(2):  # self.<x> bindings made in one method hold in all of them
                 for m in methods:
                     menv = self.function_env(m, env)
                     env.update({k: v for k, v in menv.items() if k.startswith("self.")})
+            self.class_self[node.name] = {k: v for k, v in env.items() if k.startswith("self.")}
         self.record(node, env)
         for child in _nested_scopes(node):
             self.scope(child, env)
@@ -221,9 +230,8 @@ def _own_nodes(root: ast.AST):
 
 
 def _nested_scopes(root: ast.AST):
-    for node in _own_nodes(root):
-        if isinstance(node, _SCOPES):
-            yield node
+    """The functions and classes directly inside ``root``, in source order (a base class first)."""
+    return sorted((node for node in _own_nodes(root) if isinstance(node, _SCOPES)), key=lambda n: n.lineno)
 
 
 def reads_in(sources: dict[str, str]) -> set[tuple[type, str]]:

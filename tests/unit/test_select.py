@@ -8,7 +8,7 @@ import torch
 from popo_mega.config import config_from_dict
 from popo_mega.rollout.engine import Completion
 from popo_mega.train.prompts import Prompt, PromptStream
-from popo_mega.train.select import select
+from popo_mega.train.objectives import make_objective
 
 
 def _c(ids, lps):
@@ -17,6 +17,10 @@ def _c(ids, lps):
 
 def _algo(**kw):
     return config_from_dict({"algorithm": kw}).algorithm
+
+
+def select(prompts, completions, rewards, algo, group_size, uid_offset=0):
+    return make_objective(algo).select(prompts, completions, rewards, group_size, uid_offset)
 
 
 def test_popo_keeps_only_positives_with_p1_weights():
