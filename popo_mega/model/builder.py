@@ -113,13 +113,15 @@ def layer_spec(use_te: bool, arch: Architecture | None = None):
     """TE's fused spec, or megatron's local spec with SDPA attention (works on CPU and GPU) and our
     :class:`~popo_mega.model.norm.RMSNorm` (megatron's torch-norm fallback refuses sequence parallelism)
     for the layer norms and QK-norm. MoE layers use megatron's ``MoELayer`` with ``SequentialMLP``
-    experts in the local spec (its grouped GEMM needs Transformer Engine or grouped_gemm)."""
+    experts in both specs (grouped GEMM is not wired: its weights have other names)."""
     qk_norm = bool(arch and arch.qk_norm)
     experts = arch.num_experts if arch is not None and arch.is_moe else None
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
+        # SequentialMLP experts under TE too: TE's grouped GEMM names its weights linear_fc1.weight<e>,
+        # which the weight tables do not map yet (and moe_grouped_gemm is off in transformer_config).
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=False,
                                                           qk_layernorm=qk_norm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
