@@ -12,9 +12,21 @@ scheduler, the step, the caller's ``extra`` (data cursor etc., JSON-like) and pe
 states (python, numpy, torch, megatron's model-parallel tracker).
 
 Atomicity: everything is written into ``ROOT/.tmp_step_XXXXXXXX``; when every rank has finished,
-global rank 0 writes the marker file ``popo_checkpoint.json`` into it and renames it to
-``ROOT/step_XXXXXXXX``. A directory without the marker (a crash mid-save, a copy in progress) is
-never loaded. ROOT must be on a file system that every rank sees.
+global rank 0 writes the marker file ``popo_checkpoint.json`` into it, then the manifest
+``popo_manifest.json`` (size and SHA-256 of every file, popo_mega/train/checkpoint_manifest.py;
+each rank hashes the shards it wrote), and renames it to ``ROOT/step_XXXXXXXX``. A directory
+without the marker (a crash mid-save, a copy in progress) is never loaded. ROOT must be on a file
+system that every rank sees.
+
+Integrity and safe loading (issue 15): before anything of a checkpoint is unpickled, the ranks
+verify it against its manifest (missing, truncated, changed or unlisted files; ``.metadata``
+through an allow-list unpickler). A checkpoint that fails is reported file by file and the
+previous complete one is tried; when none passes, the error lists every one tried. Then every
+``torch.load`` of the load (megatron's ``common.pt``, torch DCP's byte entries, which its
+DefaultLoadPlanner.load_bytes reads with ``weights_only=False``) runs with ``weights_only=True``
+(:func:`_weights_only_loads`); what we save is plain tensors, dicts, lists, ints, floats and
+strings for that (:func:`_rng_state`: numpy's RNG state as a tensor). Only checkpoints this run
+(or another trusted one) wrote are loaded: docs/architecture.md says why.
 
 Known megatron-core 0.16.1 pitfalls handled here (../shared/design/environment.md):
 
@@ -42,6 +54,7 @@ re-layout the seeds of the new layout stay (the run is then not bit-identical, b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,11 +62,16 @@ import random
 import re
 import shutil
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "export_hf", "MARKER"]
+from popo_mega.train import checkpoint_manifest as manifest
+from popo_mega.train.checkpoint_manifest import CheckpointIntegrityError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "export_hf", "MARKER",
+           "CheckpointIntegrityError"]
 
 MARKER = "popo_checkpoint.json"
 _DIR = re.compile(r"^step_(\d{8})$")
@@ -87,6 +105,10 @@ def _layout(trainer) -> dict:
 
 
 def _rng_state() -> dict:
+    """Per-rank RNG states as plain values ``torch.load(weights_only=True)`` reads without any
+    allow-listed class: python's (version, tuple of ints, gauss), torch ByteTensors, and numpy's
+    MT19937 state as a dict with its 624 keys in an int64 tensor (np.random.get_state() is a tuple
+    holding a uint32 ndarray, which needs numpy's unpickling globals)."""
     from megatron.core import tensor_parallel
 
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -94,7 +116,9 @@ def _rng_state() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -111,7 +135,9 @@ def _set_rng_state(state: dict) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -275,6 +301,8 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None, keep_last: in
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"step": step, "layout": _layout(trainer), "algorithm": trainer.algo.name,
                        "saved_at": time.time()}, f)
+    _write_manifest(tmp, rank)
+    if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -287,22 +315,106 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None, keep_last: in
     return final
 
 
-def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
-    """Restore ``trainer`` from the latest complete checkpoint under ``root_or_dir`` (or from that
-    checkpoint directory itself). Collective. Returns {"step", "extra", "path", "rng_restored",
-    "shared_adam_steps_fixed"}, or None when there is no complete checkpoint.
-    A directory given explicitly without the marker is an error (it is incomplete)."""
-    from megatron.core import dist_checkpointing
+def _write_manifest(tmp: str, rank: int) -> None:
+    """Collective, after every rank's files and the marker exist in ``tmp``: each rank hashes the
+    files it wrote (checkpoint_manifest.files_hashed_by), rank 0 gathers them, hashes whatever no
+    rank took (so every file present is listed once) and writes the manifest last."""
+    world = dist.get_world_size()
+    names = manifest.files_of(tmp)
+    mine = manifest.hash_files(tmp, manifest.files_hashed_by(names, rank, world))
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank == 0:
+        entries = {k: v for part in gathered for k, v in part.items()}
+        present = manifest.files_of(tmp)
+        entries.update(manifest.hash_files(tmp, [n for n in present if n not in entries]))
+        manifest.write_manifest(tmp, {n: entries[n] for n in present})
 
+
+def _verify(path: str) -> list[str]:
+    """Collective: the problems of checkpoint ``path`` (checkpoint_manifest.verify_checkpoint), the
+    files shared out over the ranks; every rank returns the same list."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = manifest.verify_checkpoint(path, rank, world)
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    return [p for part in every for p in part]
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True``: torch's documented switch
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD, which also overrides an explicit ``weights_only=False``
+    (torch/serialization.py, torch.load). Needed because torch DCP's DefaultLoadPlanner.load_bytes
+    (torch 2.13, default_planner.py:387-391), which megatron-core 0.16.1's MCoreLoadPlanner inherits,
+    unpickles every byte entry (our RNG state, the layers' ``_extra_state``) with
+    ``weights_only=False``, and megatron creates that planner inside its load strategy, out of our
+    reach. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, if set, is lifted meanwhile (torch refuses both)."""
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pick_checkpoint(root_or_dir: str) -> str | None:
+    """Collective: the checkpoint to load, verified. ``root_or_dir`` a checkpoint directory: it, or
+    CheckpointIntegrityError naming its problems. A root: its newest complete checkpoint that passes
+    verification, each one that fails reported (one warning on rank 0) and skipped for the previous;
+    None when the root holds no complete checkpoint; CheckpointIntegrityError listing every one
+    tried when none passes. A directory given explicitly without the marker is incomplete:
+    FileNotFoundError."""
+    base = os.path.basename(os.path.normpath(root_or_dir))
     if os.path.isfile(os.path.join(root_or_dir, MARKER)):
-        path = root_or_dir
-    elif _DIR.match(os.path.basename(os.path.normpath(root_or_dir))) or \
-            os.path.basename(os.path.normpath(root_or_dir)).startswith(".tmp_step_"):
+        candidates, explicit = [root_or_dir], True
+    elif _DIR.match(base) or base.startswith(".tmp_step_"):
         raise FileNotFoundError(f"checkpoint {root_or_dir} has no {MARKER}: it was not completely written")
     else:
-        path = latest_checkpoint(root_or_dir)
-        if path is None:
+        candidates, explicit = [p for _, p in reversed(list_checkpoints(root_or_dir))], False
+        if not candidates:
             return None
+    tried = []
+    for path in candidates:
+        problems = _verify(path)
+        if not problems:
+            return path
+        tried.append(f"{path}:\n    " + "\n    ".join(problems))
+        if explicit:
+            raise CheckpointIntegrityError(f"checkpoint {path} fails verification, not loaded:\n    "
+                                           + "\n    ".join(problems))
+        if dist.get_rank() == 0:
+            then = "trying the previous complete one" if path != candidates[-1] else "no earlier one is left"
+            warnings.warn(f"checkpoint {path} fails verification, skipped ({then}): " + "; ".join(problems),
+                          stacklevel=3)
+    raise CheckpointIntegrityError(f"no checkpoint under {root_or_dir} passes verification; tried, newest first:\n"
+                                   + "\n".join(tried))
+
+
+def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
+    """Restore ``trainer`` from the latest complete checkpoint under ``root_or_dir`` that passes
+    verification (or from that checkpoint directory itself, see :func:`_pick_checkpoint`).
+    Collective. Returns {"step", "extra", "path", "rng_restored", "shared_adam_steps_fixed"}, or
+    None when there is no complete checkpoint. Every torch.load of it runs with weights_only=True."""
+    path = _pick_checkpoint(root_or_dir)
+    if path is None:
+        return None
+    try:
+        with _weights_only_loads():
+            return _load_verified(trainer, path)
+    except BaseException as e:   # torch DCP's CheckpointException is a BaseException
+        e.add_note(f"while loading checkpoint {path} (it passed verification against its manifest)")
+        raise
+
+
+def _load_verified(trainer, path: str) -> dict:
+    from megatron.core import dist_checkpointing
+
     common = dist_checkpointing.load_common_state_dict(path)["popo"]
     if common["algorithm"] != trainer.algo.name:
         raise ValueError(f"checkpoint {path} was written by algorithm {common['algorithm']!r}, "
