@@ -28,6 +28,7 @@ import torch
 from popo_mega.rollout.engine import Completion, SamplingParams, sample_seed
 from popo_mega.rollout.sglang_api import (ProtocolError, completions_from_response, generate_request,
                                           memory_occupation_request, pause_generation_request)
+from popo_mega.rollout.server_calls import post_all
 from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
                                            TensorWeightSync, WeightSyncError, send_all, sync_from_disk,
                                            verify_probes, verify_prompt_logprobs, verify_weight_version)
@@ -336,16 +337,9 @@ class HttpEngine:
 
     # ---- control endpoints ----
     def _post_all(self, path: str, body: dict | None = None, *, ok=(200,)) -> None:
-        errors = []
-        for url in self.live_urls():
-            try:
-                r = self._session().post(f"{url}{path}", json=body or {}, headers=self._headers(), timeout=self.timeout)
-                if r.status_code not in ok:
-                    errors.append(f"{url}{path}: HTTP {r.status_code}: {r.text[:200]}")
-            except requests.RequestException as exc:
-                errors.append(f"{url}{path}: {exc}")
-        if errors:
-            raise RolloutServerError("; ".join(errors))
+        """POST to every live server at once (``server_calls.post_all``); RolloutServerError naming each failure."""
+        post_all(self.live_urls(), path, body, session=self._session, headers=self._headers(), timeout_s=self.timeout,
+                 ok=ok, error=RolloutServerError)
 
     def pause_generation(self) -> None:
         self._post_all("/pause_generation", pause_generation_request(self.pause_mode))

@@ -59,6 +59,7 @@ import requests
 import torch
 
 from popo_mega.rollout import sglang_api as api
+from popo_mega.rollout.server_calls import ServerCalls
 from popo_mega.rollout.weight_group import WeightUpdateGroup
 
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
@@ -119,67 +120,11 @@ def _post(session: requests.Session, url: str, path: str, body: dict, *, timeout
 
 
 def _on_all(urls: list[str], fn: Callable[[str], object], what: str, timeout_s: float) -> list:
-    """Run ``fn(url)`` for every url in threads; raise one WeightSyncError listing every failure."""
-    results: dict[str, object] = {}
-    errors: dict[str, str] = {}
-
-    def run(url):
-        try:
-            results[url] = fn(url)
-        except Exception as exc:  # noqa: BLE001 - collected and reported together
-            errors[url] = str(exc)
-
-    threads = [threading.Thread(target=run, args=(u,), daemon=True) for u in urls]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    for u, t in zip(urls, threads):
-        if t.is_alive():
-            errors.setdefault(u, f"no answer within {timeout_s:.0f}s")
-    if errors:
-        raise WeightSyncError(f"{what} failed: " + "; ".join(f"{u}: {e}" for u, e in errors.items()))
-    return [results[u] for u in urls]
+    """``fn(url)`` for every url at once (``ServerCalls``); one WeightSyncError listing every failure."""
+    return ServerCalls(urls, fn).wait(timeout_s, what, WeightSyncError)
 
 
-class _Calls:
-    """One POST per server, each in its own daemon thread, to be polled while a collective runs.
-
-    ``errors()``: url -> message of the servers that answered an error (or failed to connect) so
-    far; ``pending()``: the servers that have not answered yet.
-    """
-
-    def __init__(self, urls: list[str], call: Callable[[str], object]):
-        self._lock = threading.Lock()
-        self._errors: dict[str, str] = {}
-        self._done: set[str] = set()
-        self.urls = list(urls)
-        self.finished = threading.Event()
-        for u in self.urls:
-            threading.Thread(target=self._run, args=(u, call), daemon=True).start()
-
-    def _run(self, url: str, call) -> None:
-        try:
-            call(url)
-        except Exception as exc:  # noqa: BLE001 - reported by errors()
-            with self._lock:
-                self._errors[url] = str(exc)
-        with self._lock:
-            self._done.add(url)
-            if len(self._done) == len(self.urls) or self._errors:
-                self.finished.set()
-
-    def errors(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._errors)
-
-    def pending(self) -> list[str]:
-        with self._lock:
-            return [u for u in self.urls if u not in self._done]
-
-
-def await_collective(is_done: Callable[[], bool], calls: _Calls, *, deadline: float, what: str,
+def await_collective(is_done: Callable[[], bool], calls: ServerCalls, *, deadline: float, what: str,
                      abort: Callable[[], None]) -> None:
     """Wait until ``is_done()`` (the broadcast completed) and every server answered; never hang.
 
@@ -410,7 +355,7 @@ class DistributedWeightSync:
 
         former = threading.Thread(target=form, name="weight-group-rank0", daemon=True)
         former.start()
-        calls = _Calls(self.urls, lambda u: self._post(u, "/init_weights_update_group", body[u]))
+        calls = ServerCalls(self.urls, lambda u: self._post(u, "/init_weights_update_group", body[u]))
 
         def formed() -> bool:
             if "error" in box:
@@ -478,7 +423,7 @@ class DistributedWeightSync:
             sources = [flatten_bucket(bucket, group.device)]
         else:
             sources = [t.detach().to(group.device).contiguous() for _, t in bucket]
-        calls = _Calls(self.urls, lambda u: self._post(u, "/update_weights_from_distributed", body))
+        calls = ServerCalls(self.urls, lambda u: self._post(u, "/update_weights_from_distributed", body))
         works = [group.broadcast_async(t) for t in sources]
         await_collective(_works_done(works), calls, deadline=time.monotonic() + self.timeout_s,
                          what=f"update_weights_from_distributed, bucket {index} ({bucket[0][0]}...)",

@@ -1,0 +1,81 @@
+"""The one fan-out to a server pool (rollout/server_calls.py): bounded, every failure named."""
+
+import http.server
+import threading
+import time
+
+import pytest
+import requests
+
+from popo_mega.rollout.server_calls import ServerCalls, post_all
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_wait_returns_results_in_url_order():
+    calls = ServerCalls(["a", "b", "c"], lambda u: u * 2)
+    assert calls.wait(5, "double") == ["aa", "bb", "cc"]
+    assert calls.pending() == [] and calls.errors() == {} and calls.finished.is_set()
+
+
+def test_a_failing_and_a_silent_server_are_both_named_within_the_deadline():
+    release = threading.Event()
+
+    def call(url):
+        if url == "bad":
+            raise ValueError("HTTP 400: no such group")
+        if url == "silent":
+            release.wait(30)
+        return url
+
+    t0 = time.monotonic()
+    calls = ServerCalls(["good", "bad", "silent"], call)
+    with pytest.raises(_Boom) as err:
+        calls.wait(0.5, "begin_weight_update", _Boom)
+    took = time.monotonic() - t0
+    release.set()
+    assert took < 5  # bounded by the deadline, not by the silent server's 30 s
+    msg = str(err.value)
+    assert msg.startswith("begin_weight_update failed: ")
+    assert "bad: HTTP 400: no such group" in msg and "silent: no answer within 0.5 s" in msg and "good" not in msg
+
+
+def test_finished_is_set_as_soon_as_one_call_fails():
+    release = threading.Event()
+    calls = ServerCalls(["slow", "bad"], lambda u: release.wait(30) if u == "slow" else 1 / 0)
+    assert calls.finished.wait(5)
+    assert list(calls.errors()) == ["bad"] and calls.pending() == ["slow"]
+    release.set()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - stdlib name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status = 500 if self.server.server_port == _Handler.failing_port else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"no" if status != 200 else b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_post_all_posts_to_every_server_and_names_the_one_that_refused():
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    urls = [f"http://127.0.0.1:{s.server_port}" for s in servers]
+    try:
+        _Handler.failing_port = None
+        got = post_all(urls, "/flush_cache", {}, session=requests.Session, headers={}, timeout_s=5)
+        assert [r.text for r in got] == ["ok", "ok"]
+        _Handler.failing_port = servers[1].server_port
+        with pytest.raises(_Boom, match=f"/flush_cache failed: {urls[1]}: HTTP 500: no") as err:
+            post_all(urls, "/flush_cache", {}, session=requests.Session, headers={}, timeout_s=5, error=_Boom)
+        assert urls[0] not in str(err.value)
+    finally:
+        for s in servers:
+            s.shutdown()
