@@ -290,6 +290,8 @@ class RolloutServer:
                 except queue.Empty:
                     break
             slots = {id(s): slot for s, slot in batch}
+            while self._lock_waiters and not self.stopping.is_set():  # a weight operation goes first
+                time.sleep(0.005)
             try:
                 with self.model_lock:
                     if self.released:

@@ -86,7 +86,7 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise RequestError(f"body: not JSON ({exc})") from None
     if not isinstance(body, dict):
         raise RequestError(f"body: must be a JSON object, got {type(body).__name__}")

@@ -155,8 +155,8 @@ FIELDS = ("input_ids", "sampling_params", "logprob_start_len", "return_logprob",
 
 def test_generate_contract_holds_for_random_bodies(server):
     """Budget: 60 examples, each answered within 20 s (a hang fails the test), no hypothesis
-    deadline. Half the bodies are valid (small: max_new_tokens <= 6, n <= 3, so the run stays
-    short); the others are a valid body with one field or one token id replaced by junk: wrong
+    deadline. A third of the bodies are valid (small: max_new_tokens <= 4, n <= 2, <= 2 prompts,
+    so the run stays short); the others are a valid body with one field or one token id replaced by junk: wrong
     types, NaN/inf, huge or negative numbers, booleans, unknown keys."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -168,15 +168,14 @@ def test_generate_contract_holds_for_random_bodies(server):
                      st.lists(st.integers(-3, 70), max_size=3),
                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
     prompt = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)
-    sampling = st.fixed_dictionaries({}, optional={
-        "max_new_tokens": st.integers(0, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
+    sampling = st.fixed_dictionaries({"max_new_tokens": st.integers(0, 4)}, optional={  # absent: 128, slow
+        "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
         "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=2), "ignore_eos": st.booleans(),
         "top_k": st.just(-1), "min_p": st.just(0.0)})
-    single = st.fixed_dictionaries({"input_ids": prompt}, optional={
-        "sampling_params": st.builds(lambda sp, n: {**sp, "n": n}, sampling, st.integers(1, 3)),
-        "logprob_start_len": st.integers(-1, 1)})
-    batch = st.fixed_dictionaries({"input_ids": st.lists(prompt, min_size=1, max_size=3)}, optional={
-        "sampling_params": sampling, "logprob_start_len": st.sampled_from([-1, 0])})
+    single = st.fixed_dictionaries({"input_ids": prompt, "sampling_params": st.builds(
+        lambda sp, n: {**sp, "n": n}, sampling, st.integers(1, 2))}, optional={"logprob_start_len": st.integers(-1, 1)})
+    batch = st.fixed_dictionaries({"input_ids": st.lists(prompt, min_size=1, max_size=2), "sampling_params": sampling},
+                                  optional={"logprob_start_len": st.sampled_from([-1, 0])})
     valid = st.builds(lambda b, extra: {**b, **extra}, st.one_of(single, batch), st.fixed_dictionaries({}, optional={
         "return_logprob": st.booleans(), "rid": st.text(max_size=4), "stream": st.just(False)}))
     keys = ["input_ids", "sampling_params", "return_logprob", "logprob_start_len", "rid", "stream", "text",
@@ -185,6 +184,8 @@ def test_generate_contract_holds_for_random_bodies(server):
 
     def corrupt(b, key, value):
         b = json.loads(json.dumps(b))
+        if key == "sp:max_new_tokens" and value is None:
+            value = "None"  # null is valid (up to the context: 4,000 tokens) and only slow
         if key.startswith("sp:"):
             sp = b.get("sampling_params")
             sp = sp if isinstance(sp, dict) else {}
@@ -196,7 +197,8 @@ def test_generate_contract_holds_for_random_bodies(server):
             b[key] = value
         return b
 
-    body = st.one_of(valid, st.builds(corrupt, valid, st.sampled_from(keys), junk))
+    corrupted = st.builds(corrupt, valid, st.sampled_from(keys), junk)
+    body = st.one_of(valid, corrupted, corrupted)  # a third valid
     seen = {"200": 0, "400": 0}
 
     @settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -232,7 +234,7 @@ def test_generate_contract_holds_for_random_bodies(server):
 
     t0 = time.monotonic()
     check()
+    print(f"generate contract fuzz: {seen} in {time.monotonic() - t0:.1f}s")
     assert seen["200"] >= 5 and seen["400"] >= 5, seen  # the strategy reaches both sides of the contract
-    assert time.monotonic() - t0 < 60
     r = _post(server.url, "/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}})
     assert r.status_code == 200  # still serving

@@ -433,8 +433,9 @@ def test_launcher_keeps_the_key_off_the_command_line(monkeypatch):
             os.remove(path)
 
 
-def test_negative_content_length_is_answered_at_once(model_dir):
-    """It held a stdlib handler until the client closed (issue 15)."""
+def test_raw_http_abuse_is_answered_at_once(model_dir):
+    """A negative Content-Length held a stdlib handler until the client closed (issue 15); oversized,
+    streamed-oversized and too-deeply-nested bodies, and keys, are answered before any route runs."""
     import uvicorn
 
     from popo_mega.rollout.server_app import build_app
@@ -453,9 +454,13 @@ def test_negative_content_length_is_answered_at_once(model_dir):
             time.sleep(0.05)
 
         def raw(head: bytes, body: bytes = b"") -> bytes:
+            """The whole answer (the server closes the connection after it)."""
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(head + body)
-                return s.recv(4096)
+                s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + body)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                return answer
 
         auth = b"Authorization: Bearer k\r\n"
         for length in (b"-1", b"-100", b"abc"):
@@ -468,6 +473,10 @@ def test_negative_content_length_is_answered_at_once(model_dir):
         answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n",
                      chunk * 2 + b"0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 413")  # streamed too large
+        deep = b'{"input_ids":' + b"[" * 1990 + b"]" * 1990 + b"}"  # deeper than json's recursion limit
+        answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: " + str(len(deep)).encode()
+                     + b"\r\n\r\n", deep)
+        assert answer.startswith(b"HTTP/1.1 400") and b"body: not JSON" in answer
         assert raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")  # no key, as SGLang
         assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer j\r\n\r\n").startswith(b"HTTP/1.1 401")
         assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n").startswith(b"HTTP/1.1 200")
