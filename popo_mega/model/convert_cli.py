@@ -141,6 +141,12 @@ def _check_mcore_source(args) -> None:
                              "tokenizer: pass --hf-dir, the run's model.hf_path")
         if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
             raise SystemExit(f"popo-convert: --hf-dir '{args.hf_dir}' has no config.json")
+        from popo_mega.train.checkpoint_manifest import verify_checkpoint
+
+        problems = verify_checkpoint(args.src)  # before anything in it is unpickled (issue 15)
+        if problems:
+            raise SystemExit(f"popo-convert: '{args.src}' fails its manifest check, not converted: "
+                             + "; ".join(problems))
         return
     if not os.path.isfile(os.path.join(args.src, CHECKPOINT_META)):
         raise SystemExit(f"popo-convert: '{args.src}' has neither {CHECKPOINT_META} (popo-convert) nor "
@@ -253,7 +259,10 @@ def load_mcore(model, ckpt_dir: str, prefix: str = "") -> None:
         params = dict(model.named_parameters())
         sharded = {name: dataclasses.replace(sh, key=prefix + sh.key) for name, sh in sharded.items()
                    if name in params and isinstance(sh, (ShardedTensor, ShardedTensorFactory))}
-    state = dist_checkpointing.load(sharded, ckpt_dir)
+    from popo_mega.train.checkpoint import weights_only_loads
+
+    with weights_only_loads():   # torch DCP would unpickle the byte entries with weights_only=False
+        state = dist_checkpointing.load(sharded, ckpt_dir)
     model.load_state_dict(state, strict=False)
 
 

@@ -24,7 +24,7 @@ through an allow-list unpickler). A checkpoint that fails is reported file by fi
 previous complete one is tried; when none passes, the error lists every one tried. Then every
 ``torch.load`` of the load (megatron's ``common.pt``, torch DCP's byte entries, which its
 DefaultLoadPlanner.load_bytes reads with ``weights_only=False``) runs with ``weights_only=True``
-(:func:`_weights_only_loads`); what we save is plain tensors, dicts, lists, ints, floats and
+(:func:`weights_only_loads`); what we save is plain tensors, dicts, lists, ints, floats and
 strings for that (:func:`_rng_state`: numpy's RNG state as a tensor). Only checkpoints this run
 (or another trusted one) wrote are loaded: docs/architecture.md says why.
 
@@ -342,7 +342,7 @@ def _verify(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _weights_only_loads():
+def weights_only_loads():
     """Every ``torch.load`` inside runs with ``weights_only=True``: torch's documented switch
     TORCH_FORCE_WEIGHTS_ONLY_LOAD, which also overrides an explicit ``weights_only=False``
     (torch/serialization.py, torch.load). Needed because torch DCP's DefaultLoadPlanner.load_bytes
@@ -405,7 +405,7 @@ def load_checkpoint(trainer, root_or_dir: str) -> dict | None:
     if path is None:
         return None
     try:
-        with _weights_only_loads():
+        with weights_only_loads():
             return _load_verified(trainer, path)
     except BaseException as e:   # torch DCP's CheckpointException is a BaseException
         e.add_note(f"while loading checkpoint {path} (it passed verification against its manifest)")

@@ -108,3 +108,24 @@ def test_broken_config_json_names_it(single_dir, tmp_path, text):
     with pytest.raises(SystemExit) as e:
         convert_cli.main(["hf-to-mcore", str(d), str(tmp_path / "out")])
     assert str(d / "config.json") in str(e.value.code), e.value.code
+
+
+def test_a_train_checkpoint_that_fails_its_manifest_is_not_converted(single_dir, tmp_path):
+    """mcore-to-hf verifies a popo-train checkpoint (sizes, SHA-256) before unpickling anything in it
+    (issue 15): a checkpoint without its manifest, or with a file that changed, is refused, naming it."""
+    from popo_mega.train.checkpoint_manifest import MANIFEST, hash_files, write_manifest
+
+    ckpt = tmp_path / "step_00000002"
+    ckpt.mkdir()
+    (ckpt / convert_cli.TRAIN_MARKER).write_text("{}")
+    (ckpt / "common.pt").write_bytes(b"x" * 100)
+    argv = ["mcore-to-hf", str(ckpt), str(tmp_path / "hf_out"), "--hf-dir", str(single_dir)]
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(argv)
+    assert MANIFEST in str(e.value.code) and "not converted" in str(e.value.code)
+    write_manifest(str(ckpt), hash_files(str(ckpt), [convert_cli.TRAIN_MARKER, "common.pt"]))
+    (ckpt / "common.pt").write_bytes(b"y" * 100)  # same size, other bytes: only the hash tells
+    with pytest.raises(SystemExit) as e:
+        convert_cli.main(argv)
+    assert str(ckpt / "common.pt") in str(e.value.code), e.value.code
+    assert not (tmp_path / "hf_out").exists()
