@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from popo_mega.config import Config
 from popo_mega.rollout.engine import SamplingParams, sample_seed
 from popo_mega.rollout.http_engine import RolloutServerError
 from popo_mega.train.benchmark_eval import benchmark_eval_due
+from popo_mega.train.rank0 import broadcast_object, on_rank0
 from popo_mega.train.refill import stream_rollouts
 
 
@@ -31,12 +31,6 @@ class RunResult:
     steps: int
     run_dir: str
     report_png: str | None
-
-
-def _broadcast(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def sync_engine_weights(trainer, engine, use_ema: bool, version: str) -> str | None:
@@ -225,7 +219,7 @@ def run(cfg: Config, log=print) -> RunResult:
     def checkpoint() -> None:
         cursor = stream.state_dict()
         if world > 1:
-            cursor = _broadcast(cursor)  # rank 0 owns the cursor
+            cursor = broadcast_object(cursor)  # rank 0 owns the cursor
         path = save_checkpoint(trainer, ckpt_root, extra={"data": cursor}, keep_last=cfg.train.keep_last)
         if is_rank0:
             log(f"[popo-train] checkpoint: {path}")
@@ -239,7 +233,10 @@ def run(cfg: Config, log=print) -> RunResult:
         from popo_mega.rollout.sglang_launcher import released_during_step, start_run_servers
 
         run_servers = start_run_servers(cfg, rt, log_dir=run_dir)  # collective: each node starts its servers
-        if is_rank0:
+
+        def start_rank0() -> None:
+            """Rank 0: the engine on the servers, the grader, benchmark eval, metrics, the first held-out check."""
+            nonlocal engine, verifier, bench_eval, metrics, initial_acc
             from popo_mega.rollout.http_engine import HttpEngine
             from popo_mega.rollout.placement import sync_methods
             from popo_mega.train.metrics import MetricsLogger
@@ -273,6 +270,8 @@ def run(cfg: Config, log=print) -> RunResult:
             if heldout and resumed is None:
                 initial_acc = greedy_accuracy(engine, heldout, score_fn, cfg.rollout.max_new_tokens, stop_ids, tokenizer)
                 log(f"[popo-train] held-out accuracy before RL: {100 * initial_acc:.1f}% ({len(heldout)} problems)")
+
+        on_rank0(start_rank0, rt.rank, world)  # a failure here reaches every rank
         use_ema = cfg.rollout.weights == "ema"
         eval_policy = use_ema and cfg.eval.model == "policy" and trainer.ema is not None
         restarts = 0
@@ -294,11 +293,11 @@ def run(cfg: Config, log=print) -> RunResult:
             """Collective weight sync; a server that dies on the way is relaunched and synced again."""
             while True:
                 failure = sync_engine_weights(trainer, engine, use_ema=ema_weights, version=version)
-                failure = _broadcast(failure) if world > 1 else failure
+                failure = broadcast_object(failure) if world > 1 else failure
                 if failure is None:
                     return
                 retry = relaunch(f"weight sync failed ({failure})") if is_rank0 else None
-                if not (_broadcast(retry) if world > 1 else retry):
+                if not (broadcast_object(retry) if world > 1 else retry):
                     raise RolloutServerError(f"weight sync {version} failed: {failure}")
 
         def heldout_accuracy() -> float | None:
@@ -329,24 +328,26 @@ def run(cfg: Config, log=print) -> RunResult:
             sync(use_ema, f"step{trainer.step}")
         while step < cfg.train.steps:
             t0 = time.time()
-            payload = None
-            if is_rank0:
+
+            def roll_out():
+                """Rank 0: this step's rollouts, graded and selected; None after a relaunch (retry)."""
                 cursor = stream.state_dict()
                 prompts = stream.next_batch(cfg.data.prompts_per_step)
                 sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
                                           seed=sample_seed(cfg.train.seed, step))  # same rollouts after a resume
-                refilling = trainer.objective.refills
                 try:
                     completions = engine.generate([p.ids for p in prompts], sampling, n=cfg.rollout.group_size)
-                    payload = (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier, roll_more=(
-                        stream_rollouts(stream, engine, sampling, cfg.rollout.group_size) if refilling else None)),
-                        time.time() - t0, interrupt.requested)
+                    return (*_score_and_select(cfg, step, prompts, completions, tokenizer, verifier, roll_more=(
+                        stream_rollouts(stream, engine, sampling, cfg.rollout.group_size)
+                        if trainer.objective.refills else None)), time.time() - t0, interrupt.requested)
                 except RolloutServerError as exc:  # also from a refill round
                     stream.load_state_dict(cursor)  # the same prompts (and seeds) once a server is back
                     if not relaunch(f"rollout failed ({exc})"):
                         raise
-            payload = _broadcast(payload) if world > 1 else payload
+                    return None
+
+            payload = on_rank0(roll_out, rt.rank, world)  # a failure on rank 0 reaches every rank
             if payload is None:  # a relaunched server: give it this step's weights, then roll out again
                 sync(use_ema, f"step{step}")
                 continue
@@ -384,10 +385,11 @@ def run(cfg: Config, log=print) -> RunResult:
             bench_m = evaluate_benchmarks(f"step{step}", policy_synced=heldout_due) if any(
                 benchmark_eval_due(cfg.eval, k, cfg.train.steps) for k in range(prev + 1, step + 1)) else {}
             t_sync = time.time()
-            if is_rank0:
-                relaunch("before the weight sync")
+            on_rank0(lambda: relaunch("before the weight sync"), rt.rank, world)
             sync(use_ema, f"step{step}")
-            if is_rank0:
+
+            def log_step() -> None:
+                """Rank 0: the step's metrics (and the served EMA's held-out accuracy after an eval)."""
                 m = {**batch_m, **canonical_metrics(step_stats),
                      "sync_s": time.time() - t_sync, "server_restarts": float(restarts)}
                 if accuracy is not None:
@@ -397,6 +399,8 @@ def run(cfg: Config, log=print) -> RunResult:
                         m["heldout_accuracy_served"] = served
                 m.update(bench_m)
                 metrics.log(step, m, rollouts=int(batch_m.get("rollouts", 0)), tokens=int(step_stats.get("tokens_fed", 0)))
+
+            on_rank0(log_step, rt.rank, world)
             if cfg.train.save_interval and (_crossed(prev, step, cfg.train.save_interval) or step == cfg.train.steps):
                 checkpoint()
         if heldout:
