@@ -466,9 +466,14 @@ class RolloutServer:
 
     # ---- weights ----
     def load_named_tensors(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the model (names and shapes checked before any copy)."""
+        """Copy HF-named tensors into the model (names and shapes checked before any copy). Names are
+        checkpoint names: a Qwen3-MoE expert's tensor is a view into transformers' fused experts
+        (``served_names.checkpoint_tensors``), written in place."""
+        from popo_mega.model.served_names import checkpoint_tensors
+
         params = dict(self.model.named_parameters())
         params.update({k: v for k, v in self.model.named_buffers() if k not in params})
+        params = checkpoint_tensors(params)
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
         targets = []
         for name, tensor in named:
@@ -487,8 +492,11 @@ class RolloutServer:
     def model_tensor_set(self) -> tuple[dict[str, torch.Tensor], set[str]]:
         """The tensors a checkpoint of the served model holds: name -> served tensor (parameters and
         persistent buffers, as ``save_pretrained`` writes them), and the names that may be left out
-        (``lm_head.weight`` of a model with tied embeddings)."""
-        state = self.model.state_dict()
+        (``lm_head.weight`` of a model with tied embeddings). Under checkpoint names, as
+        ``load_named_tensors`` takes them."""
+        from popo_mega.model.served_names import checkpoint_tensors
+
+        state = checkpoint_tensors(self.model.state_dict())
         optional = set()
         if getattr(self.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
             optional.add("lm_head.weight")

@@ -5,9 +5,9 @@
 * weights: checkpoint / export names reach the served tensors. For Qwen3-MoE transformers 5 holds the
   experts fused, so popo_mega.model.served_names maps the per-expert names to views; writing a
   second checkpoint through them gives exactly the model transformers loads from it;
-* the server's own /update_weights_from_disk reader on Qwen3 (dense) and, as of this commit, its
-  refusal of Qwen3-MoE's per-expert names (marked xfail: popo_mega/rollout/server.py does not use
-  served_names yet).
+* the server's own /update_weights_from_disk reader on Qwen3 (dense), and on Qwen3-MoE, whose
+  per-expert checkpoint names the server maps onto the fused experts through served_names: after
+  loading a second checkpoint the served model's logits equal transformers' load of it.
 """
 
 import pytest
@@ -72,13 +72,20 @@ def test_checkpoint_names_reach_the_served_tensors(dirs, family):
         assert torch.equal(model(ids).logits, _hf(b)(ids).logits)
 
 
-def _server_reads_own_checkpoint(path):
+def _server_reads_own_checkpoint(path, other=None):
+    """Serve ``path``, load ``other`` (default: ``path``) through the server's disk reader; with
+    ``other``, the served model must then compute what transformers' load of ``other`` does."""
     from popo_mega.rollout.server import RolloutServer, parse_args
 
     server = RolloutServer(parse_args(["--model-path", path, "--device", "cpu"]))
     try:
-        named = server.read_disk_checkpoint(path)
+        named = server.read_disk_checkpoint(other or path)
         server.load_named_tensors(named)
+        if other is not None:
+            ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+            with torch.no_grad():
+                assert not torch.equal(_hf(path)(ids).logits, _hf(other)(ids).logits)  # the update changes them
+                assert torch.equal(server.model(ids).logits, _hf(other)(ids).logits)
         return len(named)
     finally:
         server.stopping.set()
@@ -88,7 +95,6 @@ def test_server_updates_qwen3_from_disk(dirs):
     assert _server_reads_own_checkpoint(dirs["qwen3"][0]) == len(load_file(f"{dirs['qwen3'][0]}/model.safetensors"))
 
 
-@pytest.mark.xfail(strict=True, reason="popo_mega/rollout/server.py matches names against transformers 5's fused "
-                   "Qwen3-MoE experts; it needs popo_mega.model.served_names.checkpoint_tensors")
 def test_server_updates_qwen3_moe_from_disk(dirs):
-    _server_reads_own_checkpoint(dirs["qwen3_moe"][0])
+    a, b = dirs["qwen3_moe"]
+    assert _server_reads_own_checkpoint(a, b) == len(load_file(f"{b}/model.safetensors"))
