@@ -5,15 +5,12 @@ compatibility layer patches torch process-wide and must not leak into the pytest
 The HF reference logits come from transformers in the test process itself.
 """
 
-import glob
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.convert_runs import convert_cli, load_safetensors_dir
 from tests.multiprocess import run_world
 from tests.tiny_models import hf_logits, llama3_config, qwen2_config, save_tiny
 
@@ -69,28 +66,16 @@ def test_megatron_logits_equal_hf(checkpoints, tp, pp):
         assert torch.equal(results[0]["qwen2"], results[1]["qwen2"])
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "popo_mega.model.convert_cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _load_dir(path):
-    tensors = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        tensors.update(load_file(f))
-    return tensors
-
-
 @pytest.mark.parametrize("name", ["qwen2", "llama3"])
 def test_round_trip_is_bit_identical_across_layouts(checkpoints, tmp_path, name):
     """HF -> Megatron (TP=2 dist checkpoint) -> HF (exported at PP=2) returns identical tensors."""
     src = checkpoints[name]
     mc, back = tmp_path / "mcore", tmp_path / "hf_back"
-    r = _cli("hf-to-mcore", src, str(mc), "--tp", "2", "--device", "cpu")
+    r = convert_cli("hf-to-mcore", src, str(mc), "--tp", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli("mcore-to-hf", str(mc), str(back), "--pp", "2", "--device", "cpu")
+    r = convert_cli("mcore-to-hf", str(mc), str(back), "--pp", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    orig, again = _load_dir(src), _load_dir(back)
+    orig, again = load_safetensors_dir(src), load_safetensors_dir(back)
     assert sorted(orig) == sorted(again)
     for key in orig:
         assert orig[key].dtype == again[key].dtype and torch.equal(orig[key], again[key]), key
@@ -102,11 +87,11 @@ def test_round_trip_is_bit_identical_across_layouts(checkpoints, tmp_path, name)
 def test_verify_cli_agrees_and_can_fail(checkpoints):
     # With a zero tolerance the exit code must follow the printed difference (TP=2 reduces in a
     # different order, so the difference is usually tiny but not zero).
-    r = _cli("verify", checkpoints["qwen2"], "--tp", "2", "--tol", "0", "--device", "cpu")
+    r = convert_cli("verify", checkpoints["qwen2"], "--tp", "2", "--tol", "0", "--device", "cpu")
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-3000:]
     assert last.startswith("max abs logits difference:"), last
     diff = float(last.split(":")[1])
     assert diff < TOL
     assert r.returncode == (0 if diff == 0.0 else 1)
-    r = _cli("verify", checkpoints["qwen2"], "--tp", "3", "--device", "cpu")
+    r = convert_cli("verify", checkpoints["qwen2"], "--tp", "3", "--device", "cpu")
     assert r.returncode != 0 and "--tp 3 does not divide" in r.stderr

@@ -7,15 +7,10 @@ over two ranks, tokens exchanged by all-to-all on gloo). The HF reference is com
 process; Megatron runs in spawned processes (tests.multiprocess.run_world).
 """
 
-import glob
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.convert_runs import convert_cli, load_safetensors_dir
 from tests.multiprocess import run_world
 from tests.tiny_models import hf_logits, qwen3_config, qwen3_moe_config, save_tiny
 
@@ -78,18 +73,6 @@ def test_megatron_logits_equal_hf(checkpoints, layout):
         assert torch.equal(results[0]["qwen3_moe"][0], results[1]["qwen3_moe"][0])
 
 
-def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "popo_mega.model.convert_cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _load_dir(path):
-    tensors = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        tensors.update(load_file(f))
-    return tensors
-
-
 @pytest.mark.parametrize("name,to_mcore,to_hf", [
     ("qwen3", ["--tp", "2"], ["--pp", "2"]),
     ("qwen3_moe", ["--ep", "2"], ["--tp", "2"]),
@@ -98,11 +81,11 @@ def test_round_trip_is_bit_identical(checkpoints, tmp_path, name, to_mcore, to_h
     """HF -> Megatron (dist checkpoint at one layout) -> HF (exported at another) returns identical tensors."""
     src = checkpoints[name]
     mc, back = tmp_path / "mcore", tmp_path / "hf_back"
-    r = _cli("hf-to-mcore", src, str(mc), *to_mcore, "--device", "cpu")
+    r = convert_cli("hf-to-mcore", src, str(mc), *to_mcore, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli("mcore-to-hf", str(mc), str(back), *to_hf, "--device", "cpu")
+    r = convert_cli("mcore-to-hf", str(mc), str(back), *to_hf, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    orig, again = _load_dir(src), _load_dir(back)
+    orig, again = load_safetensors_dir(src), load_safetensors_dir(back)
     assert sorted(orig) == sorted(again)
     for key in orig:
         assert orig[key].dtype == again[key].dtype and torch.equal(orig[key], again[key]), key
