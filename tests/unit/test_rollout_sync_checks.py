@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from popo_mega.rollout.weight_sync import WeightSyncError, _Calls, _ProbeKeeper, await_collective, trainer_address
+from popo_mega.rollout.server_calls import ServerCalls
+from popo_mega.rollout.weight_sync import WeightSyncError, _ProbeKeeper, await_collective, trainer_address
 
 
 class _CountHostCopies(TorchFunctionMode):
@@ -52,13 +53,13 @@ def test_probe_keeper_keeps_the_last_value_seen_not_a_later_overwrite():
 
 
 def _calls(answers):
-    """_Calls over fake servers: answers[url] = (delay_s, error or None)."""
+    """ServerCalls over fake servers: answers[url] = (delay_s, error or None)."""
     def call(url):
         delay, error = answers[url]
         time.sleep(delay)
         if error:
             raise WeightSyncError(error)
-    return _Calls(list(answers), call)
+    return ServerCalls(list(answers), call)
 
 
 def test_a_server_error_aborts_the_pending_broadcast_at_once():
