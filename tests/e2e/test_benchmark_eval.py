@@ -3,7 +3,11 @@ eval.interval=2 logs gsm8k (graded by math-verify) and the synthetic held-out sp
 interval) and step 3 (the end), not at step 1, and its report draws a panel per benchmark. CPU; one
 popo-train process of a few seconds of compute (the base is conftest.py's)."""
 
+import json
+import shutil
 import subprocess
+
+import pytest
 
 from tests.e2e.runs import REPO, read_metrics, train_args
 
@@ -11,9 +15,22 @@ EVAL = ["eval.benchmarks=[gsm8k, synthetic]", "eval.limit=2", "eval.n=2", "eval.
         "eval.temperature=1.0", "train.save_interval=0"]
 
 
-def test_benchmarks_are_logged_at_the_interval_and_the_end(base, tmp_path):
+@pytest.fixture
+def long_base(base, tmp_path):
+    """The base with a context long enough for GSM8K's prompts in its character tokenizer (up to
+    ~1,000 tokens): the embedded server refuses a prompt longer than the context, as SGLang does.
+    RoPE has no position weights, so only config.json changes."""
+    out = tmp_path / "long_base"
+    shutil.copytree(base, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["max_position_embeddings"] = 2048
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def test_benchmarks_are_logged_at_the_interval_and_the_end(long_base, tmp_path):
     run_dir = str(tmp_path / "run")
-    r = subprocess.run(train_args(base, run_dir, 3, EVAL), capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = subprocess.run(train_args(long_base, run_dir, 3, EVAL), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = read_metrics(run_dir)
     assert [row["step"] for row in rows] == [1, 2, 3]
