@@ -198,36 +198,46 @@ class PolicyTrainer:
                                impl=self.cfg.train.kernels)
 
     @torch.no_grad()
-    def _swapped_forward(self, weights, mbs: list[MicroBatch], key: str, features: bool = False) -> None:
-        """``weights`` (the EMA or the frozen reference) swapped into the policy, forward only: on the
-        last stage each micro-batch gets ``extras[key]`` [T] fp32, those weights' log-probs of the
-        labels (0 off the mask), and with ``features`` ``extras["target_features"]`` [B, H] fp32 (Eq.
-        P3's pooled final-norm state). Collective over the pipeline."""
+    def target_pass(self, mbs: list[MicroBatch]) -> None:
+        """EMA weights swapped into the policy, forward only: on the last stage each micro-batch gets
+        ``extras["target_features"]`` [B, H] fp32 (masked mean of the final-norm hidden state over
+        the response tokens, Eq. P3) and ``extras["target_logp"]`` [T] fp32 (EMA log-probs of the
+        labels, 0 off the mask). Collective over the pipeline."""
         from popo_mega.model.forward import forward_only
+
+        if self.ema is None:
+            raise RuntimeError("target_pass: only POPO keeps an EMA target")
+
+        def collect(output, batch):
+            mb = batch["mb"]
+            T = mb.num_tokens
+            logp, _ = self._logp_entropy(output[0, :T], mb.labels)
+            mb.extras["target_logp"] = logp * mb.mask
+            mb.extras["target_features"] = self._pooled_features(mb)
+            return None
+
+        with self.ema.swapped_into(self.model):
+            forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
+
+    @torch.no_grad()
+    def reference_pass(self, mbs: list[MicroBatch]) -> None:
+        """The frozen reference (the initial policy) swapped into the policy, forward only: on the
+        last stage each micro-batch gets ``extras["ref_logp"]`` [T] fp32, the reference log-probs of
+        the labels (0 off the mask), for GRPO's k3 KL term. Collective over the pipeline."""
+        from popo_mega.model.forward import forward_only
+
+        if self.reference is None:
+            raise RuntimeError("reference_pass: a reference is kept only with algorithm.grpo.beta_kl != 0")
 
         def collect(output, batch):
             mb = batch["mb"]
             logp, _ = self._logp_entropy(output[0, :mb.num_tokens], mb.labels)
-            mb.extras[key] = logp * mb.mask
-            if features:
-                mb.extras["target_features"] = self._pooled_features(mb)
+            mb.extras["ref_logp"] = logp * mb.mask
             return None
 
-        with weights.swapped_into(self.model):
+        with self.reference.swapped_into(self.model):
             forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
         self._hidden = None
-
-    def target_pass(self, mbs: list[MicroBatch]) -> None:
-        """POPO's EMA target: ``extras["target_logp"]`` and ``extras["target_features"]`` per micro-batch."""
-        if self.ema is None:
-            raise RuntimeError("target_pass: only POPO keeps an EMA target")
-        self._swapped_forward(self.ema, mbs, "target_logp", features=True)
-
-    def reference_pass(self, mbs: list[MicroBatch]) -> None:
-        """GRPO's k3 KL term: ``extras["ref_logp"]``, the frozen initial policy's log-probs, per micro-batch."""
-        if self.reference is None:
-            raise RuntimeError("reference_pass: a reference is kept only with algorithm.grpo.beta_kl != 0")
-        self._swapped_forward(self.reference, mbs, "ref_logp")
 
     def _target_noise(self, uids: Tensor, width: int) -> Tensor:
         """eps ~ N(0, sigma^2) of Eq. P3, [B, width], a function of (seed, step, rollout uid) only."""
