@@ -92,6 +92,7 @@ def _ep1_then_tp2_sp(rank, world_size, path):
     return out
 
 
+@pytest.mark.extended   # ~30 s on 2 cores; CI keeps the EP=2 vs EP=1 step
 def test_policy_step_at_tp2_sp_equals_tp1_dp2_without_aux_loss(tmp_path):
     """MoE with TP=2 + sequence parallelism (experts split over TP, router and q/k norms summed over TP)
     equals TP=1 x DP=2. Without the load-balancing loss: megatron's aux loss is computed per micro-batch

@@ -73,6 +73,7 @@ def test_megatron_logits_equal_hf(checkpoints, layout):
         assert torch.equal(results[0]["qwen3_moe"][0], results[1]["qwen3_moe"][0])
 
 
+@pytest.mark.extended   # ~65 s each on 2 cores; CI runs the Qwen2/Llama round trips (same weight-table code)
 @pytest.mark.parametrize("name,to_mcore,to_hf", [
     ("qwen3", ["--tp", "2"], ["--pp", "2"]),
     ("qwen3_moe", ["--ep", "2"], ["--tp", "2"]),
