@@ -296,8 +296,7 @@ def run(cfg: Config, log=print) -> RunResult:
                 failure = broadcast_object(failure) if world > 1 else failure
                 if failure is None:
                     return
-                retry = relaunch(f"weight sync failed ({failure})") if is_rank0 else None
-                if not (broadcast_object(retry) if world > 1 else retry):
+                if not on_rank0(lambda: relaunch(f"weight sync failed ({failure})"), rt.rank, world):
                     raise RolloutServerError(f"weight sync {version} failed: {failure}")
 
         def heldout_accuracy() -> float | None:
