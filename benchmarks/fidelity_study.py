@@ -258,6 +258,7 @@ def run_one(stage: str, variant: str, seed: int, lr: float, *, base: str, code: 
 def summarise(stage: str, variant: str, seed: int, lr: float, records: list[dict], initial: float | None,
               wall_s: float, cpu_s: float, commit: str) -> dict:
     curve = [[r["step"], r["heldout_accuracy"]] for r in records if "heldout_accuracy" in r]
+    served = [[r["step"], r["heldout_accuracy_served"]] for r in records if "heldout_accuracy_served" in r]
     trained = [r.get("tokens_fed", 0.0) for r in records]
     return {
         "variant": variant, "seed": seed, "lr": lr, "stage": stage, "overrides": overrides(variant),
@@ -269,10 +270,24 @@ def summarise(stage: str, variant: str, seed: int, lr: float, records: list[dict
         "rollouts_per_step": records[0]["rollouts"],
         "wall_s": round(wall_s, 1), "train_s": round(records[-1]["elapsed_s"], 1), "cpu_s": round(cpu_s, 1),
         "curve": curve,
+        "curve_served": served,  # the served EMA's held-out accuracy (variants that serve the EMA; else [])
         "device": f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, shared with other sessions",
         "dtype": "float32", "threads": THREADS, "commit": commit,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def fill_served_curves(rows: list[dict], out: str) -> bool:
+    """Rows written before ``curve_served`` existed get it from their run directory's metrics.jsonl
+    (when it is still there); True if any row changed."""
+    changed = False
+    for row in rows:
+        run_dir = os.path.join(out, run_name(row["variant"], row["seed"], row["lr"]))
+        if "curve_served" not in row and len(records := _metrics(run_dir)) == row["steps"]:
+            row["curve_served"] = [[r["step"], r["heldout_accuracy_served"]] for r in records
+                                   if "heldout_accuracy_served" in r]
+            changed = True
+    return changed
 
 
 def ensure_base(base: str) -> None:
@@ -323,6 +338,8 @@ def main(argv=None) -> int:
         commit = _git("rev-parse", "HEAD")
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
+    if fill_served_curves(rows, args.out):
+        write_rows(args.results, rows)
     code = code_snapshot(commit, args.out)
     ensure_base(args.base)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,8 @@ Bootstrap intervals are checked against cases derived by hand: the resampled mea
 
 import pytest
 
-from benchmarks.fidelity_report import bootstrap_mean_ci, comparisons, intervals_overlap, markdown, study_groups
+from benchmarks.fidelity_report import (bootstrap_mean_ci, comparisons, first_step, intervals_overlap, markdown,
+                                       study_groups)
 from benchmarks.fidelity_study import ABLATIONS, SWEEP_LRS, VARIANTS, best_lr, plan
 
 
@@ -43,6 +44,12 @@ def test_bootstrap_is_seeded_and_refuses_bad_input():
             bootstrap_mean_ci(bad)
     with pytest.raises(ValueError, match="level"):
         bootstrap_mean_ci(x, level=95)
+
+
+def test_first_step_reaching_a_threshold():
+    curve = [[25, 0.4], [50, 0.6], [75, 0.55], [100, 0.7]]
+    assert (first_step(curve, 0.5), first_step(curve, 0.6), first_step(curve, 0.65), first_step(curve, 0.71)) == \
+        (50, 50, 100, None)
 
 
 def test_intervals_overlap():
