@@ -23,13 +23,16 @@ The matrix, in the order it runs (so that a partial study is already useful):
   (c) the six ablations at POPO's best lr, seeds 1-5, seed by seed.
   12 + 16 + 30 = 58 runs.
 
-Steps: ``STEPS = 200``. Measured first (probe, 2026-11-28, one thread, machine shared with other
-sessions): ~1.1 s per POPO step plus ~10 s per evaluation (policy and served EMA), ~320 s for a
-200-step POPO run, GRPO/A3PO ~1.4x (they train on every token). 58 runs at 200 steps are ~5.5 h, the
-~5 hours of background time two sessions give; 300 steps (where 1 of 3 POPO seeds reached 80 % in
-the 3-seed comparison) would be ~8 h. The cost: at 200 steps few runs reach 80 % (POPO's 3 seeds
-were at 67-71 % at step 200 in that comparison), so "steps to 80 % / 90 %" is mostly "not reached"
-and the final accuracy carries the comparison.
+Steps: ``STEPS = 200``. Measured first (2026-11-28): a 400-step POPO probe on one thread ran at
+~2 s per step while other sessions loaded the machine (load average 6 on 2 cores), and the study's
+first run (POPO, 200 steps) took 527 s wall at 0.57 cores on average (CPU s / wall s), ~65 s of it
+start-up and the initial evaluation; each of the 8 evaluations (policy and served EMA, 500 problems
+each) costs ~10 s. On an otherwise idle machine a 300-step run took 160-250 s with two threads,
+so ~4 minutes for 200 steps on one. 58 runs at 200 steps: ~4 hours idle, ~8.5 hours loaded; at
+300 steps ~6 and ~12.5. 200 is the most that fits about two sessions of background time (~5 h)
+unless the machine is loaded throughout. The cost: from this 40 % base the policy is near 50 % at
+step 200 (70 % at step 700 in the quickstart), so "steps to 80 % / 90 %" are "not reached"; the
+report adds steps to 50 % / 60 %, and every row keeps its whole curve (and the served EMA's).
 
 ``popo-paper`` = the quickstart config with the recipe's algorithmic choices of
 configs/qwen2.5-math-1.5b-popo-paper.yaml (docs/algorithms.md, "The authors' recipe"):
@@ -38,7 +41,7 @@ configs/qwen2.5-math-1.5b-popo-paper.yaml (docs/algorithms.md, "The authors' rec
     noise_std 0.01; reward_threshold 0 and length_normalize false (our defaults too); cosine lr
     schedule with warmup_fraction 0.1 and min_lr 0; weight_decay 0.01; Adam betas 0.9/0.999 and
     grad_clip 1.0 (the quickstart's too).
-  not carried over, and why: the model, G, prompts per step (8 vs our 32), response length, steps,
+  not carried over, and why: the model, prompts per step (8 vs our 32; G is 8 in both), response length, steps,
     prompt length and lr 1e-7 are the scale of a 1.5B model on DeepScaleR, not algorithmic choices
     (the study's rollout budget is the quickstart's, and popo-paper gets its own best lr from the
     sweep); predictor_hidden 4096 (1,536-wide model) stays the quickstart's 256 (128-wide model:
