@@ -10,9 +10,11 @@ many seeds each variant has so far.
 Statistics. The 95 % interval of a variant's final accuracy is a percentile bootstrap of the mean over
 its seeds (:func:`bootstrap_mean_ci`: 10,000 resamples of the seeds with replacement, numpy, seeded).
 Two variants' difference is called larger than the seed noise when their intervals do not overlap,
-and not distinguishable when they do; a variant with one seed has no interval and is not compared.
-With 5 seeds the bootstrap interval is narrow-biased (it is the spread of resampled means of 5
-numbers), so "do not overlap" is a screening rule, not a test at 5 %.
+and not distinguishable when they do. Below ``MIN_SEEDS`` = 3 seeds a variant is not compared: with
+n = 2 the interval is exactly the two seeds' range (each of the resamples "both the same seed" has
+probability 1/4 > 2.5 %), so two close seeds would give a narrow interval by luck; at n = 3 it is
+still the range (1/27 > 2.5 %), at n = 5 it is narrower. The percentile bootstrap of a mean of 3-5
+numbers is narrow-biased, so "do not overlap" is a screening rule, not a test at 5 %.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def bootstrap_mean_ci(values: Sequence[float], *, level: float = 0.95, n_resampl
     means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
     lo, hi = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return float(x.mean()), float(lo), float(hi)
+
+
+MIN_SEEDS = 3
 
 
 def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -133,8 +138,8 @@ def comparisons(groups) -> list[str]:
     for a, b in pairs:
         sa, sb = by[a][1], by[b][1]
         head = f"{a} ({_pct(sa['mean'])}, {sa['n']} seeds) vs {b} ({_pct(sb['mean'])}, {sb['n']} seeds): "
-        if sa["n"] < 2 or sb["n"] < 2:
-            lines.append(head + "not compared (a variant has one seed).")
+        if sa["n"] < MIN_SEEDS or sb["n"] < MIN_SEEDS:
+            lines.append(head + f"not compared yet (fewer than {MIN_SEEDS} seeds).")
         elif intervals_overlap((sa["lo"], sa["hi"]), (sb["lo"], sb["hi"])):
             lines.append(head + f"intervals {_interval(sa)} and {_interval(sb)} overlap: **within the seed noise**.")
         else:
@@ -161,8 +166,8 @@ def components_note(groups) -> list[str]:
             out.append(f"- {text}: not run yet.")
             continue
         s = by[v]
-        if s["n"] < 2 or base["n"] < 2:
-            verdict = "one seed only, not judged"
+        if s["n"] < MIN_SEEDS or base["n"] < MIN_SEEDS:
+            verdict = f"not judged yet (fewer than {MIN_SEEDS} seeds)"
         elif intervals_overlap((base["lo"], base["hi"]), (s["lo"], s["hi"])):
             verdict = "no measurable effect on this task (intervals overlap)"
         elif base["mean"] > s["mean"]:
@@ -215,7 +220,7 @@ def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
             "**Which differences are larger than the seed noise** (generated from the rows above):", ""]
     out += [f"- {line}" for line in comparisons(groups)] or ["- nothing to compare yet."]
     out += ["", "**Which POPO components earned their place on this task** (generated; a verdict needs at least "
-            "two seeds on both sides):", ""]
+            f"{MIN_SEEDS} seeds on both sides):", ""]
     out += components_note(groups)
     return "\n".join(out) + "\n"
 
@@ -232,8 +237,10 @@ def _plot(series: list[tuple[str, list[dict]]], title: str, path: str) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for label, g in series:
-        steps = sorted(set.intersection(*[{s for s, _ in r["curve"]} for r in g]))
-        acc = np.array([[dict((s, a) for s, a in r["curve"])[s] for s in steps] for r in g])
+        curves = [dict(([(0, r["initial_accuracy"])] if r.get("initial_accuracy") is not None else []) +
+                       [(s, a) for s, a in r["curve"]]) for r in g]   # step 0: the base's accuracy
+        steps = sorted(set.intersection(*[set(c) for c in curves]))
+        acc = np.array([[c[s] for s in steps] for c in curves])
         line, = ax.plot(steps, acc.mean(0), label=f"{label} (n={len(g)})")
         if len(g) > 1:
             ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)

@@ -92,15 +92,19 @@ def test_report_says_how_many_seeds_and_which_differences_exceed_the_noise():
     rows = [r for r in rows if not (r["variant"] in ("popo", "grpo") and r["lr"] == lr[r["variant"]])]
     rows += [_row("popo", s, lr["popo"], f) for s, f in zip((1, 2, 3), (0.80, 0.82, 0.84))]
     rows += [_row("grpo", s, lr["grpo"], f) for s, f in zip((1, 2, 3), (0.60, 0.62, 0.64))]
-    rows += [_row("popo-no-is", s, lr["popo"], f) for s, f in zip((1, 2), (0.79, 0.85))]
+    rows += [_row("popo-no-is", s, lr["popo"], f) for s, f in zip((1, 2, 3), (0.79, 0.85, 0.80))]
+    rows += [_row("popo-no-similarity", s, lr["popo"], f) for s, f in zip((1, 2), (0.50, 0.51))]  # 2 seeds: not judged
     groups = study_groups(rows)
     lines = comparisons(groups)
     popo_grpo = next(x for x in lines if x.startswith("popo (") and " vs grpo " in x)
     assert "popo is better, beyond the seed noise" in popo_grpo and "3 seeds" in popo_grpo
     assert "within the seed noise" in next(x for x in lines if "vs popo-no-is" in x)
     assert "not compared" in next(x for x in lines if x.startswith("popo (") and " vs a3po " in x)  # a3po: 1 seed
+    # two seeds give the interval [0.50, 0.51], far from POPO's, but two seeds are not enough to judge
+    assert "not compared" in next(x for x in lines if "vs popo-no-similarity" in x)
     md = markdown(rows, {"sweep": "s.png", "main": "m.png", "ablations": "a.png"})
     assert "| popo | " in md and "| 3 (1, 2, 3) |" in md and "| 2 (1, 2) |" in md
+    assert "the similarity term (alpha 0.1): not judged yet" in md
 
 
 def test_write_study_report_replaces_only_its_section(tmp_path):
