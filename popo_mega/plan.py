@@ -67,6 +67,18 @@ KNOWN_MODELS: dict[str, dict] = {
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
                      tie_word_embeddings=False, max_position_embeddings=40960, rope_theta=1000000.0),
+    # Qwen3-MoE (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B config.json; their megatron arguments in slime's
+    # scripts/models/qwen3-30B-A3B.sh and qwen3-235B-A22B.sh agree): every layer routed, no shared expert.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                          vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=40960,
+                          rope_theta=1000000.0),
+    "qwen3-235b-a22b": dict(model_type="qwen3_moe", hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, intermediate_size=12288, moe_intermediate_size=1536,
+                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                            vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=40960,
+                            rope_theta=1000000.0),
     "llama3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
                        tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500000.0,
@@ -76,6 +88,8 @@ KNOWN_MODELS: dict[str, dict] = {
 _ALIASES = {"qwen2.5-math-1.5b": "qwen2.5-math-1.5b", "qwen2.5-math-7b": "qwen2.5-math-7b",
             "qwen2.5-7b": "qwen2.5-7b", "qwen2.5-32b": "qwen2.5-32b", "qwen2.5-72b": "qwen2.5-72b",
             "qwen3-8b": "qwen3-8b", "qwen3-8b-base": "qwen3-8b",
+            "qwen3-30b-a3b": "qwen3-30b-a3b", "qwen3-30b-a3b-base": "qwen3-30b-a3b",
+            "qwen3-235b-a22b": "qwen3-235b-a22b",
             "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b", "llama3-70b": "llama3-70b"}
 
 
@@ -86,6 +100,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1                              # expert parallelism (MoE): experts split over EP ranks of the DP group
     distributed_optimizer: bool = True
     sequence_parallel: bool = True
     fp8: bool = False
@@ -103,14 +118,27 @@ class Layout:
     param_bytes: int = 2                     # bf16 (4 for an fp32 model)
     gpu_mem_gib: float = 80.0
     margin_gib: float = 6.0
+    expert_load: float = 1.0                 # MoE: routed token copies on the busiest rank / the balanced T*k
 
     def check(self, arch) -> None:
-        if arch.is_moe:   # every term below is a dense layer's; counting experts as one MLP would be wrong
-            raise ConfigError(f"popo-plan: {arch.model_type} is a mixture-of-experts model; popo-plan has no MoE "
-                              "terms yet (expert weights, EP sharding, routed activations, all-to-all buffers)")
-        for name in ("tp", "pp", "dp", "micro_batch_tokens", "seq_len", "predictor_hidden", "predictor_layers"):
+        for name in ("tp", "pp", "dp", "ep", "micro_batch_tokens", "seq_len", "predictor_hidden", "predictor_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"popo-plan: {name} must be >= 1, got {getattr(self, name)}")
+        if self.ep > 1 and not arch.is_moe:
+            raise ConfigError(f"popo-plan: --ep {self.ep} needs a mixture-of-experts model ({arch.model_type} is dense)")
+        if arch.is_moe:
+            # megatron-core 0.16.1 (parallel_state.initialize_model_parallel): expert TP = TP, and the
+            # expert-data-parallel size world / (TP x EP x PP) = DP / EP must be whole.
+            if arch.num_experts % self.ep:
+                raise ConfigError(f"popo-plan: --ep {self.ep} does not divide the model's {arch.num_experts} experts")
+            if self.dp % self.ep:
+                raise ConfigError(f"popo-plan: --ep {self.ep} does not divide --dp {self.dp} (expert-parallel ranks "
+                                  "are data-parallel ranks)")
+            if self.tp > 1 and not self.sequence_parallel:
+                raise ConfigError("popo-plan: a mixture-of-experts model at --tp > 1 needs sequence parallelism "
+                                  "(megatron-core's MoE layer refuses to train without it)")
+            if self.expert_load < 1:
+                raise ConfigError(f"popo-plan: expert_load must be >= 1 (1 = balanced routing), got {self.expert_load}")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"popo-plan: recompute must be none, selective or full, got {self.recompute!r}")
         if self.impl not in ("te", "local"):
@@ -124,30 +152,45 @@ class Layout:
 
 # ------------------------------------------------------------------------------------------ parameters
 
-def layer_params(arch, tp: int) -> dict[str, int]:
+def layer_params(arch, tp: int, ep: int = 1) -> dict[str, int]:
     """Elements of one transformer layer on one TP rank (megatron's local/TE GPT layer, SwiGLU, GQA).
 
     qkv [(a + 2g) d / tp, h] (+ bias when Qwen2), proj [h, a d / tp], fc1 [2F / tp, h],
-    fc2 [h, F / tp], two RMSNorm weights [h] (replicated over TP), and Qwen3's q/k norms [d] when present."""
+    fc2 [h, F / tp], two RMSNorm weights [h] (replicated over TP), and Qwen3's q/k norms [d] when present.
+
+    A mixture-of-experts layer (megatron-core 0.16.1 ``MoELayer``) has, instead of fc1/fc2: the router
+    ``TopKRouter.weight`` [E, h] (replicated over TP and EP; no bias: add_bias_linear is off) and
+    E / ep local experts (``SequentialMLP``), each an MLP sharded over the expert-TP group, which is
+    the TP group (``expert_tensor_parallel_size`` unset): fc1 [2F_e / tp, h], fc2 [h, F_e / tp]."""
     h, d, a, g, f = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.ffn_hidden_size
     qkv_out = (a + 2 * g) * d // tp
-    linear = qkv_out * h + h * (a * d // tp) + (2 * f // tp) * h + h * (f // tp)
-    return {"linear": linear, "bias": qkv_out if arch.qkv_bias else 0, "norm": 2 * h + (2 * d if arch.qk_norm else 0)}
+    attention = qkv_out * h + h * (a * d // tp)
+    out = {"linear": attention + (2 * f // tp) * h + h * (f // tp), "bias": qkv_out if arch.qkv_bias else 0,
+           "norm": 2 * h + (2 * d if arch.qk_norm else 0)}
+    if arch.is_moe:
+        fe = arch.moe_ffn_hidden_size
+        out.update(linear=attention, router=arch.num_experts * h,
+                   experts=arch.num_experts // ep * ((2 * fe // tp) * h + h * (fe // tp)))
+    return out
 
 
-def stage_params(arch, tp: int, pp: int, pp_rank: int, divisible_by: int = 128) -> dict[str, int]:
-    """Parameter elements held by one (tp_rank, pp_rank): layers, embedding, final norm, output layer.
+def stage_params(arch, tp: int, pp: int, pp_rank: int, divisible_by: int = 128, ep: int = 1) -> dict[str, int]:
+    """Parameter elements held by one (tp_rank, pp_rank[, ep_rank]): layers, embedding, final norm, output layer.
 
     Embedding [V_pad / tp, h] on the first stage; final norm [h] and output layer [V_pad / tp, h] on
     the last; a tied embedding is one tensor at PP=1 and a second copy on the last stage at PP > 1
-    (megatron keeps both in sync by all-reducing their gradients)."""
+    (megatron keeps both in sync by all-reducing their gradients). ``experts``: the part of ``layers``
+    (and of ``total``) that is this rank's experts, which the distributed optimizer shards over the
+    expert-data-parallel group instead of the data-parallel group (0 for a dense model)."""
     from popo_mega.model.builder import padded_vocab_size
 
     vp = padded_vocab_size(arch.vocab_size, divisible_by, tp)
-    per = layer_params(arch, tp)
+    per = layer_params(arch, tp, ep)
     n_layers = arch.num_layers // pp
     first, last = pp_rank == 0, pp_rank == pp - 1
-    out = {"layers": n_layers * sum(per.values()), "layers_linear": n_layers * per["linear"],
+    experts = n_layers * per.get("experts", 0)
+    out = {"layers": n_layers * sum(per.values()), "layers_linear": n_layers * per["linear"] + experts,
+           "experts": experts,
            "embedding": vp // tp * arch.hidden_size if first else 0,
            "final_norm": arch.hidden_size if last else 0,
            "output_layer": vp // tp * arch.hidden_size if last and not (arch.tie_embeddings and first) else 0}
@@ -183,6 +226,9 @@ def layer_activation_bytes_per_token(arch, layout: Layout, mode: str | None = No
                                                       also the output projection's input; with FP8 a
                                                       1-byte copy of it is added) and fp32 log-sum-exp
           SwiGLU     s (2 F + F) / t                   FC1 output [gate, up] and silu(gate)
+          QK-norm    (s d + 4) (a + g) / t             Qwen3's per-head q/k RMSNorm: input + fp32 rstd
+                                                      (local: fp32 input and output, 2 x 4 d)
+          MoE        instead of FC2's input and SwiGLU: :func:`moe_activation_bytes_per_token`
       none (impl "local": megatron's local spec + popo_mega's SDPAttention, the CPU path), instead:
           norms      2 x 2 x 4 h / t_sp (+ rstd)      fp32 norm weights promote: the fp32 input and
                                                       normalised output of each norm are kept
@@ -209,11 +255,19 @@ def layer_activation_bytes_per_token(arch, layout: Layout, mode: str | None = No
     local = layout.impl == "local"
     e = 1 if layout.fp8 else s
     b = (2 * 2 * 4 * h if local else 2 * s * h) / t_sp + 2 * 4 / t_sp          # norms + rstd
-    b += e * (2 * h / t_sp + f / t)                                            # QKV, FC1, FC2 inputs
+    if arch.is_moe:
+        b += e * 2 * h / t_sp                                                  # QKV and router/permute inputs
+    else:
+        b += e * (2 * h / t_sp + f / t)                                        # QKV, FC1, FC2 inputs
     b += (e * a * d / t) if layout.fp8 else 0                                  # fp8 copy of the proj input
     kv = a if local else g
     b += s * (2 * a * d + 2 * kv * d) / t                                      # q, k, v, output
-    b += s * (2 * f + f) / t + (s * f / t if local else 0)                     # SwiGLU
+    if arch.is_moe:
+        b += sum(moe_activation_bytes_per_token(arch, layout).values())        # router + routed experts
+    else:
+        b += s * (2 * f + f) / t + (s * f / t if local else 0)                 # SwiGLU
+    if arch.qk_norm:   # Qwen3's per-head q/k RMSNorm: its input (fp32 input and output on the local path) + rstd
+        b += ((2 * 4 * d if local else s * d) + 4) * (a + g) / t
     if local:
         b += 4 * s * d                                                         # rope cos / sin
     if mode == "none":
@@ -221,6 +275,57 @@ def layer_activation_bytes_per_token(arch, layout: Layout, mode: str | None = No
         if local:
             b += s * (span if span is not None else layout.micro_batch_tokens)  # [T, T] mask
     return b
+
+
+def moe_activation_bytes_per_token(arch, layout: Layout) -> dict[str, float]:
+    """What one mixture-of-experts layer (megatron-core 0.16.1 ``MoELayer``: ``TopKRouter``, the
+    all-to-all token dispatcher, ``SequentialMLP`` experts) keeps for backward beyond the attention
+    block, in bytes per token of the micro-batch on one rank (read from megatron's code and
+    measured by benchmarks/plan_check.py: docs/plan.md).
+
+    T tokens per micro-batch, T / t_sp of them on this rank; E experts, top-k; F_e one expert's
+    width; L = ``layout.expert_load``. Dropless routing sends k copies of each token to experts:
+    with the experts' TP group equal to the TP group, a rank's E / ep experts receive, from the
+    ep ranks of its EP group, the copies routed to them and all-gather them over TP, so each rank
+    runs its expert shards [2F_e / t, h] and [h, F_e / t] on T k copies when routing is balanced
+    (T k L on the busiest rank) -- whatever ep is.
+
+      router  ((4 + s + 1) E + 20 k) / t_sp   fp32 routing scores and the model-dtype logits [T, E],
+                                              the bool routing map, int64 top-k indices and fp32
+                                              top-k probabilities [T, k], and the int64 permutation
+                                              index [T k] (the permuted copies themselves are not kept)
+      routed  L k (e h + s 4 F_e / t + e F_e / t + s (+ s F_e / t local))
+                                              per copy: the experts' fc1 input (the dispatched
+                                              hidden state), fc1's output [gate, up] and silu(gate),
+                                              the gated product (kept by the probability scaling),
+                                              fc2's input (the scaled product in the model dtype)
+                                              and the copy's probability; the local spec keeps one
+                                              more [F_e / t] copy, as its dense SwiGLU does.
+    """
+    s, t = layout.param_bytes, layout.tp
+    t_sp = t if layout.sequence_parallel and t > 1 else 1
+    e = 1 if layout.fp8 else s
+    h, E, k, fe = arch.hidden_size, arch.num_experts, arch.moe_top_k, arch.moe_ffn_hidden_size
+    per_copy = e * h + s * 4 * fe / t + e * fe / t + s + (s * fe / t if layout.impl == "local" else 0)
+    return {"router": ((4 + s + 1) * E + 20 * k) / t_sp, "routed": layout.expert_load * k * per_copy}
+
+
+def moe_dispatch_bytes(arch, layout: Layout) -> float:
+    """Transient all-to-all buffers of one MoE layer (one layer at a time; not kept for backward).
+
+    The permuted copies [T k / t_sp, h] that the dispatch sends and that the combine returns, and the
+    experts' concatenated output [T k L, h] (the dispatched input they read is counted as saved);
+    with ep > 1 the all-to-all also receives a copy of each ([T k L / t, h] and [T k / t_sp, h]).
+    Backward moves gradients of the same shapes the other way. An estimate: transients are not
+    measured on CPU (docs/plan.md)."""
+    if not arch.is_moe:
+        return 0.0
+    s, t, T = layout.param_bytes, layout.tp, layout.micro_batch_tokens
+    t_sp = t if layout.sequence_parallel and t > 1 else 1
+    sent = T * arch.moe_top_k / t_sp
+    routed = T * arch.moe_top_k * layout.expert_load
+    rows = 2 * sent + routed + ((routed / t + sent) if layout.ep > 1 else 0)
+    return s * arch.hidden_size * rows
 
 
 def activation_bytes(arch, layout: Layout, pp_rank: int) -> dict[str, float]:
@@ -258,9 +363,13 @@ def logits_bytes(arch, layout: Layout, vocab_padded: int) -> float:
 
 def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     """All terms (bytes) for one pipeline stage; see the module docstring for the formulas."""
-    p = stage_params(arch, layout.tp, layout.pp, pp_rank, layout.make_vocab_size_divisible_by)
+    p = stage_params(arch, layout.tp, layout.pp, pp_rank, layout.make_vocab_size_divisible_by, layout.ep)
     n = p["total"]
     shard = layout.dp if layout.distributed_optimizer else 1
+    # megatron's distributed optimizer shards expert parameters over the expert-data-parallel group
+    # (DP / EP ranks hold copies of the same experts), the others over the data-parallel group.
+    n_exp = p["experts"]
+    shard_exp = layout.dp // layout.ep if layout.distributed_optimizer else 1
     last = pp_rank == layout.pp - 1
     pb = layout.param_bytes
     # megatron 0.16.1's local spec creates torch RMSNorm weights in fp32, but PolicyTrainer casts them
@@ -268,11 +377,12 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     nb = pb
     norms = p["norms"]
     # fp32 main copies exist only for the parameters that are not fp32 already
-    main = (4 * (n - norms) if pb != 4 else 0) + (4 * norms if nb != 4 else 0)
+    main = (4 * (n - n_exp - norms) if pb != 4 else 0) + (4 * norms if nb != 4 else 0)
+    main_exp = 4 * n_exp if pb != 4 else 0
     terms = {
         "weights": pb * (n - norms) + nb * norms,
         "grads": 4 * n,
-        "optimizer": (main + 8 * n) / shard,
+        "optimizer": (main + 8 * (n - n_exp)) / shard + (main_exp + 8 * n_exp) / shard_exp,
         "ema": 4 * n if layout.popo else 0,
         "predictor": 0,
         "fp8_cache": 2 * p["layers_linear"] if layout.fp8 else 0,
@@ -288,15 +398,18 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
             terms["optimizer"] += 12 * q / shard
     act = activation_bytes(arch, layout, pp_rank)
     logits = logits_bytes(arch, layout, p["vocab_padded"]) if last else 0
+    dispatch = moe_dispatch_bytes(arch, layout)
     terms["activations"] = act["total"]
     terms["logits"] = logits
     ema_swap = terms["weights"] if layout.popo else 0
     fwd_only = layout.micro_batch_tokens * layer_activation_bytes_per_token(arch, layout, "none") \
         + (logits / 2 if last else 0)
     terms["ema_swap"] = ema_swap
+    if arch.is_moe:
+        terms["moe_dispatch"] = dispatch
     static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache"))
-    train = act["total"] + logits
-    target = ema_swap + fwd_only if layout.popo else 0
+    train = act["total"] + logits + dispatch
+    target = ema_swap + fwd_only + dispatch if layout.popo else 0
     total = static + max(train, target)
     return {"pp_rank": pp_rank, "params": n, "params_detail": p, "terms": terms, "activation_detail": act,
             "static": static, "train_transient": train, "target_transient": target, "total": total}
@@ -339,14 +452,19 @@ _ROWS = ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache", "acti
 
 def format_table(result: dict, name: str = "") -> str:
     lay = result["layout"]
-    head = (f"{name} TP={lay['tp']} PP={lay['pp']} DP={lay['dp']} "
+    moe = "moe_dispatch" in result["stages"][0]["terms"]
+    ep = f" EP={lay['ep']}" if moe else ""
+    head = (f"{name} TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}{ep} "
             f"dist-opt={'on' if lay['distributed_optimizer'] else 'off'} SP={'on' if lay['sequence_parallel'] else 'off'} "
             f"fp8={'on' if lay['fp8'] else 'off'} recompute={lay['recompute']} T={lay['micro_batch_tokens']}").strip()
     cols = [f"stage {s['pp_rank']}" for s in result["stages"]]
     lines = [head, f"{'GiB per GPU':<22}" + "".join(f"{c:>10}" for c in cols)]
-    for row in _ROWS:
+    for row in _ROWS + (("moe_dispatch",) if moe else ()):
         lines.append(f"{row:<22}" + "".join(f"{s['terms'][row] / GIB:>10.2f}" for s in result["stages"]))
     lines.append(f"{'params (M)':<22}" + "".join(f"{s['params'] / 1e6:>10.1f}" for s in result["stages"]))
+    if moe:
+        lines.append(f"{'  of which experts (M)':<22}"
+                     + "".join(f"{s['params_detail']['experts'] / 1e6:>10.1f}" for s in result["stages"]))
     lines.append(f"{'peak':<22}" + "".join(f"{s['total'] / GIB:>10.2f}" for s in result["stages"]))
     verdict = "fits" if result["fits"] else "DOES NOT FIT"
     lines.append(f"worst stage {result['worst_stage']}: {result['total'] / GIB:.2f} GiB of "
@@ -423,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--dp", type=int, help="data-parallel size (default: the config's placement, else 1)")
+    p.add_argument("--ep", type=int, help="expert-parallel size (MoE models; divides DP and the experts)")
+    p.add_argument("--expert-load", type=float, help="MoE: routed copies on the busiest rank / the balanced "
+                   "T x top-k (default 1: balanced routing)")
     p.add_argument("--nodes", type=int, help="nodes, for the placement of a config that leaves placement.nodes unset")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node, where placement.gpus_per_node is unset")
     p.add_argument("--fp8", action="store_true", default=None)
@@ -457,7 +578,8 @@ def resolve(args) -> tuple:
             placement = place(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
             kw["dp"] = placement.data_parallel
             kw["server_gpu_fraction"] = cfg.rollout.mem_fraction
-        kw.update(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
+        kw.update(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, ep=cfg.parallel.expert,
+                  sequence_parallel=cfg.parallel.sequence_parallel,
                   distributed_optimizer=cfg.parallel.distributed_optimizer, fp8=cfg.model.fp8 is not None,
                   recompute=cfg.model.recompute_granularity or "none",
                   micro_batch_tokens=cfg.train.micro_batch_tokens, popo=cfg.algorithm.name == "popo",
@@ -472,7 +594,7 @@ def resolve(args) -> tuple:
         arch, name = _arch_from_file(args.hf_config), os.path.basename(os.path.dirname(os.path.abspath(args.hf_config)))
     if arch is None:
         raise ConfigError("popo-plan: give --model, --hf-config or --config")
-    for flag in ("tp", "pp", "dp", "fp8", "micro_batch_tokens", "seq_len", "recompute", "gpu_mem_gib", "margin_gib",
+    for flag in ("tp", "pp", "dp", "ep", "expert_load", "fp8", "micro_batch_tokens", "seq_len", "recompute", "gpu_mem_gib", "margin_gib",
                  "distributed_optimizer", "sequence_parallel", "impl"):
         value = getattr(args, flag)
         if value is not None:
