@@ -245,3 +245,139 @@ def test_cli_placement_left_to_the_launch(tmp_path, capsys):
     # one node of 4: servers on GPUs 2 and 3 leave 2 GPUs = one TP=2 group
     assert "TP=2 PP=1 DP=1" in text and "  node 0: trainer GPUs 0-1 | server 0: GPUs 2 (base-gpu-id 2) | " \
                                          "server 1: GPUs 3 (base-gpu-id 3)\n" in text
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+def test_moe_params_equal_transformers_model_plus_vocab_padding():
+    """Tiny Qwen3-MoE (tests/tiny_models.py): the TP=1 / EP=1 total equals transformers' own model of the
+    same config (router, fused experts, QK-norms) plus the padded vocabulary rows, and the expert part
+    equals the parameters transformers keeps under ``.experts.``."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import qwen3_moe_config
+
+    cfg = qwen3_moe_config(num_experts=8)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    arch = _arch(cfg)
+    p = stage_params(arch, tp=1, pp=1, pp_rank=0, divisible_by=128)
+    assert p["total"] == sum(t.numel() for t in hf.parameters()) + 2 * (256 - 251) * 64
+    assert p["experts"] == sum(t.numel() for n, t in hf.named_parameters() if ".experts." in n)
+    assert p["experts"] == 2 * 8 * 3 * 64 * 48                  # layers x experts x (gate, up, down) x h x F_e
+
+
+@pytest.mark.parametrize("name,published", [("qwen3-30b-a3b", 30_532_122_624), ("qwen3-235b-a22b", 235_093_634_560)])
+def test_moe_builtin_models_match_published_sizes(name, published):
+    """Unpadded TP=1 totals = the parameter counts keras-hub publishes for the same checkpoints
+    (keras-team/keras-hub, keras_hub/src/models/qwen3_moe/qwen3_moe_presets.py, checked there against
+    transformers' num_parameters)."""
+    arch = Architecture.from_hf(KNOWN_MODELS[name])
+    assert stage_params(arch, 1, 1, 0, divisible_by=1)["total"] == published
+
+
+def test_moe_shards_over_ep_and_tp():
+    """Qwen3-30B-A3B by hand: 128 experts x 3 matrices of 2048 x 768 per layer, split over EP (whole
+    experts) and TP (each matrix); the router [128, 2048] and the norms are replicated; the attention
+    is split over TP only."""
+    arch = Architecture.from_hf(KNOWN_MODELS["qwen3-30b-a3b"])
+    h, fe, E, L = 2048, 768, 128, 48
+    attention = (32 + 2 * 4) * 128 * h + h * 32 * 128
+    for tp, ep in ((1, 1), (2, 8), (1, 16), (4, 2)):
+        p = stage_params(arch, tp, 1, 0, divisible_by=1, ep=ep)
+        assert p["experts"] == L * (E // ep) * 3 * h * fe // tp
+        vocab = 151936 // tp
+        assert p["total"] == p["experts"] + L * (attention // tp + E * h + 2 * h + 2 * 128) + 2 * vocab * h + h
+    # the EP x TP shards of the experts add up to every expert once
+    assert 8 * 2 * stage_params(arch, 2, 1, 0, 1, ep=8)["experts"] == stage_params(arch, 1, 1, 0, 1)["experts"]
+
+
+def test_moe_optimizer_state_sharded_over_expert_data_parallel():
+    """megatron's distributed optimizer shards expert parameters over the expert-data-parallel group
+    (DP / EP ranks) and the others over DP: 12 bytes (fp32 main + Adam m, v) per parameter of each."""
+    from tests.tiny_models import qwen3_moe_config
+
+    arch = _arch(qwen3_moe_config(num_experts=8))
+    lay = Layout(tp=1, dp=4, ep=2, micro_batch_tokens=256, predictor_hidden=32)
+    p = stage_params(arch, 1, 1, 0, ep=2)
+    experts = 2 * 4 * 3 * 64 * 48                               # 4 of the 8 experts on this rank
+    assert p["experts"] == experts
+    q = predictor_params(64, 32, 2)
+    t = plan_stage(arch, lay, 0)["terms"]
+    assert t["optimizer"] == pytest.approx(12 * (p["total"] - experts + q) / 4 + 12 * experts / 2)
+    assert t["weights"] == 2 * p["total"] and t["grads"] == t["ema"] == 4 * p["total"]
+    no_dist = plan_stage(arch, dataclasses.replace(lay, distributed_optimizer=False), 0)["terms"]
+    assert no_dist["optimizer"] == 12 * (p["total"] + q)
+
+
+def test_moe_activation_formula_by_hand_te():
+    """h=64, a=4, g=2, d=32, E=8, k=2, F_e=48, bf16, TP=2 with SP: the attention block as a dense layer's
+    (with Qwen3's QK-norm), the MLP replaced by the router's per-token tensors and k routed copies."""
+    from tests.tiny_models import qwen3_moe_config
+
+    arch = _arch(qwen3_moe_config(num_experts=8))
+    lay = Layout(tp=2, sequence_parallel=True, recompute="none")
+    h, a, g, d, E, k, fe, t = 64, 4, 2, 32, 8, 2, 48, 2
+    norms = 2 * (2 * h / t + 4 / t)
+    gemm = 2 * 2 * h / t                                       # QKV and router/permute inputs (SP shards)
+    attn = 2 * (2 * a * d + 2 * g * d) / t + 4 * a / t
+    qk_norm = (2 * d + 4) * (a + g) / t
+    router = ((4 + 2 + 1) * E + 20 * k) / t
+    routed = k * (2 * h + 2 * 4 * fe / t + 2 * fe / t + 2)
+    assert layer_activation_bytes_per_token(arch, lay) == pytest.approx(norms + gemm + attn + qk_norm + router + routed)
+    heavy = layer_activation_bytes_per_token(arch, dataclasses.replace(lay, expert_load=1.5))
+    assert heavy - layer_activation_bytes_per_token(arch, lay) == pytest.approx(0.5 * routed)
+    full = plan_stage(arch, dataclasses.replace(lay, recompute="full", micro_batch_tokens=1024), 0)
+    assert full["activation_detail"]["per_layer_per_token"] == 2 * h / t
+
+
+def test_moe_layout_errors_name_the_flag():
+    moe = Architecture.from_hf(KNOWN_MODELS["qwen3-30b-a3b"])
+    with pytest.raises(ConfigError, match="--ep 3 does not divide the model's 128 experts"):
+        plan(moe, Layout(dp=3, ep=3))
+    with pytest.raises(ConfigError, match="--ep 4 does not divide --dp 2"):
+        plan(moe, Layout(dp=2, ep=4))
+    with pytest.raises(ConfigError, match="needs sequence parallelism"):
+        plan(moe, Layout(tp=2, sequence_parallel=False))
+    with pytest.raises(ConfigError, match="--ep 2 needs a mixture-of-experts model"):
+        plan(Architecture.from_hf(KNOWN_MODELS["qwen3-8b"]), Layout(dp=2, ep=2))
+
+
+@pytest.mark.parametrize("name,model,world", [("qwen3-30b-a3b-popo.yaml", "qwen3-30b-a3b", 16),
+                                              ("qwen3-235b-a22b-popo.yaml", "qwen3-235b-a22b", 128)])
+def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world, capsys, tmp_path):
+    """popo-plan takes each shipped MoE config's layout (parallel.expert included) and finds it fits an
+    80 GB H100 with the 6 GiB margin; check_layout accepts the same layout for the real model at the
+    config's trainer world size. Expert parameters per GPU by hand: layers / PP x experts / EP x 3 x h x
+    F_e / TP from the HF config numbers."""
+    import yaml
+
+    from popo_mega.config import check_layout, load_config
+
+    path = os.path.join(ROOT, "configs", name)
+    raw = yaml.safe_load(open(path))
+    hf = KNOWN_MODELS[model]
+    tp, pp, ep = raw["parallel"]["tensor"], raw["parallel"]["pipeline"], raw["parallel"]["expert"]
+    assert ep > 1 and raw["placement"]["nodes"] * raw["placement"]["gpus_per_node"] == world
+    check_layout(load_config(path), world, hf)
+    out = str(tmp_path / "plan.json")
+    assert main(["--config", path, "--json", out]) == 0
+    text = capsys.readouterr().out
+    dp = world // (tp * pp)
+    assert f"TP={tp} PP={pp} DP={dp} EP={ep}" in text and "-> fits" in text
+    data = json.load(open(out))
+    assert data["fits"] and data["total"] <= (80 - 6) * 1024 ** 3
+    experts = (hf["num_hidden_layers"] // pp) * (hf["num_experts"] // ep) * 3 * hf["hidden_size"] \
+        * hf["moe_intermediate_size"] // tp
+    for stage in data["stages"]:
+        assert stage["params_detail"]["experts"] == experts
+    # the same model on the GPU count the issue named (8 / 64 H100s) fits in no layout popo-plan accepts
+    small = world // 2
+    for t in (1, 2, 4):
+        for p in (1, 2):
+            for e in (1, 2, 4, 8, 16, 32, 64):
+                d = small // (t * p)
+                if small % (t * p) or d % e or hf["num_hidden_layers"] % p:
+                    continue
+                res = plan(Architecture.from_hf(hf), Layout(tp=t, pp=p, dp=d, ep=e, recompute="full",
+                                                           micro_batch_tokens=16384))
+                assert not res["fits"], (t, p, e)
