@@ -66,7 +66,11 @@ def test_megatron_logits_equal_hf(checkpoints, tp, pp):
         assert torch.equal(results[0]["qwen2"], results[1]["qwen2"])
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+@pytest.mark.parametrize("name", [
+    "qwen2",
+    # ~60 s on 2 cores: extended (CI time); its export goes through the same weight table as qwen2's,
+    # and CI still checks llama3's logits at TP=1/2 and PP=2 (test_megatron_logits_equal_hf)
+    pytest.param("llama3", marks=pytest.mark.extended)])
 def test_round_trip_is_bit_identical_across_layouts(checkpoints, tmp_path, name):
     """HF -> Megatron (TP=2 dist checkpoint) -> HF (exported at PP=2) returns identical tensors."""
     src = checkpoints[name]
