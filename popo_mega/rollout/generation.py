@@ -25,6 +25,18 @@ Batching: a finished row leaves the batch at once (its K/V rows are dropped), an
 arrive while a batch runs join it between decode steps (``admit``: prefilled on their own, then
 left-padded into the running K/V cache). Simplification against SGLang: no paged KV cache, so
 joining copies the cache; the prompt pass of a joining group is not chunked.
+
+Pausing (SGLang's ``/pause_generation``, see ``server.py``): ``generate_batch`` calls ``pause(rows)``
+between decode steps, after the rows' last sampled tokens are recorded and before the forward pass
+that feeds those tokens to the model. The callback may block there (SGLang's ``in_place``: the
+rows keep their K/V cache, and the next forward, on whatever weights the model holds by then,
+computes the logits of their next token), or return True (``retract``: the batch stops and its
+unfinished rows are returned; fed back in later, a row is prefilled again from its prompt plus
+the tokens it has, so its K/V cache and next logits are recomputed on the weights of that time).
+A row's own random stream (``rng``) lives on the row, so a retracted seeded row continues its
+stream instead of restarting it. A row with ``abort_message`` set finishes ("abort", message)
+after its next token, as SGLang's ``req.to_finish = FINISH_ABORT()`` (``Scheduler.abort_request``:
+"the request will still run one decode forward pass").
 """
 
 from __future__ import annotations
@@ -53,10 +65,19 @@ class SequenceRequest:
     seed: int | None = None  # SGLang's sampling_seed: the row's own uniform stream
     ignore_eos: bool = False  # SGLang's ignore_eos: no token-based stop at all (EOS nor stop_token_ids)
     cancelled: bool = False   # set from another thread (its client left): the row leaves at the next step
+    abort_message: str | None = None  # set by a pause in "abort" mode: the row ends after its next token
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
-    finish: tuple[str, int | None] = ("length", None)  # (type, matched token or length)
+    finish: tuple[str, int | str | None] = ("length", None)  # (type, matched token, length or abort message)
+    rng: random.Random | None = None  # the seeded row's own stream (made from ``seed`` at its first prefill)
+    version_events: list[tuple[str, int]] = field(default_factory=list)  # (old version, tokens made before it changed)
+    retractions: int = 0      # times a pause in "retract" mode sent the row back to the queue
+
+    @property
+    def fill(self) -> list[int]:
+        """The ids a prefill of this row runs on: [P + len(output_ids)] (SGLang's ``fill_ids``)."""
+        return self.prompt + self.output_ids
 
 
 def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -160,12 +181,12 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
 
 
 def _prompt_logits_to_keep(seqs: list[SequenceRequest]) -> int:
-    """How many trailing positions of the (left-padded) prompt pass need logits: 1 for sampling,
+    """How many trailing positions of the (left-padded) prefill need logits: 1 for sampling,
     more for rows that asked for prompt log-probs from ``logprob_start_len``."""
     keep = 1
     for s in seqs:
         if s.logprob_start_len >= 0:
-            keep = max(keep, len(s.prompt) - max(s.logprob_start_len, 1) + 1)
+            keep = max(keep, len(s.fill) - max(s.logprob_start_len, 1) + 1)
     return keep
 
 
@@ -229,16 +250,18 @@ def _kv_layers(cache) -> list:
 
 
 def _prefill(model, seqs: list[SequenceRequest], pad_token_id: int, device: torch.device) -> _Running:
-    """The prompt pass of ``seqs`` (left padding, explicit position ids); fills their input_logprobs."""
+    """The prefill of ``seqs`` over their ``fill`` ids (the prompt, plus the tokens a retracted row
+    already has; left padding, explicit position ids); fills their input_logprobs (prompt tokens only)."""
     from transformers import DynamicCache
 
     batch = len(seqs)
-    width = max(len(s.prompt) for s in seqs)
+    fills = [s.fill for s in seqs]
+    width = max(len(f) for f in fills)
     ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s.prompt):] = torch.tensor(s.prompt, dtype=torch.long)
-        mask[i, width - len(s.prompt):] = 1
+    for i, f in enumerate(fills):
+        ids[i, width - len(f):] = torch.tensor(f, dtype=torch.long)
+        mask[i, width - len(f):] = 1
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = _prompt_logits_to_keep(seqs)
@@ -246,10 +269,12 @@ def _prefill(model, seqs: list[SequenceRequest], pad_token_id: int, device: torc
                 use_cache=True, logits_to_keep=keep)
     for i, s in enumerate(seqs):
         if s.logprob_start_len >= 0:  # prompt log-probs, [None] for the first prompt token as SGLang does
-            first = width - len(s.prompt) + max(s.logprob_start_len, 1) - 1  # predicts the first asked token
-            lo = first - (width - keep)  # its row in out.logits[:, -keep:]
-            logp = torch.log_softmax(out.logits[i, lo:keep - 1].float(), dim=-1)
-            given = logp.gather(-1, ids[i, first + 1:, None]).squeeze(-1).tolist()
+            pad = width - len(fills[i])
+            first = pad + max(s.logprob_start_len, 1) - 1  # predicts the first asked token
+            last = pad + len(s.prompt) - 1                  # predicts the token after the prompt (not asked)
+            lo, hi = first - (width - keep), last - (width - keep)  # their rows in out.logits[:, -keep:]
+            logp = torch.log_softmax(out.logits[i, lo:hi].float(), dim=-1)
+            given = logp.gather(-1, ids[i, first + 1:last + 1, None]).squeeze(-1).tolist()
             s.input_logprobs = ([None] if s.logprob_start_len == 0 else []) + given
     return _Running(list(seqs), out.past_key_values, mask, position[:, -1:], out.logits[:, -1])
 
@@ -258,21 +283,30 @@ def _prefill(model, seqs: list[SequenceRequest], pad_token_id: int, device: torc
 def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos_token_ids: frozenset[int],
                    generator: torch.Generator | None, device: torch.device,
                    admit: Callable[[int], list[SequenceRequest]] | None = None,
-                   on_finish: Callable[[SequenceRequest], None] | None = None) -> None:
+                   on_finish: Callable[[SequenceRequest], None] | None = None,
+                   pause: Callable[[list[SequenceRequest]], bool] | None = None) -> list[SequenceRequest]:
     """Sample every sequence of ``seqs`` in place (output_ids, output_logprobs, finish, input_logprobs).
 
-    Rows with a ``seed`` draw their randomness from ``random.Random(seed)``, the others from ``generator``.
+    Rows with a ``seed`` draw their randomness from their own ``random.Random(seed)`` (``rng``, kept on
+    the row), the others from ``generator``. A row that already has output tokens (a retracted one)
+    is prefilled over its prompt and those tokens and continues from there.
     A sequence stops at its ``max_new_tokens`` (finish ("length", n)), or after emitting a token in
     ``stop_token_ids`` or ``eos_token_ids`` unless ``ignore_eos`` (finish ("stop", token); the token is
     kept, as in SGLang: ``Req._check_token_based_finish`` returns early under ignore_eos), or once
-    ``cancelled`` is set (finish ("abort", tokens so far), checked after every decode step: a client
-    that left frees its rows within one step); it then leaves the batch and ``on_finish(seq)`` is called. After every decode step
-    ``admit(step)`` may return more sequences: they are prefilled and join the running batch (so a
-    burst of requests that reached the server while a batch started still shares its decode steps).
-    Returns when every sequence, admitted ones included, has finished.
+    ``cancelled`` is set (finish ("abort", "cancelled"), checked after every decode step: a client
+    that left frees its rows within one step), or after the first token made once ``abort_message``
+    is set (finish ("abort", message)); it then leaves the batch and ``on_finish(seq)`` is called.
+    Between decode steps ``pause(rows)`` is called with the rows about to be fed their last token
+    (it may block; True stops the batch: see the module doc), then ``admit(step)`` may return more
+    sequences: they are prefilled and join the running batch (so a burst of requests that reached
+    the server while a batch started still shares its decode steps).
+    Returns when every sequence, admitted ones included, has finished (then []), or the unfinished
+    rows when ``pause`` stopped the batch.
     """
+    for s in seqs:
+        if s.seed is not None and s.rng is None:
+            s.rng = random.Random(s.seed)
     running = _prefill(model, seqs, pad_token_id, device)
-    own = {id(s): random.Random(s.seed) for s in seqs if s.seed is not None}
     draw_on = generator.device if generator is not None else None  # a generator draws on its own device
     step = 0
 
@@ -292,8 +326,8 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
         uniforms = torch.rand(len(rows), generator=generator, dtype=torch.float64, device=draw_on).cpu()
         keys = torch.randint(0, 2**62, (len(rows),), generator=generator, device=draw_on).cpu()
         for i, s in enumerate(rows):
-            if id(s) in own:
-                uniforms[i], keys[i] = own[id(s)].random(), own[id(s)].getrandbits(62)
+            if s.rng is not None:
+                uniforms[i], keys[i] = s.rng.random(), s.rng.getrandbits(62)
         tokens, logps = sample_next(running.logits, temperature, top_p, generator, uniforms.to(device), keys)
         tokens_l, logps_l = tokens.tolist(), logps.tolist()
         alive = []
@@ -301,7 +335,10 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
             s.output_ids.append(tokens_l[i])
             s.output_logprobs.append(logps_l[i])
             if s.cancelled:
-                s.finish = ("abort", len(s.output_ids))
+                s.finish = ("abort", "cancelled")
+                finished(s)
+            elif s.abort_message is not None:
+                s.finish = ("abort", s.abort_message)
                 finished(s)
             elif not s.ignore_eos and (tokens_l[i] in s.stop_token_ids or tokens_l[i] in eos_token_ids):
                 s.finish = ("stop", tokens_l[i])
@@ -314,6 +351,8 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
         step += 1
         if alive:
             running.select(alive)
+            if pause is not None and pause(running.seqs):
+                return running.seqs
             running.mask = torch.cat([running.mask, running.mask.new_ones((len(alive), 1))], dim=1)
             running.position = running.position + 1
             out = model(input_ids=tokens[alive][:, None], attention_mask=running.mask, position_ids=running.position,
@@ -323,8 +362,9 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
             running.seqs = []
         joining = admit(step) if admit is not None else []
         if joining:
-            own.update({id(s): random.Random(s.seed) for s in joining if s.seed is not None})
             for s in joining:
+                if s.seed is not None and s.rng is None:
+                    s.rng = random.Random(s.seed)
                 if s.max_new_tokens <= 0:
                     s.finish = ("length", 0)
             new = _prefill(model, joining, pad_token_id, device)
@@ -335,3 +375,4 @@ def generate_batch(model, seqs: list[SequenceRequest], *, pad_token_id: int, eos
                 running.join(new)
             else:
                 running = new
+    return []

@@ -5,7 +5,7 @@
                         [--config FILE.yaml] [--max-running-requests N] [--weight-version V]
                         [--num-threads N] [--strict-sglang] [--tp-size N] [--enable-deterministic-inference]
                         [--max-sequences-per-request N] [--max-body-bytes N] [--stall-timeout-s S]
-                        [--weight-group-timeout-s S]
+                        [--weight-group-timeout-s S] [--enable-memory-saver] [--enable-weights-cpu-backup]
 
 Flag names are ``sglang.launch_server``'s where they overlap. It serves the native SGLang endpoints
 the rollout client and the weight sync use, with SGLang's request and response bodies:
@@ -44,6 +44,65 @@ SGLang reads it, or the ``POPO_ROLLOUT_API_KEY`` environment variable, which the
 that the key is not on the command line) is compared in constant time; ``/health*`` and ``/ready``
 need no key, as in SGLang (``decide_request_auth``).
 
+Pausing, as SGLang 0.5.23 does it (``/pause_generation`` body ``{"mode": "abort"|"retract"|"in_place"}``,
+default "abort": ``PauseGenerationReqInput``, ``srt/managers/io_struct.py:1927``). In every mode requests
+that arrive while paused wait (SGLang holds them in ``TokenizerManager.generate_request`` on
+``is_pause_cond``, ``tokenizer_manager.py:938``), and a weight update runs at once instead of waiting
+for the running requests (without a pause it takes ``model_update_lock.writer_lock``, which waits for
+every in-flight ``/generate``: ``tokenizer_control_mixin.py:516-524``; here ``_exclusive`` waits for the
+running rows).
+- ``in_place``: the running batch stops between decode steps (``Scheduler.pause_generation`` only sets
+  ``_engine_paused``, ``scheduler.py:5817-5831``; the event loop skips batches, ``scheduler.py:2034``).
+  Its rows keep their tokens and K/V cache; after ``/continue_generation`` they go on with the old
+  K/V cache (io_struct's docstring) and the weights loaded meanwhile: the first forward after the
+  pause feeds their last token to the new weights, so every token after the pause is sampled from
+  the new weights. ``/flush_cache`` fails while such rows are held (``flush_cache`` needs
+  ``running_batch`` empty, ``scheduler.py:5518``), and so does a weight update whose body has
+  ``flush_cache: true`` (SGLang's default): the weights are loaded, the answer is 400 "Weights were
+  updated, but the cache was not flushed ..." (``SchedulerWeightUpdaterManager.flush_cache_after_weight_update``,
+  ``scheduler_components/weight_updater.py:121``).
+- ``retract``: the running rows go back to the waiting queue with their tokens, their K/V cache freed
+  (``retract_all`` / ``Req.reset_for_retract``, ``schedule_batch.py:2049,2398``); after
+  ``/continue_generation`` each is prefilled again over prompt + tokens so far, i.e. recomputed on the
+  new weights (SGLang's radix cache could still hold the old prefix unless flushed; this server has no
+  radix cache, so it always recomputes). A flush while paused ignores the waiting queue
+  (``is_fully_idle(ignore_waiting=self._engine_paused)``), so it succeeds.
+- ``abort``: every request is aborted (``TokenizerManager.pause_generation`` repeats
+  ``abort_request(abort_all=True)`` until no ``/generate`` is in flight, ``tokenizer_manager.py:2267``):
+  a queued one answers at once with finish_reason ``{"type": "abort", "message": "Abort in waiting
+  queue"}`` (``_handle_abort_req``), a running one after one more token (``req.to_finish =
+  FINISH_ABORT()``: "the request will still run one decode forward pass") with ``{"type": "abort",
+  "message": "Aborted", "status_code": null, "err_type": null}`` (``FINISH_ABORT.to_json``); HTTP 200,
+  with the tokens made. The pause answers once nothing is running.
+Weight versions: every finished sequence's meta_info carries SGLang's ``weight_versions``, spans
+``{"version", "start", "end"}`` over its output tokens, and ``weight_version``, the last span's version
+(``srt/utils/weight_versions.py``: a version change records ``(old_version, len(output_ids))`` on every
+live request that has tokens, ``Scheduler.record_weight_version_change``, ``scheduler.py:5636``;
+``compute_weight_version_spans``; ``add_weight_versions_to_meta_info``), and ``num_retractions``. A
+version change outside a pause (``/update_weight_version``) applies once the running rows finish.
+``abort_all_requests`` of the weight-update bodies (SGLang's default False; True for
+``/update_weight_version``) aborts every request first, as SGLang does.
+
+Memory release (``/release_memory_occupation`` / ``/resume_memory_occupation``, body ``{"tags": [...]}``,
+tags ``kv_cache``, ``weights``, ``cuda_graph``, none = all: ``SchedulerWeightUpdaterManager``,
+``weight_updater.py:337-425``). SGLang frees memory only with ``--enable-memory-saver``
+(``torch_memory_saver``; without it the adapter is a no-op, ``utils/torch_memory_saver_adapter.py``),
+and the weights' content is lost unless ``--enable-weights-cpu-backup`` (``load_model_utils.py:307``:
+``region(GPU_MEMORY_TYPE_WEIGHTS, enable_cpu_backup=...)``); buffers are stashed and restored either way
+(``_export_static_state``). Here, with ``--enable-memory-saver``, releasing ``weights`` frees every
+parameter's storage (resized to 0 bytes, then ``malloc_trim``; the parameters are copied into
+process-owned memory at start, since the safetensors load maps them from the file), and resume
+re-allocates them zero-filled: ``/generate`` and ``/get_weights_by_name`` answer 400 until every tensor
+has been loaded again by an ``/update_weights_from_*``, and the message says how many are missing.
+With ``--enable-weights-cpu-backup`` too, the weights are kept (on the CPU the backup is the weights
+themselves: nothing is freed; on CUDA they move to the CPU). Without ``--enable-memory-saver`` nothing is
+freed (CUDA: the model moves to the CPU and back, as before). Stricter than SGLang, where each of
+these crashes the scheduler or computes on unmapped memory: a release while rows are running or held
+in place is 400 (SGLang asserts ``is_fully_idle``), resuming a tag that is not released is 400 (SGLang's
+``offload_tags.remove`` raises KeyError), and while any tag is released ``/generate``, weight updates
+and ``/get_weights_by_name`` are 400 and ``/health`` is 503. ``kv_cache`` frees nothing more on this
+server: it keeps no K/V cache between batches.
+
 Simplifications against SGLang: one scheduler thread with batches of up to ``--max-running-requests``
 sequences (newcomers join a running batch between decode steps), no radix cache (so ``/flush_cache``
 only checks that nothing is pending), no streaming, no text (token ids only: ``text`` is always "").
@@ -52,11 +111,11 @@ only checks that nothing is pending), no streaming, no text (token ids only: ``t
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import json
 import os
-import queue
 import threading
 import time
 import uuid
@@ -95,6 +154,8 @@ class ServerArgs:
     max_body_bytes: int = 64 * 2 ** 20
     stall_timeout_s: float = 300.0
     weight_group_timeout_s: float = 120.0
+    enable_memory_saver: bool = False
+    enable_weights_cpu_backup: bool = False
 
 
 def _config_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -165,6 +226,11 @@ def parse_args(argv) -> ServerArgs:
                         "(SGLang's --watchdog-timeout default)")
     p.add_argument("--weight-group-timeout-s", type=float, default=120.0,
                    help="/init_weights_update_group answers 400 when the group has not formed by then")
+    p.add_argument("--enable-memory-saver", action="store_true",
+                   help="/release_memory_occupation frees the tagged memory (SGLang's flag): the weights' "
+                        "content is lost and must be sent again after resume, unless --enable-weights-cpu-backup")
+    p.add_argument("--enable-weights-cpu-backup", action="store_true",
+                   help="keep the weights over a release (SGLang's flag; on the CPU this frees nothing for them)")
     argv = list(argv)
     a = p.parse_args(_config_argv(argv, p))
     for flag, value, low in (("--tp-size", a.tp_size, 1), ("--max-running-requests", a.max_running_requests, 1),
@@ -182,7 +248,8 @@ def parse_args(argv) -> ServerArgs:
                       num_threads=a.num_threads, parent_pid=a.parent_pid, strict_sglang=a.strict_sglang,
                       tp_size=a.tp_size, enable_deterministic_inference=a.enable_deterministic_inference,
                       max_sequences_per_request=a.max_sequences_per_request, max_body_bytes=a.max_body_bytes,
-                      stall_timeout_s=a.stall_timeout_s, weight_group_timeout_s=a.weight_group_timeout_s)
+                      stall_timeout_s=a.stall_timeout_s, weight_group_timeout_s=a.weight_group_timeout_s,
+                      enable_memory_saver=a.enable_memory_saver, enable_weights_cpu_backup=a.enable_weights_cpu_backup)
 
 
 # SGLang 0.5.23 model classes that define get_weights_by_name (grep "def get_weights_by_name"
@@ -201,8 +268,120 @@ def _torch_dtype(name: str, where: str) -> torch.dtype:
     return dtype
 
 
+def own_parameter_storage(model) -> None:
+    """Copy every parameter into memory this process owns. The safetensors load maps parameters
+    from the file, and such a storage cannot be resized: ``free_parameter_storage`` needs its own.
+    Tied parameters are one ``Parameter`` object, so they stay tied."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+
+
+def free_parameter_storage(model) -> list[tuple[torch.Tensor, int]]:
+    """Free the storage of every parameter of ``model`` (resized to 0 bytes: shapes stay, content is
+    lost); returns (parameter, bytes) for ``restore_parameter_storage``, one per storage."""
+    freed, seen = [], set()
+    for param in model.parameters():
+        storage = param.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        freed.append((param, storage.nbytes()))
+    for param, _ in freed:
+        param.untyped_storage().resize_(0)
+    return freed
+
+
+def restore_parameter_storage(freed: list[tuple[torch.Tensor, int]]) -> None:
+    """Allocate the storages ``free_parameter_storage`` freed again, zero-filled (their content is gone)."""
+    with torch.no_grad():
+        for param, nbytes in freed:
+            param.untyped_storage().resize_(nbytes)
+            param.zero_()
+
+
+def trim_process_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``): tensors below the allocator's mmap
+    threshold are freed into the heap, where the process would keep them; a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class Cancelled(Exception):
     """The request's sequences were cancelled (its client left) before they finished."""
+
+
+PAUSE_MODES = ("abort", "retract", "in_place")        # PauseGenerationReqInput.mode
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")   # srt/constants.py GPU_MEMORY_ALL_TYPES
+ABORT_RUNNING = "Aborted"                             # FINISH_ABORT() without a message
+ABORT_QUEUED = "Abort in waiting queue"               # TokenizerManager._handle_abort_req's default
+FLUSH_REFUSED = ("Weights were updated, but the cache was not flushed because requests are still running or "
+                 "queued. Retract or finish them, then call /flush_cache.")  # flush_cache_after_weight_update
+
+
+def weight_version_spans(events: list[tuple[str, int]], current: str, tokens: int) -> list[dict]:
+    """SGLang's ``weight_versions`` of a finished request: [{"version", "start", "end"}] over its
+    ``tokens`` output tokens, from the (old version, tokens made before the change) events and the
+    version at its finish (``compute_weight_version_spans`` then ``add_weight_versions_to_meta_info``,
+    ``srt/utils/weight_versions.py``): a version shows over [start, end) of the output tokens."""
+    spans: list[dict] = []
+    for version, end in [*events, (current, tokens)]:
+        end = min(end, tokens)
+        if spans and end <= spans[-1]["end"]:
+            continue
+        if spans and version == spans[-1]["version"]:
+            spans[-1]["end"] = end
+            continue
+        spans.append({"version": version, "start": spans[-1]["end"] if spans else 0, "end": end})
+    return [s for s in spans if s["start"] < tokens or s["start"] == 0]
+
+
+class JobQueue:
+    """The waiting (sequence, slot) jobs, first in first out; retracted rows go back to the front."""
+
+    def __init__(self):
+        self._jobs: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, job) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def put_front(self, jobs: list) -> None:
+        with self._cond:
+            self._jobs.extendleft(reversed(jobs))
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None):
+        """The first job, waiting up to ``timeout`` seconds for one (0: no wait); None when empty."""
+        with self._cond:
+            if timeout:
+                self._cond.wait_for(lambda: self._jobs, timeout)
+            return self._jobs.popleft() if self._jobs else None
+
+    def take(self, which=lambda job: True) -> list:
+        """Remove and return the jobs ``which`` selects, in order."""
+        with self._cond:
+            out = [job for job in self._jobs if which(job)]
+            if out:
+                keep = [job for job in self._jobs if not which(job)]
+                self._jobs.clear()
+                self._jobs.extend(keep)
+            return out
+
+    def snapshot(self) -> list:
+        with self._cond:
+            return list(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
 
 
 class RolloutServer:
@@ -221,6 +400,8 @@ class RolloutServer:
             raise FileNotFoundError(f"--model-path {args.model_path}: no config.json there")
         self.config = AutoConfig.from_pretrained(args.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(self.device).eval()
+        if args.enable_memory_saver:
+            own_parameter_storage(self.model)
         self.model_path = args.model_path
         self.context_len = context_length(self.config)
         eos = self.config.eos_token_id
@@ -229,16 +410,22 @@ class RolloutServer:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.generator = torch.Generator(device=self.device).manual_seed(args.random_seed)
         self.weight_version = args.weight_version
-        self.model_lock = threading.Lock()         # held by a running batch and by weight loads
+        self.model_lock = threading.Lock()         # held by a running batch (not while parked) and by weight loads
         self._lock_waiters = 0                      # weight operations waiting for model_lock (_exclusive)
         self._waiters_lock = threading.Lock()
-        self.queue: queue.Queue = queue.Queue()
+        self.queue = JobQueue()
         self.running = threading.Event()            # cleared by /pause_generation
         self.running.set()
+        self.pause_mode: str | None = None          # the mode of the pause in force (None: generating)
+        self._cond = threading.Condition()          # pause state changes and the scheduler's answers to them
+        self._held: list[SequenceRequest] = []      # rows parked between decode steps by an in_place pause
+        self._abort_running = False                 # abort_all: the running rows end after their next token
         self.busy = False
         self.in_batch = False                       # generate_batch is running (progress_at is its heartbeat)
         self.progress_at = time.monotonic()
-        self.released = False
+        self.released_tags: set[str] = set()        # memory tags released and not resumed
+        self._freed: list[tuple[torch.Tensor, int]] = []  # (parameter, bytes) whose storage a release freed
+        self.weights_missing: set[str] = set()      # tensors not loaded since their content was lost
         self.groups: dict[str, TpRankGroup] = {}
         self.window_open = False                    # between /begin_weight_update and /end_weight_update
         self.window_lock = threading.Lock()
@@ -255,10 +442,10 @@ class RolloutServer:
     def _take(self) -> tuple | None:
         """The next queued job whose client is still there (a cancelled one is answered and dropped)."""
         while True:
-            seq, slot = self.queue.get_nowait()
-            if not seq.cancelled:
-                return seq, slot
-            self._fail(slot, "cancelled")
+            job = self.queue.get(0)
+            if job is None or not job[0].cancelled:
+                return job
+            self._fail(job[1], "cancelled")
 
     @staticmethod
     def _fail(slot: dict, why: str) -> None:
@@ -268,44 +455,99 @@ class RolloutServer:
             if slot.get("notify"):
                 slot["notify"]()
 
+    def _answer(self, seq: SequenceRequest, slot: dict) -> None:
+        """The sequence has finished (or was aborted): its slot is done, at the current weight version."""
+        if seq.cancelled:
+            return self._fail(slot, "cancelled")
+        if slot["done"].is_set():
+            return None
+        slot["version"] = self.weight_version
+        slot["done"].set()
+        if slot.get("notify"):
+            slot["notify"]()
+        return None
+
     def _schedule(self) -> None:
         while not self.stopping.is_set():
             if not self.running.wait(timeout=0.1):
                 continue
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
+            first = self.queue.get(timeout=0.1)
+            if first is None:
                 continue
             if first[0].cancelled:
                 self._fail(first[1], "cancelled")
                 continue
             self.busy = True  # from here on, a request is held by the scheduler (flush_cache must refuse)
-            while not self.running.wait(timeout=0.1):  # paused after we started waiting: hold it
-                if self.stopping.is_set():
-                    return
-            batch = [first]
-            while len(batch) < self.args.max_running_requests:
-                try:
-                    batch.append(self._take())
-                except queue.Empty:
-                    break
-            slots = {id(s): slot for s, slot in batch}
-            while self._lock_waiters and not self.stopping.is_set():  # a weight operation goes first
-                time.sleep(0.005)
+            batch, slots = [first], {}
             try:
+                if not self.running.is_set():  # paused after we took it: back to the queue
+                    continue
+                while len(batch) < self.args.max_running_requests:
+                    job = self._take()
+                    if job is None:
+                        break
+                    batch.append(job)
+                slots = {id(s): slot for s, slot in batch}
+                while self._lock_waiters and not self.stopping.is_set():  # a weight operation goes first
+                    time.sleep(0.005)
                 with self.model_lock:
-                    if self.released:
-                        raise RuntimeError("memory released (call /resume_memory_occupation first)")
+                    if not self.running.is_set():  # paused while we waited for the lock
+                        continue
+                    why = self.cannot_generate()
+                    if why is not None:
+                        raise RequestError(why)
                     self.progress_at, self.in_batch = time.monotonic(), True
-                    generate_batch(self.model, [s for s, _ in batch], pad_token_id=self.pad_token_id,
-                                   eos_token_ids=self.eos_token_ids, generator=self.generator, device=self.device,
-                                   **self._continuous_batching(slots))
+                    left = generate_batch(self.model, [s for s, _ in batch], pad_token_id=self.pad_token_id,
+                                          eos_token_ids=self.eos_token_ids, generator=self.generator,
+                                          device=self.device, pause=self._between_steps,
+                                          **self._continuous_batching(slots))
+                    for seq in left:  # retracted: back to the front of the queue, tokens kept
+                        seq.retractions += 1
+                    self.queue.put_front([(seq, slots[id(seq)]) for seq in left])
+                batch = []
             except Exception as exc:  # noqa: BLE001 - reported to every waiting request
                 for slot in slots.values():
                     self._fail(slot, f"{type(exc).__name__}: {exc}")
+                batch = []
             finally:
-                self.in_batch = False
-                self.busy = False
+                if batch:  # not run (paused meanwhile): back to the queue, in order
+                    self.queue.put_front(batch)
+                with self._cond:
+                    self.in_batch = False
+                    self.busy = False
+                    self._abort_running = False
+                    self._cond.notify_all()
+
+    def _between_steps(self, rows: list[SequenceRequest]) -> bool:
+        """``generate_batch``'s ``pause``: called with the model lock held between decode steps.
+        in_place parks the rows here with the lock released (weight operations run meanwhile) until
+        the pause ends or changes mode; retract returns True (the rows go back to the queue); abort
+        marks the rows to end after their next token (module doc)."""
+        self.progress_at = time.monotonic()
+        if self._abort_running:
+            self._abort_running = False
+            for s in rows:
+                s.abort_message = s.abort_message or ABORT_RUNNING
+        mode = self.pause_mode
+        if mode is None or mode == "abort":  # abort: the rows were marked by abort_all
+            return False
+        if mode == "retract":
+            return True
+        with self._cond:
+            self._held = list(rows)
+            self._cond.notify_all()
+        self.model_lock.release()
+        try:
+            with self._cond:
+                self._cond.wait_for(lambda: self.pause_mode != "in_place" or self.stopping.is_set())
+        finally:
+            self.model_lock.acquire()
+            with self._cond:
+                self._held = []
+                self.progress_at = time.monotonic()
+        if self.stopping.is_set():
+            raise RuntimeError("the server is shutting down")
+        return self._between_steps(rows)  # continued, or paused again in another mode
 
     # ---- continuous batching (generate_batch's admit / on_finish) ----
     def _continuous_batching(self, slots: dict) -> dict:
@@ -325,10 +567,10 @@ class RolloutServer:
             joining = []
             while (self.running.is_set() and not self._lock_waiters
                    and running[0] + len(joining) < self.args.max_running_requests):
-                try:
-                    seq, slot = self._take()
-                except queue.Empty:
+                job = self._take()
+                if job is None:
                     break
+                seq, slot = job
                 slots[id(seq)] = slot
                 joining.append(seq)
             running[0] += len(joining)
@@ -336,20 +578,15 @@ class RolloutServer:
 
         def on_finish(seq) -> None:
             running[0] -= 1
-            slot = slots[id(seq)]
-            slot["version"] = self.weight_version
-            if seq.finish[0] == "abort":
-                return self._fail(slot, "cancelled")
-            slot["done"].set()
-            if slot.get("notify"):
-                slot["notify"]()
+            self._answer(seq, slots[id(seq)])
 
         return {"admit": admit, "on_finish": on_finish}
 
     @contextlib.contextmanager
     def _exclusive(self):
         """The model lock for a weight operation; while it waits, running batches admit nobody, so
-        the lock comes free once the rows already decoding have finished."""
+        the lock comes free once the rows already decoding have finished, or at once when they are
+        paused (``_between_steps`` parks them without the lock)."""
         with self._waiters_lock:
             self._lock_waiters += 1
         try:
@@ -362,21 +599,80 @@ class RolloutServer:
         finally:
             self.model_lock.release()
 
+    # ---- pause / continue ----
+    def pause(self, body: dict) -> dict:
+        """``/pause_generation``: see the module doc. Answers once the scheduler has stopped: rows
+        parked (in_place), back in the queue (retract), or every running request answered (abort)."""
+        mode = body.get("mode", "abort")
+        if mode not in PAUSE_MODES:
+            raise RequestError(f"/pause_generation: mode must be one of {'|'.join(PAUSE_MODES)}, got {mode!r:.60}")
+        with self._cond:
+            self.pause_mode = mode
+            self.running.clear()
+            self._cond.notify_all()
+        if mode == "abort":
+            self.abort_all()
+        with self._cond:
+            stopped = self._cond.wait_for(lambda: not self.busy or (mode == "in_place" and self._held),
+                                          timeout=self.args.stall_timeout_s)
+        if not stopped:
+            raise RuntimeError(f"/pause_generation: the running batch did not reach a decode-step boundary within "
+                               f"{self.args.stall_timeout_s:g}s (--stall-timeout-s)")
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def continue_generation(self) -> dict:
+        with self._cond:
+            self.pause_mode = None
+            self.running.set()
+            self._cond.notify_all()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    def abort_all(self) -> None:
+        """Abort every request, as SGLang's ``abort_request(abort_all=True)``: queued ones are answered
+        now (finish_reason "Abort in waiting queue"), running and parked rows after their next token."""
+        for seq, slot in self.queue.take():
+            seq.finish = ("abort_queued", ABORT_QUEUED)
+            self._answer(seq, slot)
+        with self._cond:
+            for seq in self._held:
+                seq.abort_message = seq.abort_message or ABORT_RUNNING
+            self._abort_running = self.busy  # cleared when the batch ends: never aborts a later one
+
     def health(self) -> str | None:
         """Why ``/health`` must fail (None: healthy): memory released, the scheduler thread gone, or a
         batch that made no progress for ``--stall-timeout-s`` (SGLang's ``/health_generate`` fails when
-        the scheduler sent nothing back for its HEALTH_CHECK_TIMEOUT)."""
-        if self.released:
-            return "memory released"
+        the scheduler sent nothing back for its HEALTH_CHECK_TIMEOUT); rows parked by an in_place
+        pause are not a stall."""
+        if self.released_tags:
+            return f"memory released ({', '.join(sorted(self.released_tags))})"
         if not self.scheduler.is_alive():
             return "the scheduler thread is gone"
         idle = time.monotonic() - self.progress_at
-        if self.in_batch and idle > self.args.stall_timeout_s:
+        if self.in_batch and not self._held and idle > self.args.stall_timeout_s:
             return f"generation made no progress for {idle:.0f}s (--stall-timeout-s {self.args.stall_timeout_s:g})"
+        return None
+
+    def ready(self) -> str | None:
+        """Why ``/ready`` must fail: as ``/health``, or generation paused (SGLang's ``is_ready``)."""
+        return self.health() or ("generation paused" if self.pause_mode is not None else None)
+
+    def cannot_generate(self) -> str | None:
+        """Why no sequence can be sampled now (None: it can): memory released, or weights whose
+        content a release lost and that have not all been loaded again."""
+        if self.released_tags:
+            return (f"memory is released ({', '.join(sorted(self.released_tags))}): call /resume_memory_occupation "
+                    "first")
+        if self.weights_missing:
+            return (f"the weights were released by /release_memory_occupation (--enable-memory-saver without "
+                    f"--enable-weights-cpu-backup loses them) and {len(self.weights_missing)} tensors have not been "
+                    f"loaded since, e.g. {min(self.weights_missing)!r}: send the weights (/update_weights_from_*) first")
         return None
 
     def plan(self, body) -> GeneratePlan:
         """The checked /generate request (400 naming the field otherwise; see ``server_schema``)."""
+        why = self.cannot_generate()
+        if why is not None:
+            raise RequestError(f"/generate: {why}")
         plan = parse_generate(body, vocab_size=self.config.vocab_size, context_len=self.context_len,
                               max_sequences=self.args.max_sequences_per_request)
         for i, p in enumerate(plan.prompts):
@@ -403,17 +699,17 @@ class RolloutServer:
         return jobs
 
     def pending(self) -> bool:
-        """Whether a request is queued or running (``/flush_cache`` refuses then); queued requests
-        whose client left are dropped first, so they never hold a flush while generation is paused."""
-        with self.queue.mutex:
-            gone = [job for job in self.queue.queue if job[0].cancelled]
-            if gone:
-                live = [job for job in self.queue.queue if not job[0].cancelled]
-                self.queue.queue.clear()
-                self.queue.queue.extend(live)
-        for _, slot in gone:
+        """Whether ``/flush_cache`` must refuse: rows running or parked in place, or (not paused) a
+        request queued; while paused the queue does not count, as SGLang's ``flush_cache`` passes
+        ``ignore_waiting=self._engine_paused``. Queued requests whose client left are dropped first,
+        so they never hold a flush."""
+        for _, slot in self.queue.take(lambda job: job[0].cancelled):
             self._fail(slot, "cancelled")
-        return self.busy or not self.queue.empty()
+        if self._held:
+            return True
+        if self.pause_mode is not None:
+            return False
+        return self.busy or len(self.queue) > 0
 
     @staticmethod
     def cancel(jobs) -> None:
@@ -433,10 +729,16 @@ class RolloutServer:
                     raise Cancelled("the request was cancelled")
                 raise RuntimeError(slot["error"])
             kind, val = seq.finish
+            if kind == "abort_queued":  # TokenizerManager._handle_abort_req
+                reason = {"type": "abort", "message": val}
+            elif kind == "abort":
+                reason = finish_reason("abort", message=val)
+            else:
+                reason = finish_reason(kind, matched=val) if kind == "stop" else finish_reason(kind, length=val)
+            spans = weight_version_spans(seq.version_events, slot["version"], len(seq.output_ids))
             meta = {"id": f"{rid}-{k}", "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output_ids),
-                    "cached_tokens": 0,
-                    "finish_reason": finish_reason(kind, matched=val) if kind == "stop" else finish_reason(kind, length=val),
-                    "weight_version": slot["version"], "e2e_latency": time.time() - t0}
+                    "cached_tokens": 0, "finish_reason": reason, "weight_version": spans[-1]["version"],
+                    "weight_versions": spans, "num_retractions": seq.retractions, "e2e_latency": time.time() - t0}
             if ret:
                 meta["output_token_logprobs"] = [[json_number(lp), t, None]
                                                  for lp, t in zip(seq.output_logprobs, seq.output_ids)]
@@ -471,6 +773,9 @@ class RolloutServer:
         (``served_names.checkpoint_tensors``), written in place."""
         from popo_mega.model.served_names import checkpoint_tensors
 
+        if "weights" in self.released_tags:  # SGLang would write into unmapped memory
+            raise RequestError("the weights are released (/release_memory_occupation): call "
+                               "/resume_memory_occupation first; nothing was loaded")
         params = dict(self.model.named_parameters())
         params.update({k: v for k, v in self.model.named_buffers() if k not in params})
         params = checkpoint_tensors(params)
@@ -488,6 +793,11 @@ class RolloutServer:
         with torch.no_grad():
             for param, tensor in targets:
                 param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        if self.weights_missing:
+            for name, _ in named:
+                self.weights_missing.discard(name)
+                if name == "lm_head.weight" and tied:
+                    self.weights_missing.discard("model.embed_tokens.weight")
 
     def model_tensor_set(self) -> tuple[dict[str, torch.Tensor], set[str]]:
         """The tensors a checkpoint of the served model holds: name -> served tensor (parameters and
@@ -575,11 +885,12 @@ class RolloutServer:
             raise RequestError(f"/update_weights_from_disk: model_path {path!r} is not a directory")
         version = body.get("weight_version")
         named = self.read_disk_checkpoint(path)
+        self._abort_if_asked(body, False)
         with self._exclusive():
             self.load_named_tensors(named)
             self.model_path = path
-            if version is not None:
-                self.weight_version = str(version)
+            self._set_version(version)
+            self._flush_after_update(body)
         return {"success": True, "message": f"Succeeded to update model weights from {path} ({len(named)} tensors).",
                 "num_paused_requests": 0}
 
@@ -680,10 +991,11 @@ class RolloutServer:
                     raise RequestError(f"unaligned tensor {n} in flattened bucket (byte offset {offset}, {d})")
                 offset += int(torch.Size(s).numel()) * d.itemsize
         named = list(zip(names, group.receive(list(zip(dts, shapes)), flattened)))
+        self._abort_if_asked(body, False)
         with self._exclusive():
             self.load_named_tensors(named)
-            if body.get("weight_version") is not None:
-                self.weight_version = str(body["weight_version"])
+            self._set_version(body.get("weight_version"))
+            self._flush_after_update(body)
         return {"success": True, "message": "Succeeded to update parameter online."}
 
     def update_from_tensor(self, body: dict) -> dict:
@@ -719,11 +1031,12 @@ class RolloutServer:
             if not tensor.is_floating_point():
                 raise RequestError(f"/update_weights_from_tensor: parameter {name!r}: dtype {tensor.dtype} is "
                                    "not a floating-point type")
+        self._abort_if_asked(body, False)
         with self._exclusive():
             self.load_named_tensors(named)  # checks every name and shape before the first copy
             self.tensor_receipts += len(named)
-            if body.get("weight_version") is not None:
-                self.weight_version = str(body["weight_version"])
+            self._set_version(body.get("weight_version"))
+            self._flush_after_update(body)
         del per_rank, named  # drop the mappings of the sender's memory before answering
         return {"success": True, "message": "Success"}
 
@@ -746,14 +1059,124 @@ class RolloutServer:
         if name not in params:
             raise RequestError(f"/get_weights_by_name: unknown parameter {body.get('name')!r}")
         with self._exclusive():
+            why = self.cannot_generate()
+            if why is not None:
+                raise RequestError(f"/get_weights_by_name: {why}")
             return params[name].detach()[:size].float().cpu().tolist()  # == tolist()[:size], without the full copy
 
-    def set_released(self, released: bool) -> None:
+    # ---- weight versions, update options ----
+    def _set_version(self, version) -> None:
+        """Make ``version`` current (None or the current one: nothing), recording on every live row
+        that has tokens where the old version ended (SGLang's ``record_weight_version_change``, which
+        takes the running batch, the waiting queue and the chunked request). Called with the model
+        lock held, so the live rows are the parked ones and the queued ones."""
+        if version is None or str(version) == self.weight_version:
+            return
+        old = self.weight_version
+        for seq in [*self._held, *(s for s, _ in self.queue.snapshot())]:
+            if seq.output_ids:
+                seq.version_events.append((old, len(seq.output_ids)))
+        self.weight_version = str(version)
+
+    def update_weight_version(self, body: dict) -> dict:
+        """``/update_weight_version`` (``UpdateWeightVersionReqInput``: ``abort_all_requests`` defaults
+        to True). Waits for the running rows unless paused (module doc)."""
+        if "new_version" not in body:
+            raise RequestError("/update_weight_version: missing new_version")
+        self._abort_if_asked(body, True)
         with self._exclusive():
+            self._set_version(body["new_version"])
+        return {"success": True, "message": f"Weight version updated to {self.weight_version}",
+                "new_version": self.weight_version}
+
+    def _abort_if_asked(self, body: dict, default: bool) -> None:
+        flag = body.get("abort_all_requests", default)
+        if not isinstance(flag, bool):
+            raise RequestError(f"abort_all_requests must be a boolean, got {flag!r:.40}")
+        if flag:
+            self.abort_all()
+
+    def _flush_after_update(self, body: dict) -> None:
+        """A weight update's ``flush_cache`` (default True): refused while rows are parked in place,
+        after the weights and version were updated (``flush_cache_after_weight_update``)."""
+        flag = body.get("flush_cache", True)
+        if not isinstance(flag, bool):
+            raise RequestError(f"flush_cache must be a boolean, got {flag!r:.40}")
+        if flag and self._held:
+            raise RequestError(FLUSH_REFUSED)
+
+    # ---- memory release (module doc) ----
+    @staticmethod
+    def _memory_tags(body: dict, where: str) -> set[str]:
+        tags = body.get("tags")
+        if tags is None or tags == []:
+            return set(MEMORY_TAGS)
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise RequestError(f"{where}: tags must be a list of strings, got {tags!r:.80}")
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            raise RequestError(f"{where}: unknown tag {unknown[0]!r} (SGLang's tags: {', '.join(MEMORY_TAGS)})")
+        return set(tags)
+
+    def release_memory(self, body: dict) -> dict:
+        """``/release_memory_occupation``: only when nothing runs (rows parked in place hold their K/V
+        cache; while not paused, queued requests would run next); a tag already released is 400."""
+        where = "/release_memory_occupation"
+        tags = self._memory_tags(body, where)
+        with self._exclusive():
+            if self._held or (self.pause_mode is None and (self.busy or len(self.queue))):
+                why = (f"{len(self._held)} rows are paused in place with their K/V cache (continue them, or pause "
+                       "with mode retract)" if self._held else "requests are running or queued (pause first)")
+                raise RequestError(f"{where}: release_memory_occupation should be called only when server is "
+                                   f"idle: {why}")
+            again = sorted(tags & self.released_tags)
+            if again:
+                raise RequestError(f"{where}: {again[0]!r} is already released")
+            if "weights" in tags:
+                self._release_weights()
+            self.released_tags |= tags
+        trim_process_heap()
+        return {"success": True, "message": f"Released {', '.join(sorted(tags))}."}
+
+    def resume_memory(self, body: dict) -> dict:
+        where = "/resume_memory_occupation"
+        tags = self._memory_tags(body, where)
+        with self._exclusive():
+            absent = sorted(tags - self.released_tags)
+            if absent:
+                raise RequestError(f"{where}: {absent[0]!r} is not released (released: "
+                                   f"{sorted(self.released_tags) or 'none'}); SGLang's scheduler fails on this "
+                                   "(offload_tags.remove)")
+            if "weights" in tags:
+                self._resume_weights()
+            self.released_tags -= tags
+        return {"success": True, "message": f"Resumed {', '.join(sorted(tags))}."}
+
+    def _release_weights(self) -> None:
+        if not self.args.enable_memory_saver:  # SGLang: a no-op adapter; CUDA: moved aside as before
             if self.device.type == "cuda":
-                self.model.to("cpu" if released else self.device)
+                self.model.to("cpu")
                 torch.cuda.empty_cache()
-            self.released = released
+            return
+        if self.args.enable_weights_cpu_backup:  # the content survives
+            if self.device.type == "cuda":
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            return
+        state, optional = self.model_tensor_set()
+        buffers = {name for name, _ in self.model.named_buffers()}  # kept, as SGLang stashes them
+        self.weights_missing = {name for name in state if name not in optional and name not in buffers}
+        del state
+        self._freed = free_parameter_storage(self.model)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _resume_weights(self) -> None:
+        if self._freed:
+            restore_parameter_storage(self._freed)
+            self._freed = []
+        elif self.device.type == "cuda":
+            self.model.to(self.device)
 
     def server_info(self) -> dict:
         """SGLang's ``/server_info`` keys this server has (its resolved ServerArgs), plus its
@@ -765,8 +1188,12 @@ class RolloutServer:
                 "random_seed": a.random_seed, "enable_deterministic_inference": a.enable_deterministic_inference
                 if a.strict_sglang else True, "max_running_requests": a.max_running_requests,
                 "device": self.device.type, "version": "popo-rollout-server", "strict_sglang": a.strict_sglang,
+                "enable_memory_saver": a.enable_memory_saver, "enable_weights_cpu_backup": a.enable_weights_cpu_backup,
                 "popo_weight_updates": {"received_per_tp_rank": self.received(), "closed_windows": windows,
-                                        "window_open": self.window_open}}
+                                        "window_open": self.window_open},
+                "popo_state": {"pause_mode": self.pause_mode, "rows_paused_in_place": len(self._held),
+                               "queued": len(self.queue), "released_tags": sorted(self.released_tags),
+                               "weights_missing": len(self.weights_missing)}}
 
     def model_info(self) -> dict:
         return {"model_path": self.model_path, "served_model_name": self.args.model_path,

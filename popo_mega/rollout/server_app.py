@@ -127,9 +127,14 @@ def build_app(server) -> FastAPI:
             return fn
         return register
 
-    @route("/health", "/health_generate", "/ready")
+    @route("/health", "/health_generate")
     async def health():
         why = server.health()
+        return PlainTextResponse("" if why is None else why, status_code=200 if why is None else 503)
+
+    @route("/ready")
+    async def ready():  # SGLang's is_ready: also 503 while generation is paused
+        why = server.ready()
         return PlainTextResponse("" if why is None else why, status_code=200 if why is None else 503)
 
     @route("/model_info", "/get_model_info")
@@ -169,15 +174,9 @@ def build_app(server) -> FastAPI:
             return PlainTextResponse("Flush cache failed: requests are pending.\n", status_code=400)
         return PlainTextResponse("Cache flushed.\n")
 
-    @route("/pause_generation")
-    async def pause_generation():
-        server.running.clear()
-        return {"message": "Generation paused successfully.", "status": "ok"}
-
     @route("/continue_generation")
     async def continue_generation():
-        server.running.set()
-        return {"message": "Generation continued successfully.", "status": "ok"}
+        return server.continue_generation()
 
     def blocking(path, method):
         """A route whose work may block (model lock, weight loads, broadcasts): run in the thread pool."""
@@ -193,25 +192,15 @@ def build_app(server) -> FastAPI:
     blocking("/update_weights_from_distributed", server.update_from_distributed)
     blocking("/update_weights_from_tensor", server.update_from_tensor)
     blocking("/get_weights_by_name", server.get_weights_by_name)
+    blocking("/pause_generation", server.pause)  # answers once the scheduler has stopped (server.pause)
+    blocking("/update_weight_version", server.update_weight_version)
+    blocking("/release_memory_occupation", server.release_memory)
+    blocking("/resume_memory_occupation", server.resume_memory)
 
     @route("/destroy_weights_update_group")
     async def destroy_group(request: Request):
         out = await run_in_threadpool(server.destroy_group, await read_json(request, limit))
         return JSONResponse(out, status_code=200 if out["success"] else 400)
-
-    @route("/update_weight_version")
-    async def update_weight_version(request: Request):
-        body = await read_json(request, limit)
-        if "new_version" not in body:
-            raise RequestError("/update_weight_version: missing new_version")
-        server.weight_version = str(body["new_version"])
-        return {"success": True, "message": f"Weight version updated to {server.weight_version}",
-                "new_version": server.weight_version}
-
-    @route("/release_memory_occupation", "/resume_memory_occupation")
-    async def memory_occupation(request: Request):
-        await run_in_threadpool(server.set_released, request.url.path == "/release_memory_occupation")
-        return PlainTextResponse("")
 
     return Guard(app, api_key=server.args.api_key, max_body_bytes=limit)
 

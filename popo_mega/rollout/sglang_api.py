@@ -8,7 +8,10 @@ SGLang's own schema module. Only what the rollout engine needs is built here:
   max_new_tokens, stop_token_ids, n), ``return_logprob``; optional ``logprob_start_len``.
 - ``/generate`` response: one object (n == 1) or a list of n objects, each with ``output_ids`` and
   ``meta_info`` = {id, prompt_tokens, completion_tokens, finish_reason: {"type": "stop"|"length"|
-  "abort", ...}, output_token_logprobs: [[logprob, token_id, text|None], ...], weight_version}.
+  "abort", ...}, output_token_logprobs: [[logprob, token_id, text|None], ...], weight_version,
+  weight_versions: [{version, start, end}, ...] over the output tokens (SGLang 0.5.23
+  ``srt/utils/weight_versions.py``; a request that spanned a weight update has several spans), kept in
+  ``Completion.meta["weight_versions"]``}.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def _one_completion(obj: Any, where: str) -> Completion:
         raise ProtocolError(f"{where}: the server aborted the request: {finish.get('message')}")
     return Completion(output_ids=ids, output_logprobs=logprobs, finish_reason=kind,
                       weight_version=meta.get("weight_version"),
-                      meta={"id": meta.get("id"), "prompt_tokens": meta.get("prompt_tokens")})
+                      meta={"id": meta.get("id"), "prompt_tokens": meta.get("prompt_tokens"),
+                            "weight_versions": meta.get("weight_versions")})
 
 
 def completions_from_response(body: Any, n: int, where: str = "/generate") -> list[Completion]:
@@ -92,12 +96,16 @@ def completions_from_response(body: Any, n: int, where: str = "/generate") -> li
     return [_one_completion(item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
-def finish_reason(kind: str, *, matched: int | None = None, length: int | None = None) -> dict:
-    """SGLang's ``meta_info.finish_reason`` object (``FinishStop`` / ``FinishLength``)."""
+def finish_reason(kind: str, *, matched: int | None = None, length: int | None = None,
+                  message: str | None = None) -> dict:
+    """SGLang's ``meta_info.finish_reason`` object (``FinishStop`` / ``FinishLength`` / ``FINISH_ABORT.to_json``,
+    ``srt/managers/schedule_batch.py:332``)."""
     if kind == "stop":
         return {"type": "stop", "matched": matched}
     if kind == "length":
         return {"type": "length", "length": length}
+    if kind == "abort":
+        return {"type": "abort", "message": message or "Aborted", "status_code": None, "err_type": None}
     raise ValueError(f"finish_reason: unknown kind {kind!r}")
 
 

@@ -100,14 +100,13 @@ def test_pause_continue_flush_release_and_disk_update(server):
     t.start()
     time.sleep(1.0)
     assert "out" not in result  # held while paused
-    with pytest.raises(Exception, match="requests are pending"):
-        engine.flush_cache(retries=1)
+    engine.flush_cache(retries=1)  # SGLang: a paused scheduler's flush ignores the waiting queue
     engine.continue_generation()
     t.join(timeout=30)
     assert len(result["out"][0][0].output_ids) == 3
     engine.flush_cache()
     engine.release_memory_occupation(["weights", "kv_cache"])
-    engine.resume_memory_occupation()
+    engine.resume_memory_occupation(["weights", "kv_cache"])  # resuming cuda_graph too is 400, as in SGLang
     # a disk update swaps the weights and the version
     other = save_tiny_qwen2(str(root / "other"), seed=3, eos_token_id=2)
     os.remove(os.path.join(other, "config.json"))  # safetensors alone are enough for the embedded server
