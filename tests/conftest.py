@@ -26,3 +26,11 @@ def real_qwen3_checkpoint(tmp_path_factory):
     from tests.real_checkpoints import build_checkpoint
 
     return build_checkpoint("qwen3", str(tmp_path_factory.mktemp("real_qwen3")), seed=2)
+
+
+@pytest.fixture(scope="session")
+def real_qwen3_moe_checkpoint(tmp_path_factory):
+    """Qwen2.5's real tokenizer beside a tiny Qwen3-MoE model (4 experts, top-2) at vocab 151,936."""
+    from tests.real_checkpoints import build_checkpoint
+
+    return build_checkpoint("qwen3_moe", str(tmp_path_factory.mktemp("real_qwen3_moe")), seed=3)

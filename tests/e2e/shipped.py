@@ -9,7 +9,11 @@ distributed optimizer, sequence parallelism (where TP stays > 1) and the placeme
   the real tokenizer, the real vocabulary, two tiny layers).
 * the parallel shape cut to 2 processes: TP=2 where TP > 1; where TP >= 8 and PP > 1 (two
   dimensions that cannot both be 2 with 2 processes) PP=2 and TP=1, which also turns off sequence
-  parallelism (megatron has no SP at TP=1); TP=1 configs run DP=2.
+  parallelism (megatron has no SP at TP=1); TP=1 configs run DP=2. A mixture-of-experts config with
+  expert parallelism (``parallel.expert`` > 1) keeps it: EP=2 over DP=2 at TP=1 and PP=1 (expert
+  ranks are data-parallel ranks, so EP=2 leaves no process for TP or PP; MoE at TP=2 with SP is
+  covered by tests/distributed/test_qwen3_moe_ep_step.py and the Qwen3-MoE parity tests).
+* ``rollout.urls``: emptied (a config that attaches to servers on other nodes runs the embedded one).
 * ``rollout``: the embedded server (``backend embedded``, one server of one device: the embedded
   server has no TP), 2 rollouts of 16 tokens per prompt.
 * fewer steps (2), prompts (2 per step), evaluation problems (``eval.limit 2``, ``n 1``, 16 tokens).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,9 +60,14 @@ def read_config(name: str) -> dict:
 
 
 def family(raw: dict) -> str:
-    """Which miniature checkpoint stands in for the config's model: "llama3", "qwen3" or "qwen2.5"."""
+    """Which miniature checkpoint stands in for the config's model: "llama3", "qwen3_moe" (Qwen3's
+    mixture-of-experts releases are named Qwen3-<total>B-A<active>B), "qwen3" or "qwen2.5"."""
     path = raw["model"]["hf_path"].lower()
-    return "llama3" if "llama" in path else "qwen3" if "qwen3" in path else "qwen2.5"
+    if "llama" in path:
+        return "llama3"
+    if re.search(r"qwen3-\d+b-a\d+b", path):
+        return "qwen3_moe"
+    return "qwen3" if "qwen3" in path else "qwen2.5"
 
 
 def miniature_parallel(raw: dict) -> dict:
@@ -65,6 +75,8 @@ def miniature_parallel(raw: dict) -> dict:
     p = raw.get("parallel", {})
     tp, pp = p.get("tensor", 1), p.get("pipeline", 1)
     sp = p.get("sequence_parallel", False)
+    if p.get("expert", 1) > 1:
+        return {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "expert": 2}
     if tp >= 8 and pp > 1:
         return {"tensor": 1, "pipeline": 2, "sequence_parallel": False}
     if tp > 1:
@@ -84,6 +96,8 @@ def miniature_overrides(name: str, hf_path: str, run_dir: str) -> list[str]:
     out = [f"model.hf_path={hf_path}", f"train.output_dir={run_dir}",
            f"parallel.tensor={par['tensor']}", f"parallel.pipeline={par['pipeline']}",
            f"parallel.sequence_parallel={str(par['sequence_parallel']).lower()}",
+           *([f"parallel.expert={par['expert']}"] if "expert" in par else []),
+           *(["rollout.urls=[]"] if raw.get("rollout", {}).get("urls") else []),
            "rollout.backend=embedded", "rollout.num_servers=1", "rollout.server_tp=1",
            f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={TOKENS}",
            f"train.steps={STEPS}", f"data.prompts_per_step={PROMPTS}", "train.keep_last=1",

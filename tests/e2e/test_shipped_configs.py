@@ -44,6 +44,7 @@ def test_the_ci_configs_are_shipped_and_cover_tp_sp_pp_and_grpo():
 def _checkpoint_for(raw, request):
     """The session's miniature checkpoint of the config's family (tests/conftest.py; built only if used)."""
     return request.getfixturevalue({"llama3": "real_llama3_checkpoint", "qwen3": "real_qwen3_checkpoint",
+                                    "qwen3_moe": "real_qwen3_moe_checkpoint",
                                     "qwen2.5": "real_qwen25_checkpoint"}[shipped.family(raw)])
 
 
