@@ -60,7 +60,7 @@ running rows).
   ``running_batch`` empty, ``scheduler.py:5518``), and so does a weight update whose body has
   ``flush_cache: true`` (SGLang's default): the weights are loaded, the answer is 400 "Weights were
   updated, but the cache was not flushed ..." (``SchedulerWeightUpdaterManager.flush_cache_after_weight_update``,
-  ``scheduler_components/weight_updater.py:121``).
+  ``scheduler_components/weight_updater.py:120``).
 - ``retract``: the running rows go back to the waiting queue with their tokens, their K/V cache freed
   (``retract_all`` / ``Req.reset_for_retract``, ``schedule_batch.py:2049,2398``); after
   ``/continue_generation`` each is prefilled again over prompt + tokens so far, i.e. recomputed on the
@@ -420,6 +420,7 @@ class RolloutServer:
         self._cond = threading.Condition()          # pause state changes and the scheduler's answers to them
         self._held: list[SequenceRequest] = []      # rows parked between decode steps by an in_place pause
         self._abort_running = False                 # abort_all: the running rows end after their next token
+        self._collected: list[SequenceRequest] = []  # the rows of the batch the scheduler is about to run
         self.busy = False
         self.in_batch = False                       # generate_batch is running (progress_at is its heartbeat)
         self.progress_at = time.monotonic()
@@ -488,6 +489,7 @@ class RolloutServer:
                         break
                     batch.append(job)
                 slots = {id(s): slot for s, slot in batch}
+                self._collected = [s for s, _ in batch]  # live rows for _set_version until they run
                 while self._lock_waiters and not self.stopping.is_set():  # a weight operation goes first
                     time.sleep(0.005)
                 with self.model_lock:
@@ -515,6 +517,7 @@ class RolloutServer:
                 with self._cond:
                     self.in_batch = False
                     self.busy = False
+                    self._collected = []
                     self._abort_running = False
                     self._cond.notify_all()
 
@@ -539,7 +542,8 @@ class RolloutServer:
         self.model_lock.release()
         try:
             with self._cond:
-                self._cond.wait_for(lambda: self.pause_mode != "in_place" or self.stopping.is_set())
+                while self.pause_mode == "in_place" and not self.stopping.is_set():
+                    self._cond.wait(0.5)  # stopping.set() does not notify: look again now and then
         finally:
             self.model_lock.acquire()
             with self._cond:
@@ -1069,11 +1073,13 @@ class RolloutServer:
         """Make ``version`` current (None or the current one: nothing), recording on every live row
         that has tokens where the old version ended (SGLang's ``record_weight_version_change``, which
         takes the running batch, the waiting queue and the chunked request). Called with the model
-        lock held, so the live rows are the parked ones and the queued ones."""
+        lock held, so the live rows are the parked ones, the queued ones and those of a batch about to
+        start (a retracted row taken from the queue keeps its tokens)."""
         if version is None or str(version) == self.weight_version:
             return
         old = self.weight_version
-        for seq in [*self._held, *(s for s, _ in self.queue.snapshot())]:
+        live = {id(s): s for s in [*self._held, *self._collected, *(s for s, _ in self.queue.snapshot())]}
+        for seq in live.values():
             if seq.output_ids:
                 seq.version_events.append((old, len(seq.output_ids)))
         self.weight_version = str(version)
