@@ -1,9 +1,10 @@
-"""``popo-plan``: per-GPU memory of a POPO training layout (model x TP/PP/DP x FP8), and the largest
+"""``popo-plan``: per-GPU memory of a POPO training layout (model x TP/PP/DP/EP x FP8), and the largest
 micro-batch that fits.
 
     popo-plan --model qwen2.5-72b --tp 8 --pp 4 --dp 2 --micro-batch-tokens 16384 --recompute full
     popo-plan --config configs/qwen2.5-72b-popo.yaml --dp 2 --json plan.json
     popo-plan --hf-config /models/X/config.json --tp 2 --dp 4
+    popo-plan --model qwen3-30b-a3b --tp 2 --dp 8 --ep 8 --recompute full
 
 Every term is per GPU, for the worst pipeline stage (and each stage in ``--json``). The terms and
 their formulas are in docs/plan.md; in short, with N = this rank's parameters (its TP shard of the
@@ -26,8 +27,16 @@ last, a copy of a tied embedding on the last stage when PP > 1):
     logits      [T, V_pad/tp] bf16 saved for the log-prob backward + its gradient, and the fp32
                 chunk of the log-prob path (popo_mega.model.logprobs, ~4M elements)
 
+Mixture-of-experts models (Qwen3-MoE, megatron-core's MoELayer): N includes this rank's experts
+(E / ep of them per layer, each split over TP) and the replicated router; the optimizer shards the
+experts' 12 bytes over the expert-data-parallel group (DP / EP) instead of DP; the activations count
+the router's tensors and the top-k routed copies through the expert MLP
+(:func:`moe_activation_bytes_per_token`); ``moe_dispatch`` is one layer's all-to-all buffers
+(:func:`moe_dispatch_bytes`), a transient.
+
 Peak = static (weights + grads + optimizer + ema + predictor + fp8 cache) + max(training transient
-= activations + logits, target-pass transient = ema_swap + one layer forward + logits forward).
+= activations + logits (+ moe_dispatch), target-pass transient = ema_swap + one layer forward +
+logits forward (+ moe_dispatch)).
 The margin (default 6 GiB: CUDA context, NCCL buffers, allocator fragmentation) is subtracted from
 ``--gpu-mem-gib`` before deciding whether it fits.
 """
