@@ -386,3 +386,94 @@ def test_update_weight_version_aborts_by_default(dirs, expected):
     finally:
         srv.stopping.set()
     assert out["meta_info"]["finish_reason"]["type"] == "abort" and len(out["output_ids"]) < MAX_NEW
+
+
+def _sglang_types():
+    import importlib.util
+
+    pytest.importorskip("msgspec", reason="msgspec is not installed (launch/requirements-test-nodeps.txt)")
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SGLang's schema module is not installed (launch/requirements-test-nodeps.txt)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "api", "v1", "api_types.py")
+    module_spec = importlib.util.spec_from_file_location("sglang_api_types_for_pause_tests", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
+    """The HTTP app: /pause_generation in_place answers once the rows are parked, /ready is 503 and
+    /flush_cache 400 meanwhile, a disk update with SGLang's default flush_cache is 400 with SGLang's
+    message (weights loaded anyway), and the /generate answer, spans included, and an abort answer
+    decode with SGLang's own GenerateResponse."""
+    import requests
+    import uvicorn
+
+    from popo_mega.rollout.server_app import build_app
+    from popo_mega.runtime import free_port
+
+    types = _sglang_types()
+    base, certain = dirs
+    prompt, greedy = expected
+    srv = _server(base)
+    _slowed(srv)
+    port = free_port()
+    httpd = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=port, log_level="warning",
+                                          lifespan="off", http="h11"))
+    thread = threading.Thread(target=httpd.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    result = {}
+    try:
+        for _ in range(200):
+            if httpd.started:
+                break
+            time.sleep(0.05)
+        body = {"input_ids": prompt, "return_logprob": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}
+        client = threading.Thread(target=lambda: result.update(r=requests.post(f"{url}/generate", json=body,
+                                                                               timeout=60)))
+        client.start()
+        for _ in range(3000):
+            if srv.in_batch:
+                break
+            time.sleep(0.002)
+        r = requests.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"message": "Generation paused successfully.", "status": "ok"}
+        assert requests.get(f"{url}/ready", timeout=5).status_code == 503
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        assert requests.post(f"{url}/flush_cache", timeout=5).status_code == 400
+        r = requests.post(f"{url}/update_weights_from_disk", json={"model_path": certain, "weight_version": "v1"},
+                          timeout=30)
+        assert r.status_code == 400 and r.json()["message"].startswith("Weights were updated, but the cache")
+        assert requests.post(f"{url}/continue_generation", json={}, timeout=5).status_code == 200
+        client.join(60)
+        out = result["r"].json()
+        abort_body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW,
+                                                               "ignore_eos": True}}
+        client = threading.Thread(target=lambda: result.update(a=requests.post(f"{url}/generate", json=abort_body,
+                                                                               timeout=60)))
+        client.start()
+        for _ in range(3000):
+            if srv.in_batch:
+                break
+            time.sleep(0.002)
+        assert requests.post(f"{url}/pause_generation", json={}, timeout=30).status_code == 200  # default: abort
+        client.join(60)
+        aborted = result["a"]
+        requests.post(f"{url}/continue_generation", json={}, timeout=5)
+    finally:
+        httpd.should_exit = True
+        thread.join(10)
+        srv.stopping.set()
+    assert result["r"].status_code == 200
+    spans = out["meta_info"]["weight_versions"]
+    k = spans[0]["end"]
+    assert spans == [{"version": "v0", "start": 0, "end": k}, {"version": "v1", "start": k, "end": MAX_NEW}]
+    assert out["output_ids"][:k] == greedy[:k] and out["output_ids"][k:] == [CERTAIN] * (MAX_NEW - k)
+    decoded = types.GenerateResponse.from_json_value(out)
+    assert [(s.version, s.start, s.end) for s in decoded.meta_info.weight_versions] == [("v0", 0, k),
+                                                                                       ("v1", k, MAX_NEW)]
+    assert aborted.status_code == 200 and aborted.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    types.GenerateResponse.from_json_value(aborted.json())
