@@ -138,9 +138,10 @@ def test_check_layout_knows_parallel_expert():
         assert "run.yaml" in str(e.value)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "qwen3_moe"])
 def test_plan_layer_params_equal_the_hf_layer(family):
-    """popo-plan's per-layer element count against transformers' own layer (q/k norms included for Qwen3)."""
+    """popo-plan's per-layer element count against transformers' own layer (q/k norms included for Qwen3;
+    router and every expert for Qwen3-MoE, which popo-plan plans since issue 13 item 5)."""
     from transformers import AutoModelForCausalLM
 
     from popo_mega.plan import layer_params
@@ -149,13 +150,6 @@ def test_plan_layer_params_equal_the_hf_layer(family):
     model = AutoModelForCausalLM.from_config(cfg)
     hf_layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0."))
     assert sum(layer_params(Architecture.from_hf(cfg.to_dict()), tp=1).values()) == hf_layer
-
-
-def test_plan_refuses_moe_models():
-    from popo_mega.plan import Layout
-
-    with pytest.raises(ConfigError, match="qwen3_moe is a mixture-of-experts model; popo-plan has no MoE terms"):
-        Layout().check(Architecture.from_hf(qwen3_moe_config().to_dict()))
 
 
 @pytest.mark.parametrize("family,ep,message", [
