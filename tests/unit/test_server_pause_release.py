@@ -477,3 +477,35 @@ def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
                                                                                        ("v1", k, MAX_NEW)]
     assert aborted.status_code == 200 and aborted.json()["meta_info"]["finish_reason"]["type"] == "abort"
     types.GenerateResponse.from_json_value(aborted.json())
+
+
+def test_retracted_row_recomputes_its_prompt_logprobs_and_keeps_its_own(dirs):
+    """A retracted row is prefilled again over prompt + tokens (SGLang's reset_for_retract drops its
+    input log-probs, recomputed then): on unchanged weights its input and output log-probs equal an
+    uninterrupted run's (to fp32 rounding) and so do its seeded tokens."""
+    base, _ = dirs
+    body = {"input_ids": [3, 4, 5, 6], "return_logprob": True, "logprob_start_len": 1,
+            "sampling_params": {"temperature": 1.0, "max_new_tokens": 30, "ignore_eos": True, "sampling_seed": 5}}
+    ref = _server(base)
+    try:
+        want = ref.generate(body)
+    finally:
+        ref.stopping.set()
+    srv = _server(base)
+    try:
+        _slowed(srv)
+        plan = srv.plan(body)
+        jobs, t0 = srv.submit(plan), time.time()
+        _wait_tokens(jobs[0][0], 4)
+        srv.pause({"mode": "retract"})
+        srv.continue_generation()
+        got = _finish(srv, plan, jobs, t0)
+    finally:
+        srv.stopping.set()
+    assert got["meta_info"]["num_retractions"] == 1
+    assert got["output_ids"] == want["output_ids"]
+    assert len(jobs[0][0].input_logprobs) == 3  # prompt tokens 1..3 only, not the 4+ output tokens prefilled too
+    for key in ("input_token_logprobs", "output_token_logprobs"):
+        a, b = got["meta_info"][key], want["meta_info"][key]
+        assert [t for _, t, _ in a] == [t for _, t, _ in b]
+        assert torch.allclose(torch.tensor([x for x, _, _ in a]), torch.tensor([x for x, _, _ in b]), atol=1e-5)
