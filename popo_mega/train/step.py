@@ -2,7 +2,12 @@
 optimizer step, LR schedule and EMA update (docs/algorithms.md, Eq. P1-P6; architecture.md's loop).
 
     trainer = PolicyTrainer(cfg, runtime, build_from_hf(cfg.model, runtime))
-    stats = trainer.train_step(samples)        # samples: this DP rank's RolloutSamples
+    batch = trainer.batch(samples)             # samples: this DP rank's RolloutSamples
+    trainer.reference_pass(batch)              # GRPO's KL: the frozen reference, once per rollout batch
+    trainer.target_pass(batch)                 # POPO: the EMA's features (Eq. P3)
+    stats = trainer.policy_step(batch)         # forward/backward, optimizer, LR schedule
+    trainer.update_ema(stats)                  # Eq. P6, and the served copy the engine gets
+    stats = trainer.train_step(samples)        # the same four calls, one update
 
 Pieces, all megatron-core's own: ``DistributedDataParallel`` (gradients reduced over DP), the
 megatron optimizer (Adam, weight decay, gradient clipping, optionally the distributed optimizer),
@@ -34,6 +39,7 @@ gave NaN entropies in the bf16 CUDA kernel when a shard had < 2,048 real columns
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,13 +48,32 @@ from torch import Tensor
 from popo_mega.algorithms.ema import EMA
 from popo_mega.algorithms.predictor import Predictor
 from popo_mega.algorithms.reference import FrozenReference
+from popo_mega.train.served_model import ServedModel
 from popo_mega.ops import masked_mean_pool
 from popo_mega.config import Config
 from popo_mega.ops.logprob_entropy import logprob_entropy
 from popo_mega.train.batch import MicroBatch, RolloutSample, pack_micro_batches, token_multiple
 from popo_mega.train.objectives import make_objective
 
-__all__ = ["PolicyTrainer"]
+__all__ = ["PolicyTrainer", "StepBatch"]
+
+
+@dataclass
+class StepBatch:
+    """This DP rank's share of one rollout batch as the policy step takes it (``PolicyTrainer.batch``).
+
+    samples:     the trainable rollouts (before the objective's per-step preparation)
+    mbs:         their micro-batches, on the runtime's device; the passes fill ``extras``
+    prepared_at: the step whose ``objective.prepare`` made ``mbs`` (A3PO re-prepares at a later step)
+    """
+
+    samples: list[RolloutSample]
+    mbs: list[MicroBatch]
+    prepared_at: int
+
+
+def _micro_batches(batch: "StepBatch | list[MicroBatch]") -> list[MicroBatch]:
+    return batch.mbs if isinstance(batch, StepBatch) else batch
 
 def _cast_stray_params(model, dtype: torch.dtype) -> int:
     """Cast floating parameters that are not in ``dtype`` to it (returns how many). megatron-core
@@ -130,6 +155,9 @@ class PolicyTrainer:
         self.scheduler.step(increment=1)
         self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
                     if self.objective.keeps_ema else None)
+        # What the rollout servers get when they serve the EMA: its own copy in the model's dtype,
+        # refreshed by update_ema, so a sync never swaps weights into the live policy (issue 12).
+        self.served = ServedModel(self.model, self.ema) if self.ema is not None else None
         # GRPO/A3PO with algorithm.grpo.beta_kl != 0: the frozen initial policy for the k3 KL term,
         # taken from the HF weights before any step (also on resume: load_checkpoint runs later).
         self.reference = FrozenReference(self.model) if self.objective.keeps_reference else None
@@ -198,46 +226,39 @@ class PolicyTrainer:
                                impl=self.cfg.train.kernels)
 
     @torch.no_grad()
-    def target_pass(self, mbs: list[MicroBatch]) -> None:
-        """EMA weights swapped into the policy, forward only: on the last stage each micro-batch gets
-        ``extras["target_features"]`` [B, H] fp32 (masked mean of the final-norm hidden state over
-        the response tokens, Eq. P3) and ``extras["target_logp"]`` [T] fp32 (EMA log-probs of the
-        labels, 0 off the mask). Collective over the pipeline."""
+    def _frozen_forward(self, weights, mbs: list[MicroBatch], key: str, features: bool = False) -> None:
+        """``weights`` (the EMA target or the frozen reference: anything with ``swapped_into``) in the
+        policy's parameters, forward only: on the last stage each micro-batch gets ``extras[key]`` [T]
+        fp32, those weights' log-probs of the labels (0 off the mask), and with ``features``
+        ``extras["target_features"]`` [B, H] fp32 (Eq. P3's masked mean of the final-norm hidden state
+        over the response tokens). Collective over the pipeline."""
         from popo_mega.model.forward import forward_only
-
-        if self.ema is None:
-            raise RuntimeError("target_pass: only POPO keeps an EMA target")
-
-        def collect(output, batch):
-            mb = batch["mb"]
-            T = mb.num_tokens
-            logp, _ = self._logp_entropy(output[0, :T], mb.labels)
-            mb.extras["target_logp"] = logp * mb.mask
-            mb.extras["target_features"] = self._pooled_features(mb)
-            return None
-
-        with self.ema.swapped_into(self.model):
-            forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
-
-    @torch.no_grad()
-    def reference_pass(self, mbs: list[MicroBatch]) -> None:
-        """The frozen reference (the initial policy) swapped into the policy, forward only: on the
-        last stage each micro-batch gets ``extras["ref_logp"]`` [T] fp32, the reference log-probs of
-        the labels (0 off the mask), for GRPO's k3 KL term. Collective over the pipeline."""
-        from popo_mega.model.forward import forward_only
-
-        if self.reference is None:
-            raise RuntimeError("reference_pass: a reference is kept only with algorithm.grpo.beta_kl != 0")
 
         def collect(output, batch):
             mb = batch["mb"]
             logp, _ = self._logp_entropy(output[0, :mb.num_tokens], mb.labels)
-            mb.extras["ref_logp"] = logp * mb.mask
+            mb.extras[key] = logp * mb.mask
+            if features:
+                mb.extras["target_features"] = self._pooled_features(mb)
             return None
 
-        with self.reference.swapped_into(self.model):
+        with weights.swapped_into(self.model):
             forward_only(self.model, [{**mb.model_inputs(), "mb": mb} for mb in mbs], collect)
         self._hidden = None
+
+    def target_pass(self, batch: "StepBatch | list[MicroBatch]") -> None:
+        """POPO's EMA target (Eq. P3): ``extras["target_features"]`` [B, H] and ``extras["target_logp"]``
+        [T] per micro-batch. Runs when the objective keeps a predictor (alpha != 0: the features feed
+        only its term), else nothing. Collective over the pipeline."""
+        if self.objective.keeps_predictor:
+            self._frozen_forward(self.ema, _micro_batches(batch), "target_logp", features=True)
+
+    def reference_pass(self, batch: "StepBatch | list[MicroBatch]") -> None:
+        """GRPO's k3 KL term: ``extras["ref_logp"]`` [T], the frozen initial policy's log-probs, per
+        micro-batch; nothing without a reference (beta_kl = 0, POPO). The reference never changes, so
+        once per rollout batch is enough, however many updates train on it. Collective over the pipeline."""
+        if self.reference is not None:
+            self._frozen_forward(self.reference, _micro_batches(batch), "ref_logp")
 
     def _target_noise(self, uids: Tensor, width: int) -> Tensor:
         """eps ~ N(0, sigma^2) of Eq. P3, [B, width], a function of (seed, step, rollout uid) only."""
@@ -280,30 +301,75 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------------------ the step
     def train_step(self, samples: list[RolloutSample]) -> dict:
-        """One optimizer step on this DP rank's ``samples`` (all TP/PP peers pass the same list).
+        """One optimizer step on this DP rank's ``samples`` (all TP/PP peers pass the same list): the
+        loop's four calls in a row, for callers that train one update per batch (tests, benchmarks).
+        Returns ``policy_step``'s stats, with ``tau`` from ``update_ema`` (POPO)."""
+        batch = self.batch(samples)
+        self.reference_pass(batch)
+        self.target_pass(batch)
+        stats = self.policy_step(batch)
+        self.update_ema(stats)
+        return stats
 
-        Returns (same on every rank) a dict of floats: the full-batch loss and its parts (summed over
-        micro-batches and DP), ``grad_norm``, ``lr``, ``tau`` (EMA momentum used, POPO),
-        ``tokens_fed`` / ``rollouts_fed`` (over DP), ``num_microbatches``, ``skipped`` (1.0 when a
-        NaN/inf loss or gradient skipped the update) and ``step`` (after the update).
-        """
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    def skip(self, updates: int) -> dict:
+        """No rank has anything to train on in this rollout batch (POPO: no positive; decided by the
+        loop on the broadcast batch): the ``updates`` optimizer steps are counted as skipped, so the
+        step counter, and with it train.steps, still advance. Returns the step's stats."""
+        self.step += updates
+        return {"skipped": 1.0, "tokens_fed": 0.0}
 
+    def batch(self, samples: list[RolloutSample]) -> "StepBatch":
+        """This DP rank's share of a rollout batch, ready for the passes and the policy step: the
+        objective's trainable samples (POPO, entropy_on positive: the positives), checked, prepared
+        (A3PO: shaped advantages at the current step) and packed into micro-batches. A rank whose
+        share is empty gets one all-masked micro-batch, so that it still joins the schedule and the
+        gradient all-reduce. An error when no DP rank has a sample (the loop decides that on the
+        broadcast batch, before this, the same on every rank). Collective over DP."""
         obj = self.objective
         samples = obj.trainable(samples)   # POPO, entropy_on positive: negatives enter no term, never run them
         obj.check_inputs(samples)
-        samples = obj.prepare(samples, self.step)   # A3PO: token-level shaped advantages
         total = torch.tensor([float(len(samples))], device=self.rt.device)
         if self.rt.dp > 1:
             dist.all_reduce(total, group=_groups()[2])
         if total.item() == 0:   # the same decision on every rank: nobody enters the schedule
             raise ValueError("train_step: no rollout to train on in the whole batch (POPO: no positive); "
                              "the caller must skip this batch")
-        mbs = self.pack(samples) if samples else [self._empty_micro_batch()]
-        if obj.keeps_predictor:
-            self.target_pass(mbs)   # collective over the pipeline: every stage runs it
-        if self.reference is not None:
-            self.reference_pass(mbs)   # GRPO/A3PO k3 KL: reference log-probs, collective likewise
+        return StepBatch(samples, self._pack_prepared(samples), self.step)
+
+    def _pack_prepared(self, samples: list[RolloutSample]) -> list[MicroBatch]:
+        prepared = self.objective.prepare(samples, self.step)   # A3PO: token-level shaped advantages
+        return self.pack(prepared) if prepared else [self._empty_micro_batch()]
+
+    def _micro_batches_now(self, batch: "StepBatch") -> list[MicroBatch]:
+        """``batch``'s micro-batches as of this step. A3PO's shaped advantages decay with the step, so
+        a later update on the same rollouts re-prepares them; the packing is a function of the
+        tokens only, so the passes' ``extras`` (EMA, reference: log-probs of the same tokens) carry
+        over to the new micro-batches unchanged."""
+        if batch.prepared_at == self.step:
+            return batch.mbs
+        mbs = self._pack_prepared(batch.samples)
+        for new, old in zip(mbs, batch.mbs, strict=True):
+            if not torch.equal(new.cu_seqlens, old.cu_seqlens):
+                raise RuntimeError("policy_step: re-packing the same rollouts gave another layout")
+            new.extras.update(old.extras)
+        batch.mbs, batch.prepared_at = mbs, self.step
+        return mbs
+
+    def policy_step(self, batch: "StepBatch") -> dict:
+        """Forward/backward of the objective's loss over ``batch`` (after ``target_pass`` /
+        ``reference_pass`` filled its extras), then the optimizer and LR schedule; no EMA update
+        (``update_ema``, next).
+
+        Returns (same on every rank) a dict of floats: the full-batch loss and its parts (summed over
+        micro-batches and DP), ``grad_norm``, ``lr``, ``tokens_fed`` / ``rollouts_fed`` (over DP),
+        ``num_microbatches``, ``skipped`` (1.0 when a NaN/inf loss or gradient skipped the update)
+        and ``step`` (after the update).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        obj = self.objective
+        mbs = self._micro_batches_now(batch)
+        samples = batch.samples
         norm = self.normalisers(mbs)
         n_mb, dp = len(mbs), self.rt.dp
         keys = obj.stat_keys
@@ -348,7 +414,7 @@ class PolicyTrainer:
         bad = bad.cpu()
         skipped = bool(bad.max() > 0)
         lr = float(self.optimizer.param_groups[0]["lr"])   # the rate this step uses
-        grad_norm, tau = float("nan"), float("nan")
+        grad_norm = float("nan")
         if skipped:
             for c in self.chunks:
                 c.zero_grad_buffer()
@@ -359,17 +425,32 @@ class PolicyTrainer:
                 skipped = True
             else:
                 self.scheduler.step(increment=1)
-                if self.ema is not None:
-                    tau = self.ema.update(self.model)
         self.step += 1
         out = {k: float(vec[i]) for i, k in enumerate(keys)}
         out.update(tokens_fed=float(vec[len(keys)]), rollouts_fed=float(vec[len(keys) + 1]),
                    num_microbatches=float(n_mb), grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    lr=lr, skipped=float(skipped),
                    nonfinite_loss=float(bad[0]), nonfinite_grad=float(bad[1]), step=float(self.step))
-        if self.ema is not None:  # GRPO, A3PO: no EMA, no tau (a NaN would be flagged on the console)
-            out["tau"] = tau
         return out
+
+    def update_ema(self, stats: dict) -> None:
+        """Eq. P6 after a policy step that was not skipped: the fp32 EMA moves towards the policy, and
+        the served copy (``served``, what the rollout servers get) is materialised from it. Adds
+        ``tau`` (the momentum used; NaN for a skipped step) to ``stats``. Nothing for GRPO/A3PO (no
+        EMA, no tau: a NaN would be flagged on the console)."""
+        if self.ema is None:
+            return
+        tau = float("nan")
+        if not stats["skipped"]:
+            tau = self.ema.update(self.model)
+            self.served.refresh()
+        stats["tau"] = tau
+
+    def weights_to_serve(self, ema: bool):
+        """What a weight sync sends (``served_model.send_weights`` reads its ``state_dict``): the served
+        EMA copy when ``ema`` and the objective keeps an EMA (Eq. P6: the engine serves the target),
+        else the live policy."""
+        return self.served if (ema and self.served is not None) else self.model
 
     def _empty_micro_batch(self) -> MicroBatch:
         """A 2-token micro-batch whose masks are all zero, for a DP rank with no rollout while other

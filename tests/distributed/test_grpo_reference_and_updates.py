@@ -4,9 +4,11 @@ batch (train.updates_per_rollout) in the megatron trainer: one gloo process, a t
 * beta_kl = 0.04: at update 1 the policy IS the reference, so the KL is 0; after it the KL of
   update 2 equals a float64 k3 token mean computed from HF models (the initial checkpoint and the
   weights after update 1), and loss = pg + 0.04 kl. beta_kl = 0: no reference kept or run, KL 0.
-* updates_per_rollout = 2 (``loop.train_on_rollouts``): equals two ``train_step`` calls on the same
+* updates_per_rollout = 2 (the loop's sequence: ``batch``, ``reference_pass`` once, then per update
+  ``target_pass``, ``policy_step``, ``update_ema``): equals two ``train_step`` calls on the same
   samples, differs from one (the weights after its first update); the behaviour policy of update 2 is still the sampler's: rollouts
-  sampled on-policy have rho = 1 at update 1 and rho = exp(logp_1 - logp_0) != 1 at update 2.
+  sampled on-policy have rho = 1 at update 1 and rho = exp(logp_1 - logp_0) != 1 at update 2. The
+  reference pass runs once for both updates (the reference is frozen: the same log-probs).
 """
 
 import pytest
@@ -39,7 +41,6 @@ def _on_policy(trainer, samples):
 def _run(rank, world_size, path):
     from popo_mega.model.loader import build_from_hf
     from popo_mega.runtime import initialize
-    from popo_mega.train.loop import train_on_rollouts
     from popo_mega.train.step import PolicyTrainer
 
     rt = initialize(1, 1, seed=0, device="cpu")
@@ -54,9 +55,7 @@ def _run(rank, world_size, path):
     samples = _on_policy(a, make_samples())
     out["old_logp"] = {s.uid: s.old_logp for s in samples}
     a.tokens_seen = 0
-    after_1 = []
-    out["a_last"] = train_on_rollouts(a, samples, 2, lambda st: after_1.append((st, full_weights(a))))
-    (out["a_first"], out["weights_1"]), = after_1
+    out["a_first"], out["weights_1"], out["a_last"] = _updates_on_one_batch(a, samples)
     out["a"] = full_weights(a)
     out["a_tokens_seen"] = a.tokens_seen
     with torch.no_grad(), a.reference.swapped_into(a.model):
@@ -72,7 +71,31 @@ def _run(rank, world_size, path):
     out["d_stats"] = [d.train_step(samples) for _ in range(2)]
     out["d_tokens_seen"] = d.tokens_seen
     out["d"] = full_weights(d)
+
+    def a3po():   # shaping scale 2.0 at step 0, 1.5 at step 1: update 2 must re-prepare the advantages
+        cfg = make_cfg(path, {"algorithm.name": "a3po", "algorithm.grpo.beta_kl": BETA_KL, "algorithm.a3po.alpha": 0.5})
+        return PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt))
+
+    e = a3po()
+    e_first, _, e_last = _updates_on_one_batch(e, samples)
+    out["e_stats"], out["e"] = [e_first, e_last], full_weights(e)
+    f = a3po()
+    out["f_stats"] = [f.train_step(samples) for _ in range(2)]
+    out["f"] = full_weights(f)
     return out
+
+
+def _updates_on_one_batch(trainer, samples):
+    """Two updates on one rollout batch as ``loop.run`` sequences them; (stats 1, weights after 1, stats 2)."""
+    batch = trainer.batch(samples)
+    trainer.reference_pass(batch)                      # once per batch
+    seen = []
+    for _ in range(2):
+        trainer.target_pass(batch)
+        stats = trainer.policy_step(batch)
+        trainer.update_ema(stats)
+        seen += [stats, full_weights(trainer)]
+    return seen[0], seen[1], seen[2]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +159,7 @@ def test_kl_is_zero_at_the_reference_and_matches_float64_after_an_update(hf_path
     assert run["d_reference"] is None and d[0]["kl"] == 0.0 and d[1]["kl"] == 0.0
     tokens = sum(s.tokens.numel() for s in samples)
     assert run["d_tokens_seen"] == 2 * tokens
-    assert run["a_tokens_seen"] == 2 * 2 * tokens      # each update: reference pass + policy pass
+    assert run["a_tokens_seen"] == 3 * tokens          # one reference pass for the batch + two policy passes
     # the KL gradient changed update 2: beta 0.04 and beta 0 end apart (update 1's k3 gradient is 0)
     assert _max_diff(run["a"], run["d"]) > 1e-6
 
@@ -156,38 +179,22 @@ def test_two_updates_per_rollout_equal_two_train_steps_and_differ_from_one(run):
     assert _max_diff(run["weights_1"], run["a"]) > 1e-4   # one update (weights after the first) differs
 
 
-def test_train_on_rollouts_calls():
-    """U train_step calls on the same share; after_update sees all but the last; returns the last."""
-    from popo_mega.train.loop import train_on_rollouts
-
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def train_step(self, share):
-            self.calls.append(share)
-            return {"step": float(len(self.calls))}
-
-    rec, seen = Recorder(), []
-    share = [object()]
-    assert train_on_rollouts(rec, share, 3, seen.append) == {"step": 3.0}
-    assert len(rec.calls) == 3 and all(c is share for c in rec.calls) and seen == [{"step": 1.0}, {"step": 2.0}]
-    rec, seen = Recorder(), []
-    assert train_on_rollouts(rec, share, 1, seen.append) == {"step": 1.0} and seen == []
+def test_a3po_updates_reprepare_the_advantages_and_keep_the_reference_log_probs(run):
+    """A3PO's shaped advantages decay with the step: update 2 of one batch re-packs them at step 1,
+    carrying the batch's reference log-probs over; it equals a second train_step (which re-runs
+    the reference pass) exactly."""
+    assert _max_diff(run["e"], run["f"]) == 0.0
+    for got, want in zip(run["e_stats"], run["f_stats"]):
+        for key in ("loss", "pg", "kl", "rho_sum", "grad_norm", "step"):
+            assert got[key] == want[key], key
+    assert run["e_stats"][1]["kl"] > 0
 
 
 def test_crossed_intervals():
-    from popo_mega.train.loop import _crossed
+    from popo_mega.train.run_setup import crossed as _crossed
 
     # one update per batch: exactly step % interval == 0
     assert [s for s in range(1, 13) if _crossed(s - 1, s, 4)] == [4, 8, 12]
     # three updates per batch (steps 0 -> 3 -> 6 -> 9 -> 12): interval 4 is due after 6, 9 and 12
     assert [s for s in (3, 6, 9, 12) if _crossed(s - 3, s, 4)] == [6, 9, 12]
     assert not _crossed(0, 12, 0)
-
-
-def test_updates_per_rollout_must_be_positive():
-    from popo_mega.train.loop import train_on_rollouts
-
-    with pytest.raises(ValueError, match="updates_per_rollout"):
-        train_on_rollouts(None, [], 0)

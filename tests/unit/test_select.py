@@ -147,26 +147,34 @@ class ScriptedEngine:
         self.calls.append((len(prompt_ids), sampling.seed))
         return [[_c([ord(ch) for ch in t], [-1.0] * len(t)) for t in texts] for _ in prompt_ids]
 
+    def weight_version(self):
+        return "v7"
+
 
 class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)
 
 
-def test_loop_refill_with_a_scripted_engine_stops_at_max_refill_rounds():
-    from popo_mega.rollout.engine import SamplingParams
-    from popo_mega.train.loop import _score_and_select
-    from popo_mega.train.refill import stream_rollouts
+def _worker(cfg, stream, engine):
+    """The loop's rank-0 RolloutWorker on ``stream`` and a scripted engine (its objective: cfg's)."""
+    from types import SimpleNamespace
 
+    from popo_mega.train.objectives import make_objective
+    from popo_mega.train.rollout_worker import RolloutWorker
+
+    setup = SimpleNamespace(stream=stream, tokenizer=CharTokenizer(), stop_ids=(), synthetic=True)
+    return RolloutWorker(cfg, setup, make_objective(cfg.algorithm), SimpleNamespace(http=engine))
+
+
+def test_loop_refill_with_a_scripted_engine_stops_at_max_refill_rounds():
     cfg = config_from_dict({"algorithm": {"name": "grpo", "grpo": {"dynamic_sampling": True, "max_refill_rounds": 2}},
                             "rollout": {"group_size": 2}, "data": {"prompts_per_step": 3}})
     stream = PromptStream([Prompt(ids=[i], gold="7", question=str(i)) for i in range(50)], seed=0)
     engine = ScriptedEngine([["7", "7"]] * 4)  # all correct: never informative
-    sampling = SamplingParams(seed=11)
-    prompts = stream.next_batch(3)
-    first = engine.generate([p.ids for p in prompts], sampling, n=2)
-    samples, st = _score_and_select(cfg, 5, prompts, first, CharTokenizer(), None,
-                                    roll_more=stream_rollouts(stream, engine, sampling, 2))
+    batch = _worker(cfg, stream, engine).collect(5)
+    samples, st = batch.samples, batch.metrics
+    assert batch.weight_version == "v7" and not batch.interrupted
     assert samples == [] and st["refill_rounds"] == 2.0 and st["informative_shortfall"] == 3.0
     assert len(engine.calls) == 3 and len(engine.script) == 1  # the first round + 2 refill rounds
     assert [n for n, _ in engine.calls] == [3, 3, 3] and stream.position == 9
@@ -175,20 +183,13 @@ def test_loop_refill_with_a_scripted_engine_stops_at_max_refill_rounds():
 
 
 def test_loop_refill_with_a_scripted_engine_fills_the_step():
-    from popo_mega.rollout.engine import SamplingParams
-    from popo_mega.train.loop import _score_and_select
-    from popo_mega.train.refill import stream_rollouts
-
     cfg = config_from_dict({"algorithm": {"name": "grpo", "grpo": {"dynamic_sampling": True}},
                             "rollout": {"group_size": 2}, "data": {"prompts_per_step": 3}})
     stream = PromptStream([Prompt(ids=[i], gold="7", question=str(i)) for i in range(50)], seed=0)
     # round 0: uninformative (7, 7); round 1: informative (7, 8) for all 3 prompts asked.
     engine = ScriptedEngine([["7", "7"], ["7", "8"]])
-    sampling = SamplingParams(seed=11)
-    prompts = stream.next_batch(3)
-    first = engine.generate([p.ids for p in prompts], sampling, n=2)
-    samples, st = _score_and_select(cfg, 0, prompts, first, CharTokenizer(), None,
-                                    roll_more=stream_rollouts(stream, engine, sampling, 2))
+    batch = _worker(cfg, stream, engine).collect(0)
+    samples, st = batch.samples, batch.metrics
     assert st["refill_rounds"] == 1.0 and st["informative_shortfall"] == 0.0 and st["prompts_skipped"] == 3.0
     assert len(samples) == 6 and [s.positive for s in samples] == [True, False] * 3
     # GRPO advantages of a (1, 0) group: +-0.5 / std(1, 0) = +-0.5 / sqrt(0.5)
@@ -196,3 +197,24 @@ def test_loop_refill_with_a_scripted_engine_fills_the_step():
     # the kept prompts are the refill round's: the stream's next 3 (a twin stream shows which)
     twin = PromptStream(stream.prompts, seed=0).next_batch(6)
     assert [s.tokens[0].item() for s in samples[::2]] == [p.ids[0] for p in twin[3:]]
+
+
+def test_a_failed_rollout_puts_the_prompt_cursor_back():
+    """A server failure mid-step leaves the stream where it was, so that the retry after a relaunch
+    (ResilientEngine.on_rank0) samples the same prompts with the same seeds."""
+    import pytest
+
+    from popo_mega.rollout.http_engine import RolloutServerError
+
+    class DyingEngine(ScriptedEngine):
+        def generate(self, prompt_ids, sampling, n):
+            raise RolloutServerError("http://127.0.0.1:1/generate failed")
+
+    cfg = config_from_dict({"rollout": {"group_size": 2}, "data": {"prompts_per_step": 3}})
+    stream = PromptStream([Prompt(ids=[i], gold="7", question=str(i)) for i in range(50)], seed=0)
+    stream.next_batch(4)
+    with pytest.raises(RolloutServerError):
+        _worker(cfg, stream, DyingEngine([])).collect(0)
+    assert stream.position == 4
+    batch = _worker(cfg, stream, ScriptedEngine([["7", "8"]])).collect(0)
+    assert stream.position == 7 and len(batch.samples) == 3   # POPO: the positives

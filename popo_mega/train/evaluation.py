@@ -1,0 +1,108 @@
+"""Held-out and benchmark evaluation during a run: which weights are evaluated, and when.
+
+``eval.model`` names the weights: ``policy`` (the online weights) or ``served`` (what the engine
+serves: the EMA under ``rollout.weights: ema``). Evaluating the policy of an EMA-serving run syncs the
+online weights into the engine first (collective), and the loop's weight sync after it puts the EMA
+back; the held-out accuracy of the served EMA is then measured as well (``served_accuracy``).
+"""
+
+from __future__ import annotations
+
+from popo_mega.config import Config
+from popo_mega.rollout.http_engine import RolloutServerError
+from popo_mega.train.benchmark_eval import benchmark_eval_due
+from popo_mega.train.rollout_worker import greedy_accuracy
+from popo_mega.train.run_setup import crossed
+
+__all__ = ["Evaluation"]
+
+
+class Evaluation:
+    """Every rank builds it; ``start`` runs on rank 0. ``engine``: the run's ResilientEngine."""
+
+    def __init__(self, cfg: Config, setup, engine, trainer):
+        self.cfg, self.setup, self.engine, self.trainer = cfg, setup, engine, trainer
+        serves_ema = cfg.rollout.weights == "ema" and trainer.served is not None
+        self.policy_synced_in = serves_ema and cfg.eval.model == "policy"  # eval needs the online weights synced in
+        self.served_is_ema = serves_ema and not self.policy_synced_in
+        self.bench = None  # eval.benchmarks (rank 0)
+        self.initial_accuracy = None
+
+    def start(self, verifier, fresh_run: bool) -> None:
+        """Rank 0: load the benchmarks; on a fresh run, the held-out accuracy before RL."""
+        cfg, log = self.cfg, self.setup.log_line
+        if cfg.eval.benchmarks:
+            from popo_mega.train.benchmark_eval import BenchmarkEval
+
+            self.bench = BenchmarkEval(cfg.eval, cfg.data, self.setup.tokenizer, seed=cfg.train.seed,
+                                       verifier=verifier, log=log)
+            log(f"[popo-train] benchmark evaluation: {self.bench.describe()}")
+        if self.setup.heldout and fresh_run:
+            self.initial_accuracy = self._greedy()
+            log(f"[popo-train] held-out accuracy before RL: {100 * self.initial_accuracy:.1f}% "
+                f"({len(self.setup.heldout)} problems)")
+
+    def _greedy(self) -> float:
+        from popo_mega.rewards import synthetic
+
+        s = self.setup
+        return greedy_accuracy(self.engine.http, s.heldout, synthetic.score, self.cfg.rollout.max_new_tokens,
+                               s.stop_ids, s.tokenizer)
+
+    def heldout_accuracy(self, step: int) -> float | None:
+        """Rank 0: greedy held-out accuracy of what the engine serves (None if a server died: the
+        next sync relaunches it)."""
+        try:
+            return self._greedy()
+        except RolloutServerError as exc:
+            self.setup.log_line(f"[popo-train] step {step}: held-out evaluation failed ({exc})")
+            return None
+
+    def _sync_policy(self, step: int) -> None:
+        self.engine.sync(self.trainer.model, f"step{step}-policy")
+
+    def after_batch(self, prev: int, step: int) -> dict:
+        """The evaluations due after the batch that moved the run from step ``prev`` to ``step``
+        (eval.interval crossed; benchmarks per ``benchmark_eval_due``). Collective: the online policy
+        is synced in first where eval.model asks for it. Returns rank 0's metrics ({} elsewhere)."""
+        out, rank0 = {}, self.trainer.rt.rank == 0
+        heldout_due = bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval))
+        bench_due = any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps) for k in range(prev + 1, step + 1))
+        if (heldout_due or bench_due) and self.policy_synced_in:
+            self._sync_policy(step)
+        if heldout_due and rank0:
+            out["heldout_accuracy"] = self.heldout_accuracy(step)
+        if bench_due and rank0:
+            out["bench"] = self.bench.run(self.engine.http, step, "served EMA" if self.served_is_ema else "online policy")
+        return out
+
+    def metrics(self, evaluated: dict, step: int) -> dict:
+        """Rank 0, after the loop's weight sync: ``after_batch``'s metrics to log, with the held-out
+        accuracy of the served EMA (back in the engine) when the policy was evaluated."""
+        out = {}
+        accuracy = evaluated.get("heldout_accuracy")
+        if accuracy is not None:
+            out["heldout_accuracy"] = accuracy
+            served = self.heldout_accuracy(step) if self.policy_synced_in else None
+            if served is not None:
+                out["heldout_accuracy_served"] = served
+        out.update(evaluated.get("bench", {}))
+        return out
+
+    def final(self, step: int) -> float | None:
+        """At the end: the served EMA's held-out accuracy (logged), then eval.model's (returned on rank
+        0). Collective."""
+        if not self.setup.heldout:
+            return None
+        rank0 = self.trainer.rt.rank == 0
+        if self.policy_synced_in and rank0:  # the engine serves the EMA now
+            served = self.heldout_accuracy(step)
+            if served is not None:
+                self.setup.log_line(f"[popo-train] held-out accuracy of the served EMA: {100 * served:.1f}%")
+        if self.policy_synced_in:
+            self._sync_policy(step)
+        return self.heldout_accuracy(step) if rank0 else None
+
+    def close(self) -> None:
+        if self.bench is not None:
+            self.bench.close()
