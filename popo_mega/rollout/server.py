@@ -70,15 +70,21 @@ running rows).
 - ``abort``: every request is aborted (``TokenizerManager.pause_generation`` repeats
   ``abort_request(abort_all=True)`` until no ``/generate`` is in flight, ``tokenizer_manager.py:2267``):
   a queued one answers at once with finish_reason ``{"type": "abort", "message": "Abort in waiting
-  queue"}`` (``_handle_abort_req``), a running one after one more token (``req.to_finish =
-  FINISH_ABORT()``: "the request will still run one decode forward pass") with ``{"type": "abort",
-  "message": "Aborted", "status_code": null, "err_type": null}`` (``FINISH_ABORT.to_json``); HTTP 200,
-  with the tokens made. The pause answers once nothing is running.
+  queue"}`` (``_handle_abort_req``, ``tokenizer_manager.py:3577``), a running one after one more token
+  (``req.to_finish = FINISH_ABORT()``: "the request will still run one decode forward pass",
+  ``scheduler.py:5802``) with ``{"type": "abort", "message": "Aborted", "status_code": null, "err_type":
+  null}`` (``FINISH_ABORT.to_json``, ``schedule_batch.py:332``); HTTP 200 with the tokens made (only an
+  abort with a status code >= 400 becomes an HTTP error, ``_handle_abort_finish_reason``). The pause
+  answers once nothing is running.
+``/ready`` is 503 while paused (``TokenizerManager.is_ready``, ``tokenizer_manager.py:732``); ``/health``
+is not.
 Weight versions: every finished sequence's meta_info carries SGLang's ``weight_versions``, spans
 ``{"version", "start", "end"}`` over its output tokens, and ``weight_version``, the last span's version
 (``srt/utils/weight_versions.py``: a version change records ``(old_version, len(output_ids))`` on every
-live request that has tokens, ``Scheduler.record_weight_version_change``, ``scheduler.py:5636``;
-``compute_weight_version_spans``; ``add_weight_versions_to_meta_info``), and ``num_retractions``. A
+live request that has tokens, ``record_weight_version_events`` :39 via ``Scheduler.record_weight_version_change``,
+``scheduler.py:5636``; ``compute_weight_version_spans`` :66; ``add_weight_versions_to_meta_info`` :90,
+called for every finished request, ``tokenizer_manager.py:2560``), and ``num_retractions``
+(``tokenizer_manager.py:2512``). A
 version change outside a pause (``/update_weight_version``) applies once the running rows finish.
 ``abort_all_requests`` of the weight-update bodies (SGLang's default False; True for
 ``/update_weight_version``) aborts every request first, as SGLang does.
@@ -420,7 +426,7 @@ class RolloutServer:
         self._cond = threading.Condition()          # pause state changes and the scheduler's answers to them
         self._held: list[SequenceRequest] = []      # rows parked between decode steps by an in_place pause
         self._abort_running = False                 # abort_all: the running rows end after their next token
-        self._collected: list[SequenceRequest] = []  # the rows of the batch the scheduler is about to run
+        self._collected: list[tuple] = []           # the jobs of the scheduler's batch (admitted ones too)
         self.busy = False
         self.in_batch = False                       # generate_batch is running (progress_at is its heartbeat)
         self.progress_at = time.monotonic()
@@ -479,6 +485,7 @@ class RolloutServer:
                 self._fail(first[1], "cancelled")
                 continue
             self.busy = True  # from here on, a request is held by the scheduler (flush_cache must refuse)
+            self._collected = [first]
             batch, slots = [first], {}
             try:
                 if not self.running.is_set():  # paused after we took it: back to the queue
@@ -489,7 +496,7 @@ class RolloutServer:
                         break
                     batch.append(job)
                 slots = {id(s): slot for s, slot in batch}
-                self._collected = [s for s, _ in batch]  # live rows for _set_version until they run
+                self._collected = list(batch)  # live rows for _set_version, pending and release
                 while self._lock_waiters and not self.stopping.is_set():  # a weight operation goes first
                     time.sleep(0.005)
                 with self.model_lock:
@@ -576,6 +583,7 @@ class RolloutServer:
                     break
                 seq, slot = job
                 slots[id(seq)] = slot
+                self._collected.append(job)
                 joining.append(seq)
             running[0] += len(joining)
             return joining
@@ -702,6 +710,11 @@ class RolloutServer:
             self.queue.put(job)
         return jobs
 
+    def _unfinished(self) -> list[tuple]:
+        """The scheduler's jobs not answered yet (running, or taken for the next batch). ``busy`` alone
+        would count a batch that answered its last row and is winding down."""
+        return [job for job in list(self._collected) if not job[1]["done"].is_set()]
+
     def pending(self) -> bool:
         """Whether ``/flush_cache`` must refuse: rows running or parked in place, or (not paused) a
         request queued; while paused the queue does not count, as SGLang's ``flush_cache`` passes
@@ -713,7 +726,7 @@ class RolloutServer:
             return True
         if self.pause_mode is not None:
             return False
-        return self.busy or len(self.queue) > 0
+        return bool(self._unfinished()) or len(self.queue) > 0
 
     @staticmethod
     def cancel(jobs) -> None:
@@ -1078,7 +1091,8 @@ class RolloutServer:
         if version is None or str(version) == self.weight_version:
             return
         old = self.weight_version
-        live = {id(s): s for s in [*self._held, *self._collected, *(s for s, _ in self.queue.snapshot())]}
+        live = {id(s): s for s in [*self._held, *(s for s, _ in self._unfinished()),
+                                   *(s for s, _ in self.queue.snapshot())]}
         for seq in live.values():
             if seq.output_ids:
                 seq.version_events.append((old, len(seq.output_ids)))
@@ -1130,7 +1144,7 @@ class RolloutServer:
         where = "/release_memory_occupation"
         tags = self._memory_tags(body, where)
         with self._exclusive():
-            if self._held or (self.pause_mode is None and (self.busy or len(self.queue))):
+            if self._held or (self.pause_mode is None and (self._unfinished() or len(self.queue))):
                 why = (f"{len(self._held)} rows are paused in place with their K/V cache (continue them, or pause "
                        "with mode retract)" if self._held else "requests are running or queued (pause first)")
                 raise RequestError(f"{where}: release_memory_occupation should be called only when server is "
