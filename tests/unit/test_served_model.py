@@ -1,0 +1,63 @@
+"""The served EMA copy (popo_mega/train/served_model.py): the EMA master cast to the model's dtype, in
+tensors of its own, under the model's state-dict names; the live policy is never touched."""
+
+import torch
+from torch import nn
+
+from popo_mega.algorithms.ema import EMA
+from popo_mega.train.served_model import ServedModel
+
+
+class Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (two state-dict names), and a buffer."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4, dtype=dtype)
+        self.out = nn.Linear(4, 11, bias=False, dtype=dtype)
+        self.out.weight = self.embed.weight
+        self.norm = nn.Linear(4, 4, dtype=dtype)
+        self.register_buffer("inv_freq", torch.arange(3, dtype=torch.float32))
+
+
+def _step(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def test_served_copy_is_the_fp32_ema_cast_to_bf16_and_leaves_the_policy_alone():
+    torch.manual_seed(0)
+    model = Tied(torch.bfloat16)
+    ema = EMA(model, tau=0.9)
+    served = ServedModel(model, ema)
+    for k in range(3):
+        _step(model, k)
+        ema.update(model)
+        served.refresh()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = served.state_dict(keep_vars=True)
+    assert sorted(sd) == sorted(model.state_dict())            # the model's names, both tied names included
+    assert sd["out.weight"] is sd["embed.weight"]              # one served tensor for the shared parameter
+    assert sd["inv_freq"] is model.inv_freq                    # buffers are the model's own
+    shadow = dict(ema.named_tensors())
+    for name, p in model.named_parameters():
+        assert sd[name].dtype == torch.bfloat16 and sd[name].data_ptr() != p.data_ptr()
+        assert torch.equal(sd[name], shadow[name].to(torch.bfloat16))   # the fp32 master, cast once
+        assert not torch.equal(sd[name], p.detach())                    # the EMA, not the policy
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the policy untouched
+    assert served.nbytes() == sum(p.numel() * 2 for p in model.parameters())      # one bf16 copy
+
+
+def test_served_copy_follows_only_refresh():
+    model = Tied(torch.float32)
+    ema = EMA(model, tau=0.5)
+    served = ServedModel(model, ema)
+    first = {k: v.clone() for k, v in served.state_dict().items()}
+    _step(model, 1)
+    ema.update(model)
+    assert all(torch.equal(v, first[k]) for k, v in served.state_dict().items())   # a snapshot until refreshed
+    served.refresh()
+    assert not torch.equal(served.state_dict()["norm.weight"], first["norm.weight"])
+    assert torch.equal(served.state_dict()["norm.weight"], dict(ema.named_tensors())["norm.weight"])
