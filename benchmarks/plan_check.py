@@ -12,6 +12,7 @@ backward, Adam step). Measured, per rank:
              which includes megatron's alignment padding, is reported as ``grad_buffer``)
   optimizer  fp32 main-parameter copies + Adam exp_avg / exp_avg_sq of every optimizer (model + predictor)
   ema        the EMA's fp32 shadow tensors
+  served_ema the served EMA's tensors (the EMA in the model dtype, train/served_model.py)
   predictor  the predictor's parameter + main_grad bytes
   saved      activations kept for backward by the training forward: the bytes of the distinct storages
              handed to autograd's saved-tensor hook (parameters excluded), one micro-batch
@@ -158,6 +159,7 @@ def measure_case(path: str, tp: int, pp: int, distopt: bool, recompute: str, n_s
             "expert_params": sum(p.numel() for n, p in trainer.model.named_parameters() if ".experts." in n),
             "optimizer": opt_bytes,
             "ema": sum(_bytes(t) for t in trainer.ema._shadow.values()),
+            "served_ema": sum(_bytes(t) for t in trainer.served._copies.values()) if trainer.served is not None else 0,
             "predictor": pred_opt_bytes + (sum(_bytes(p) + _bytes(p.main_grad) for p in trainer.predictor.parameters())
                                            if trainer.predictor is not None else 0),
             "saved": sum(saved.values()),
@@ -227,7 +229,7 @@ def planned(path: str, tp: int, pp: int, distopt: bool, recompute: str, tokens: 
     last = pp_rank == pp - 1
     vs = st["params_detail"]["vocab_padded"] // tp
     saved_logits = lay.param_bytes * tokens * vs if last else 0
-    return {**{k: st["terms"][k] for k in ("weights", "grads", "optimizer", "ema", "predictor")},
+    return {**{k: st["terms"][k] for k in ("weights", "grads", "optimizer", "ema", "served_ema", "predictor")},
             "params": st["params"], "expert_params": st["params_detail"]["experts"],
             "saved": act["stored"] + act["head"] + saved_logits,
             "recomputed_per_layer": act["working"], "dp_shard": dp if distopt else 1,
@@ -244,7 +246,8 @@ def compare(paths: dict, measured: dict, cases=CASES) -> list[dict]:
                    "distributed_optimizer": distopt, "recompute": recompute, "rank": m["rank"], "pp_rank": m["pp_rank"],
                    "tokens": m["tokens"],
                    "measured": {k: m[k] for k in ("params", "expert_params", "weights", "grads", "grad_buffer",
-                                                   "optimizer", "ema", "predictor", "saved", "recomputed")},
+                                                   "optimizer", "ema", "served_ema", "predictor", "saved",
+                                                   "recomputed")},
                    "planned": p, "saved_ratio": m["saved"] / p["saved"] if p["saved"] else None,
                    "recomputed_per_layer_ratio": (m["recomputed"] / m["layers"] / p["recomputed_per_layer"]
                                                   if recompute == "full" else None)}
@@ -274,7 +277,8 @@ def main(argv=None) -> int:
     for r in rows:
         m, p = r["measured"], r["planned"]
         print(f"{r['case']:<26} rank {r['rank']} " + " ".join(
-            f"{k}={m[k]}/{p[k]:.0f}" for k in ("weights", "grads", "optimizer", "ema", "predictor", "saved"))
+            f"{k}={m[k]}/{p[k]:.0f}" for k in ("weights", "grads", "optimizer", "ema", "served_ema", "predictor",
+                                                "saved"))
               + f" saved ratio {r['saved_ratio']:.3f}"
               + (f" recomputed/layer ratio {r['recomputed_per_layer_ratio']:.3f}" if r["recomputed_per_layer_ratio"] else "")
               + (f" routed {r['routed_tokens']} (load {r['expert_load']:.3f}; ratio at it "

@@ -16,6 +16,8 @@ last, a copy of a tied embedding on the last stage when PP > 1):
     optimizer   12 N / dp_shard     fp32 main params + Adam m, v; dp_shard = DP with the distributed
                                     optimizer, 1 without
     ema         4 N                 fp32 EMA (Eq. P6), sharded like the parameters (TP/PP), NOT over DP
+    served_ema  2 N                 the EMA cast to the model dtype for the rollout servers
+                                    (train/served_model.py), kept between syncs
     ema_swap    2 N                 transient: the trainer's target pass swaps the EMA into the policy
                                     and keeps a bf16 copy of the policy weights meanwhile
     predictor   16 P + 8 P/dp_shard fp32 h_phi (Eq. P3; P parameters, last stage): weights, fp32 grads,
@@ -34,7 +36,7 @@ the router's tensors and the top-k routed copies through the expert MLP
 (:func:`moe_activation_bytes_per_token`); ``moe_dispatch`` is one layer's all-to-all buffers
 (:func:`moe_dispatch_bytes`), a transient.
 
-Peak = static (weights + grads + optimizer + ema + predictor + fp8 cache) + max(training transient
+Peak = static (weights + grads + optimizer + ema + served_ema + predictor + fp8 cache) + max(training transient
 = activations + logits (+ moe_dispatch), target-pass transient = ema_swap + one layer forward +
 logits forward (+ moe_dispatch)).
 The margin (default 6 GiB: CUDA context, NCCL buffers, allocator fragmentation) is subtracted from
@@ -393,6 +395,9 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
         "grads": 4 * n,
         "optimizer": (main + 8 * (n - n_exp)) / shard + (main_exp + 8 * n_exp) / shard_exp,
         "ema": 4 * n if layout.popo else 0,
+        # the served EMA (popo_mega.train.served_model.ServedModel): the EMA cast to each parameter's
+        # dtype, kept as its own tensors so that a weight sync never swaps into the live policy
+        "served_ema": pb * (n - norms) + nb * norms if layout.popo else 0,
         "predictor": 0,
         "fp8_cache": 2 * p["layers_linear"] if layout.fp8 else 0,
     }
@@ -416,7 +421,7 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     terms["ema_swap"] = ema_swap
     if arch.is_moe:
         terms["moe_dispatch"] = dispatch
-    static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache"))
+    static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "served_ema", "predictor", "fp8_cache"))
     train = act["total"] + logits + dispatch
     target = ema_swap + fwd_only + dispatch if layout.popo else 0
     total = static + max(train, target)
@@ -456,7 +461,7 @@ def max_micro_batch_tokens(arch, layout: Layout, step: int = 256, limit: int = 1
 
 # ------------------------------------------------------------------------------------------ console
 
-_ROWS = ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache", "activations", "logits", "ema_swap")
+_ROWS = ("weights", "grads", "optimizer", "ema", "served_ema", "predictor", "fp8_cache", "activations", "logits", "ema_swap")
 
 
 def format_table(result: dict, name: str = "") -> str:

@@ -4,7 +4,7 @@ The measuring code is benchmarks/plan_check.py (which also writes benchmarks/res
 a real PolicyTrainer per layout; weights / fp32 grads / fp32 main params + Adam / fp32 EMA / predictor
 are summed from the live tensors, activations from autograd's saved-tensor hook. Here:
 
-* TP=2 (DP=1), and TP=1 with DP=2 and the distributed optimizer: weights, grads, EMA equal the
+* TP=2 (DP=1), and TP=1 with DP=2 and the distributed optimizer: weights, grads, EMA, served EMA equal the
   planner's terms exactly on every rank; optimizer and predictor (Adam state sharded over DP) equal
   them exactly at DP=1, and summed over the DP ranks at DP=2 (each rank's share differs from
   1/DP by megatron's bucket alignment only).
@@ -44,7 +44,7 @@ def test_static_terms_exact_without_dp_sharding(rows, name):
     for r in _case(rows, name):
         m, p = r["measured"], r["planned"]
         assert r["dp"] == 1
-        for key in ("params", "weights", "grads", "optimizer", "ema", "predictor"):
+        for key in ("params", "weights", "grads", "optimizer", "ema", "served_ema", "predictor"):
             assert m[key] == p[key], (name, r["rank"], key, m[key], p[key])
         assert m["grad_buffer"] >= m["grads"]
 
@@ -54,7 +54,7 @@ def test_static_terms_with_distributed_optimizer_dp2(rows):
     for r in ranks:
         m, p = r["measured"], r["planned"]
         assert r["dp"] == 2 and p["dp_shard"] == 2
-        for key in ("params", "weights", "grads", "ema"):
+        for key in ("params", "weights", "grads", "ema", "served_ema"):
             assert m[key] == p[key], (r["rank"], key, m[key], p[key])
         # per rank: 1/DP of the state up to the alignment padding (64 elements per parameter, fp32 x 3)
         assert abs(m["optimizer"] - p["optimizer"]) <= 64 * 12 * 16
@@ -87,7 +87,7 @@ def test_moe_ep2_terms_against_a_measured_trainer(moe_rows):
         m, p = r["measured"], r["planned"]
         assert r["ep"] == 2 and r["dp"] == 2 and p["expert_dp_shard"] == 1
         assert m["expert_params"] == p["expert_params"] == layers * (E // 2) * 3 * h * fe   # half the experts
-        for key in ("params", "weights", "grads", "ema", "predictor"):
+        for key in ("params", "weights", "grads", "ema", "served_ema", "predictor"):
             assert m[key] == p[key], (r["rank"], key, m[key], p[key])
         assert 0.9 <= r["saved_ratio"] <= 1.25, r["saved_ratio"]
         assert len(r["routed_tokens"]) == layers

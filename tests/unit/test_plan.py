@@ -381,3 +381,16 @@ def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world
                 res = plan(Architecture.from_hf(hf), Layout(tp=t, pp=p, dp=d, ep=e, recompute="full",
                                                            micro_batch_tokens=16384))
                 assert not res["fits"], (t, p, e)
+
+
+def test_served_ema_is_a_static_copy_of_the_weights_for_popo_only():
+    """train/served_model.py keeps the EMA cast to each parameter's dtype between syncs: as many bytes as
+    the weights, resident (static), and nothing for GRPO/A3PO, which keep no EMA."""
+    arch = _arch(qwen2_config())
+    lay = Layout(tp=1, dp=2, micro_batch_tokens=256, predictor_hidden=32)
+    st = plan_stage(arch, lay, 0)
+    t = st["terms"]
+    assert t["served_ema"] == t["weights"] == 2 * stage_params(arch, 1, 1, 0)["total"]
+    assert st["static"] == pytest.approx(sum(t[k] for k in ("weights", "grads", "optimizer", "ema", "served_ema",
+                                                            "predictor", "fp8_cache")))
+    assert plan_stage(arch, dataclasses.replace(lay, popo=False), 0)["terms"]["served_ema"] == 0
