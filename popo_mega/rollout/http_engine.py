@@ -28,7 +28,7 @@ import torch
 from popo_mega.rollout.engine import Completion, SamplingParams, sample_seed
 from popo_mega.rollout.sglang_api import (ProtocolError, completions_from_response, generate_request,
                                           memory_occupation_request, pause_generation_request)
-from popo_mega.rollout.server_calls import post_all
+from popo_mega.rollout.server_calls import SessionPool, post_all
 from popo_mega.rollout.weight_sync import (DEFAULT_BUCKET_BYTES, DistributedWeightSync, SyncReport,
                                            TensorWeightSync, WeightSyncError, send_all, sync_from_disk,
                                            verify_probes, verify_prompt_logprobs, verify_weight_version)
@@ -95,6 +95,7 @@ class HttpEngine:
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._local = threading.local()
+        self._control_sessions = SessionPool()  # the control posts' per-server sessions (post_all)
         self._servers = list(servers or [])
         self._version: str | None = None
         self.last_sync: SyncReport | None = None
@@ -310,6 +311,7 @@ class HttpEngine:
                                       health_timeout_s=health_timeout_s, api_key=self.api_key)
             with self._lock:
                 del self.dead[server.url]
+            self._control_sessions.forget(server.url)
             replaced.append(server.url)
         if replaced and self._sync is not None:
             self._sync.close()
@@ -334,11 +336,12 @@ class HttpEngine:
 
         stop_servers(self._servers)
         self._servers = []
+        self._control_sessions.close()
 
     # ---- control endpoints ----
     def _post_all(self, path: str, body: dict | None = None, *, ok=(200,)) -> None:
         """POST to every live server at once (``server_calls.post_all``); RolloutServerError naming each failure."""
-        post_all(self.live_urls(), path, body, session=self._session, headers=self._headers(), timeout_s=self.timeout,
+        post_all(self.live_urls(), path, body, sessions=self._control_sessions, headers=self._headers(), timeout_s=self.timeout,
                  ok=ok, error=RolloutServerError)
 
     def pause_generation(self) -> None:

@@ -14,6 +14,7 @@ its deadline (its thread is left behind; requests' own timeout ends it later).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -77,16 +78,55 @@ class ServerCalls:
             return [self._results[u] for u in self.urls]
 
 
-def post_all(urls: list[str], path: str, body: dict | None, *, session: Callable[[], requests.Session],
-             headers: dict, timeout_s: float | tuple[float, float], ok: tuple[int, ...] = (200,),
+class SessionPool:
+    """One ``requests.Session`` per server URL, kept across calls, so that the control posts of every
+    sync (pause, flush, continue, ...) reuse their connections instead of opening one per call: before,
+    each call's fresh thread got a fresh thread-local session. A session is lent to one call at a
+    time; a call that finds its URL's session lent (a call left running past its deadline) gets a
+    new one, and the pool keeps one per URL."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: dict[str, requests.Session] = {}
+
+    @contextlib.contextmanager
+    def session(self, url: str):
+        with self._lock:
+            s = self._idle.pop(url, None)
+        s = s or requests.Session()
+        try:
+            yield s
+        finally:
+            with self._lock:
+                spare = self._idle.setdefault(url, s) is not s
+            if spare:
+                s.close()
+
+    def forget(self, url: str) -> None:
+        """Close ``url``'s session (its server was relaunched: its kept connection is to the dead one)."""
+        with self._lock:
+            s = self._idle.pop(url, None)
+        if s is not None:
+            s.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for s in idle.values():
+            s.close()
+
+
+def post_all(urls: list[str], path: str, body: dict | None, *, sessions: SessionPool, headers: dict,
+             timeout_s: float | tuple[float, float], ok: tuple[int, ...] = (200,),
              error: type[Exception] = RuntimeError) -> list[requests.Response]:
     """POST ``body`` to ``path`` on every server at once; the responses in url order, or ``error``
     naming every server that answered another status, failed to connect or did not answer within
-    ``timeout_s`` (requests' timeout: seconds, or (connect, read)). ``session()`` is called in each
-    call's thread (a thread-local session)."""
+    ``timeout_s`` (requests' timeout: seconds, or (connect, read)). Each server's session comes from
+    ``sessions`` (one per URL, reused by the next call)."""
     def call(url):
         try:
-            r = session().post(f"{url}{path}", json=body or {}, headers=headers, timeout=timeout_s)
+            with sessions.session(url) as session:
+                r = session.post(f"{url}{path}", json=body or {}, headers=headers, timeout=timeout_s)
         except requests.RequestException as exc:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
         if r.status_code not in ok:

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from popo_mega.rollout.server_calls import ServerCalls, post_all
+from popo_mega.rollout.server_calls import ServerCalls, SessionPool, post_all
 
 
 class _Boom(Exception):
@@ -70,12 +70,44 @@ def test_post_all_posts_to_every_server_and_names_the_one_that_refused():
     urls = [f"http://127.0.0.1:{s.server_port}" for s in servers]
     try:
         _Handler.failing_port = None
-        got = post_all(urls, "/flush_cache", {}, session=requests.Session, headers={}, timeout_s=5)
+        got = post_all(urls, "/flush_cache", {}, sessions=SessionPool(), headers={}, timeout_s=5)
         assert [r.text for r in got] == ["ok", "ok"]
         _Handler.failing_port = servers[1].server_port
         with pytest.raises(_Boom, match=f"/flush_cache failed: {urls[1]}: HTTP 500: no") as err:
-            post_all(urls, "/flush_cache", {}, session=requests.Session, headers={}, timeout_s=5, error=_Boom)
+            post_all(urls, "/flush_cache", {}, sessions=SessionPool(), headers={}, timeout_s=5, error=_Boom)
         assert urls[0] not in str(err.value)
     finally:
+        for s in servers:
+            s.shutdown()
+
+
+class _KeepAlive(_Handler):
+    """HTTP/1.1 (keep-alive), recording the client port of every request per server."""
+
+    protocol_version = "HTTP/1.1"
+    ports: dict = {}
+
+    def do_POST(self):  # noqa: N802 - stdlib name
+        _KeepAlive.ports.setdefault(self.server.server_port, []).append(self.client_address[1])
+        super().do_POST()
+
+
+def test_post_all_reuses_one_connection_per_server_across_calls():
+    """Three rounds of posts to two servers: one connection to each (the same client port every
+    time). Before, each call's thread made its own session, so every post opened a connection."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    urls = [f"http://127.0.0.1:{s.server_port}" for s in servers]
+    _Handler.failing_port, _KeepAlive.ports = None, {}
+    pool = SessionPool()
+    try:
+        for _ in range(3):
+            post_all(urls, "/pause_generation", {}, sessions=pool, headers={}, timeout_s=5)
+        for s in servers:
+            ports = _KeepAlive.ports[s.server_port]
+            assert len(ports) == 3 and len(set(ports)) == 1, ports
+    finally:
+        pool.close()
         for s in servers:
             s.shutdown()
