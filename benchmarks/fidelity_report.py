@@ -200,6 +200,9 @@ def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
             served = _pct(r["curve_served"][-1][1]) if r.get("curve_served") else "—"
             out.append(f"| {v} | {mark}{lr:g}{mark} | {_pct(r['final_accuracy'])} | {_pct(sweep_score(r))} | "
                        f"{_pct(r['best_accuracy'])} | {served} | {first_step(r['curve'], 0.5) or '—'} |")
+    edge = [f"{v} ({best[v]:g})" for v, lrs in SWEEP_LRS.items() if best[v] in (min(lrs), max(lrs))]
+    if edge:
+        out += ["", f"Best lr at the edge of its grid (a wider sweep could find a better one): {', '.join(edge)}."]
     out += ["", f"![lr sweep, seed 1]({pngs['sweep']})", ""]
     out += ["**Main variants (at their best lr) and ablations (at POPO's lr).** Final accuracy of the online policy: "
             "mean over the seeds run so far, 95% bootstrap interval of the mean; served EMA: the final accuracy of "

@@ -76,6 +76,9 @@ def test_plan_runs_the_sweep_first_then_picks_the_best_lr_by_the_last_three_eval
     rows = [r for r in rows if not (r["variant"] == "popo" and r["lr"] == popo_lr)]
     rows.append(_row("popo", 1, popo_lr, 0.6, curve=[[25, 0.9], [50, 0.9], [75, 0.6]]))
     assert best_lr(rows, "popo") == popo_lr
+    edge_note = next(x for x in markdown(rows, {"sweep": "s", "main": "m", "ablations": "a"}).splitlines()
+                     if x.startswith("Best lr at the edge"))
+    assert "popo (0.001)" in edge_note and "grpo" not in edge_note   # the others tie and keep the centre lr
     assert best_lr([r for r in rows if r["lr"] != SWEEP_LRS["popo"][2]], "popo") is None  # a sweep run missing
     todo = plan(rows)
     assert len(todo) == 4 * 4 + 6 * 5                                      # 58 in all, minus the 12 done
