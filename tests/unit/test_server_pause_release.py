@@ -509,3 +509,33 @@ def test_retracted_row_recomputes_its_prompt_logprobs_and_keeps_its_own(dirs):
         a, b = got["meta_info"][key], want["meta_info"][key]
         assert [t for _, t, _ in a] == [t for _, t, _ in b]
         assert torch.allclose(torch.tensor([x for x, _, _ in a]), torch.tensor([x for x, _, _ in b]), atol=1e-5)
+
+
+def test_a_batch_winding_down_does_not_hold_a_flush_or_a_release(dirs):
+    """Right after the last answer the scheduler still finishes its batch (one more admit call,
+    slowed here to 0.3 s); /flush_cache and /release_memory_occupation count unanswered requests,
+    so neither is refused then. Before, the scheduler's busy flag refused them in that window."""
+    base, _ = dirs
+    srv = _server(base)
+    batching = srv._continuous_batching
+
+    def slow_wind_down(slots):
+        callbacks = batching(slots)
+        admit = callbacks["admit"]
+
+        def late_admit(step):
+            if all(slot["done"].is_set() for slot in slots.values()):
+                time.sleep(0.3)
+            return admit(step)
+
+        return {**callbacks, "admit": late_admit}
+
+    srv._continuous_batching = slow_wind_down
+    try:
+        out = srv.generate({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+        assert len(out["output_ids"]) == 2 and srv.busy  # answered, batch not over yet
+        assert not srv.pending()
+        srv.release_memory({"tags": ["kv_cache"]})
+        srv.resume_memory({"tags": ["kv_cache"]})
+    finally:
+        srv.stopping.set()
