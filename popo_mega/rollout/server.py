@@ -92,7 +92,8 @@ version change outside a pause (``/update_weight_version``) applies once the run
 Memory release (``/release_memory_occupation`` / ``/resume_memory_occupation``, body ``{"tags": [...]}``,
 tags ``kv_cache``, ``weights``, ``cuda_graph``, none = all: ``SchedulerWeightUpdaterManager``,
 ``weight_updater.py:337-425``). SGLang frees memory only with ``--enable-memory-saver``
-(``torch_memory_saver``; without it the adapter is a no-op, ``utils/torch_memory_saver_adapter.py``),
+(``torch_memory_saver``; without it the adapter is a no-op: ``scheduler.py:1489``,
+``utils/torch_memory_saver_adapter.py``),
 and the weights' content is lost unless ``--enable-weights-cpu-backup`` (``load_model_utils.py:307``:
 ``region(GPU_MEMORY_TYPE_WEIGHTS, enable_cpu_backup=...)``); buffers are stashed and restored either way
 (``_export_static_state``). Here, with ``--enable-memory-saver``, releasing ``weights`` frees every
@@ -1138,7 +1139,7 @@ class RolloutServer:
             raise RequestError(f"{where}: unknown tag {unknown[0]!r} (SGLang's tags: {', '.join(MEMORY_TAGS)})")
         return set(tags)
 
-    def release_memory(self, body: dict) -> dict:
+    def release_memory(self, body: dict) -> None:
         """``/release_memory_occupation``: only when nothing runs (rows parked in place hold their K/V
         cache; while not paused, queued requests would run next); a tag already released is 400."""
         where = "/release_memory_occupation"
@@ -1156,9 +1157,9 @@ class RolloutServer:
                 self._release_weights()
             self.released_tags |= tags
         trim_process_heap()
-        return {"success": True, "message": f"Released {', '.join(sorted(tags))}."}
+        # SGLang's route returns nothing on success: HTTP 200, body null (http_server.py:1575-1584)
 
-    def resume_memory(self, body: dict) -> dict:
+    def resume_memory(self, body: dict) -> None:
         where = "/resume_memory_occupation"
         tags = self._memory_tags(body, where)
         with self._exclusive():
@@ -1170,7 +1171,6 @@ class RolloutServer:
             if "weights" in tags:
                 self._resume_weights()
             self.released_tags -= tags
-        return {"success": True, "message": f"Resumed {', '.join(sorted(tags))}."}
 
     def _release_weights(self) -> None:
         if not self.args.enable_memory_saver:  # SGLang: a no-op adapter; CUDA: moved aside as before
