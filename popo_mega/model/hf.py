@@ -137,9 +137,11 @@ def hf_tensor_for(mcore_name: str, reader: SafetensorsReader, layout: ShardLayou
     return wt.read_shard(rule, rule.hf_names(match, layout), reader, layout)
 
 
-def _model_tensors(model) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by name, without TE's ``_extra_state`` entries."""
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+def _model_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers by name, without TE's ``_extra_state`` entries, one at a time:
+    a ``ServedModel``'s state dict casts each tensor as it is read, so a sync holds one at a time."""
+    sd = model.state_dict(keep_vars=True)
+    return ((k, sd[k]) for k in sd if not k.endswith("_extra_state"))
 
 
 @torch.no_grad()
@@ -150,7 +152,7 @@ def load_hf_weights(model, arch: Architecture, hf_dir: str, layout: ShardLayout)
     """
     with SafetensorsReader(hf_dir) as reader:
         n = 0
-        for name, param in _model_tensors(model).items():
+        for name, param in _model_tensors(model):
             if name.endswith("rotary_pos_emb.inv_freq"):
                 continue
             value = hf_tensor_for(name, reader, layout)
@@ -189,7 +191,7 @@ def iter_hf_tensors(model, arch: Architecture, layout: ShardLayout, tp_group=Non
         from megatron.core import parallel_state
 
         ep_group = parallel_state.get_expert_model_parallel_group()
-    for name, param in _model_tensors(model).items():
+    for name, param in _model_tensors(model):
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue
         rule, match = wt.find_rule(arch.family.weights, name)

@@ -105,14 +105,12 @@ class RunSetup:
     # ---- checkpoints ----
     def resume(self, trainer) -> dict | None:
         """Load the newest complete checkpoint under the run's directory into ``trainer`` and the
-        prompt cursor (None: a fresh run). The served EMA copy is materialised from the loaded EMA."""
+        prompt cursor (None: a fresh run). The served EMA view reads the loaded EMA at the next sync."""
         from popo_mega.train.checkpoint import load_checkpoint
 
         resumed = load_checkpoint(trainer, self.ckpt_root)
         if resumed is not None:
             self.stream.load_state_dict(resumed["extra"]["data"])
-            if trainer.served is not None:
-                trainer.served.refresh()
             if self.rt.rank == 0:
                 self.log_line(f"[popo-train] resumed from {resumed['path']} at step {resumed['step']}")
         return resumed

@@ -1,33 +1,36 @@
-"""The served EMA: the weights the rollout servers get, as their own tensors (Eq. P6: POPO samples from
-the EMA target), and the collective that streams a model's HF-named tensors to the engine.
+"""The served EMA: the weights the rollout servers get (Eq. P6: POPO samples from the EMA target),
+read from the fp32 EMA master without touching the live policy, and the collective that streams a
+model's HF-named tensors to the engine.
 
-    served = ServedModel(trainer.model, trainer.ema)   # one copy of this rank's shard, model dtype
-    trainer.ema.update(model); served.refresh()        # after every EMA update (PolicyTrainer.update_ema)
+    served = ServedModel(trainer.model, trainer.ema)   # a view: holds no tensors of its own
     failure = send_weights(served, arch, layout, engine, version)   # collective, like a checkpoint save
 
-Why its own copy. The EMA master is fp32 (ema.py: its increments fall below bf16 resolution), the
+Why a view of its own. The EMA master is fp32 (ema.py: its increments fall below bf16 resolution), the
 servers take the model's dtype. Before, a sync swapped the EMA into the live policy's parameters for
 its duration (``EMA.swapped_into``), so nothing else could use the policy while weights streamed out:
-a sync could not overlap a policy step, which asynchronous rollouts need (issue 12). Here the EMA is
-cast once per update into a separate set of tensors that nothing trains.
+a sync could not overlap a policy step, which asynchronous rollouts need (issue 12).
 
-Memory: one more copy of this rank's model shard in the serving dtype (parameters only, its TP/PP
-shards: 2 bytes per parameter per rank in bf16; Qwen2.5-7B at TP=4 x PP=1: ~3.8 GB per rank), on the
-parameters' device. The swap it replaces cloned the parameters for the duration of each sync, the
-same size, but transiently.
+Memory: nothing resident. Each parameter's EMA is cast to the parameter's dtype when the sync reads
+it (``state_dict`` answers a mapping that casts on access), so the sync's transient is one tensor at
+a time, as the gather holds it. A resident copy (what the loop rebuild first had) cost 2 bytes per
+parameter on every rank for its whole life, and pushed three shipped dense configs over 80 GB
+(docs/plan.md). What the view gives up: it reads the EMA master as it is at that moment, so a sync
+must end before the next ``EMA.update`` (the loop's order; an overlapping asynchronous sync would
+need a snapshot, or to finish before the EMA update).
 
-Layouts. The copy is keyed exactly as the model's ``state_dict`` (``ServedModel.state_dict`` answers
+Layouts. The view is keyed exactly as the model's ``state_dict`` (``ServedModel.state_dict`` answers
 as the model would), so ``model.hf.iter_hf_tensors`` gathers its TP shards and ``funnel_pipeline_stages``
-brings later stages' tensors to the sender as for the model. Shared parameters stay shared: a
-parameter that appears under two state-dict names has one served tensor. With tied embeddings on one
-stage the output layer has no weight of its own (the HF export leaves ``lm_head`` out); on the last
-of several stages its weight is a parameter of that stage and is averaged and served like any other.
-Buffers (rotary frequencies, ...) are not averaged: the served entries are the model's own buffers,
-as they were under the swap.
+brings later stages' tensors to the sender as for the model. A parameter that appears under two
+state-dict names reads the same EMA tensor under both. With tied embeddings on one stage the output
+layer has no weight of its own (the HF export leaves ``lm_head`` out); on the last of several stages
+its weight is a parameter of that stage and is averaged and served like any other. Buffers (rotary
+frequencies, ...) are not averaged: the served entries are the model's own buffers, as they were
+under the swap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -36,46 +39,59 @@ from torch import Tensor, nn
 __all__ = ["ServedModel", "hf_tensors_for_engine", "send_weights"]
 
 
-class ServedModel:
-    """The EMA (``algorithms.ema.EMA``) of ``model`` materialised in each parameter's dtype and device.
+class _CastOnRead(Mapping):
+    """name -> tensor, where an EMA entry ``(master, dtype)`` is cast when read (a fresh tensor unless
+    the dtypes agree, then the master itself: read-only by contract) and any other entry is returned
+    as it is."""
 
-    ``state_dict(keep_vars=True)``: name -> tensor under the model's state-dict names, the served
-    copies for parameters, the model's own tensors for the rest; what ``iter_hf_tensors`` reads.
-    ``refresh()``: copy (cast) the EMA master into the served tensors.
+    def __init__(self, entries: dict[str, object]):
+        self._entries = entries
+
+    def __getitem__(self, key: str) -> Tensor:
+        entry = self._entries[key]
+        if isinstance(entry, tuple):
+            master, dtype = entry
+            return master.detach().to(dtype)
+        return entry
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ServedModel:
+    """The EMA (``algorithms.ema.EMA``) of ``model`` as served: each parameter's fp32 master cast to the
+    parameter's dtype, on the parameter's device (the master's), when it is read.
+
+    ``state_dict(keep_vars=True)``: a read-only mapping under the model's state-dict names, the cast
+    EMA for parameters, the model's own tensors for the rest; what ``iter_hf_tensors`` reads.
     """
 
     def __init__(self, model: nn.Module, ema):
-        self._ema = ema
         param_names = {id(p): name for name, p in model.named_parameters()}
-        self._copies: dict[str, Tensor] = {}   # EMA name -> served tensor
-        self._entries: dict[str, Tensor] = {}  # state-dict name -> served tensor, or the model's buffer
+        shadow = dict(ema.named_tensors())
+        self._entries: dict[str, object] = {}
+        missing = []
         for key, t in model.state_dict(keep_vars=True).items():
             name = param_names.get(id(t))
             if name is None:
                 self._entries[key] = t
-                continue
-            if name not in self._copies:
-                self._copies[name] = torch.empty_like(t.detach())
-            self._entries[key] = self._copies[name]
-        shadow = dict(ema.named_tensors())
-        missing = sorted(set(self._copies) - set(shadow))
+            elif name not in shadow:
+                missing.append(name)
+            else:
+                self._entries[key] = (shadow[name], t.dtype)
         if missing:
-            raise ValueError(f"ServedModel: the EMA holds no average of {missing[:5]}")
-        self._sources = [shadow[name] for name in self._copies]
-        self.refresh()
+            raise ValueError(f"ServedModel: the EMA holds no average of {sorted(missing)[:5]}")
 
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """served <- EMA master, cast to each parameter's dtype (the cast ``EMA.swapped_into`` made)."""
-        torch._foreach_copy_(list(self._copies.values()), self._sources)
-
-    def state_dict(self, keep_vars: bool = True) -> dict[str, Tensor]:
-        """The served tensors under the model's state-dict names (live storage: do not modify)."""
-        return dict(self._entries)
+    def state_dict(self, keep_vars: bool = True) -> Mapping[str, Tensor]:
+        """The served tensors under the model's state-dict names, cast as each is read."""
+        return _CastOnRead(self._entries)
 
     def nbytes(self) -> int:
-        """Bytes of the served copies on this rank (one shard of the model in its dtype)."""
-        return sum(t.numel() * t.element_size() for t in self._copies.values())
+        """Bytes this view holds of its own: none (the casts are the reader's, one at a time)."""
+        return 0
 
 
 def hf_tensors_for_engine(module, arch, layout) -> Iterator[tuple[str, Tensor]]:

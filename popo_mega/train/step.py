@@ -155,8 +155,8 @@ class PolicyTrainer:
         self.scheduler.step(increment=1)
         self.ema = (EMA(self.model, tau=popo.tau, schedule=popo.tau_schedule, total_steps=t.steps)
                     if self.objective.keeps_ema else None)
-        # What the rollout servers get when they serve the EMA: its own copy in the model's dtype,
-        # refreshed by update_ema, so a sync never swaps weights into the live policy (issue 12).
+        # What the rollout servers get when they serve the EMA: the fp32 master cast as the sync reads
+        # it (nothing resident), so a sync never swaps weights into the live policy (issue 12).
         self.served = ServedModel(self.model, self.ema) if self.ema is not None else None
         # GRPO/A3PO with algorithm.grpo.beta_kl != 0: the frozen initial policy for the k3 KL term,
         # taken from the HF weights before any step (also on resume: load_checkpoint runs later).
@@ -434,8 +434,8 @@ class PolicyTrainer:
         return out
 
     def update_ema(self, stats: dict) -> None:
-        """Eq. P6 after a policy step that was not skipped: the fp32 EMA moves towards the policy, and
-        the served copy (``served``, what the rollout servers get) is materialised from it. Adds
+        """Eq. P6 after a policy step that was not skipped: the fp32 EMA moves towards the policy (the
+        served view, ``served``, reads it at the next sync). Adds
         ``tau`` (the momentum used; NaN for a skipped step) to ``stats``. Nothing for GRPO/A3PO (no
         EMA, no tau: a NaN would be flagged on the console)."""
         if self.ema is None:
@@ -443,7 +443,6 @@ class PolicyTrainer:
         tau = float("nan")
         if not stats["skipped"]:
             tau = self.ema.update(self.model)
-            self.served.refresh()
         stats["tau"] = tau
 
     def weights_to_serve(self, ema: bool):
