@@ -189,6 +189,10 @@ class TrainConfig:
     log_interval: int = 1
     kernels: Literal["auto", "extension", "reference"] = "auto"
     tensorboard: bool = True
+    optimizer_cpu_offload: bool = False     # megatron-core's HybridDeviceOptimizer: Adam state and step of a
+                                            # fraction of the parameters on the host (CUDA only; needs
+                                            # parallel.distributed_optimizer: see train/step.py)
+    optimizer_offload_fraction: float = 1.0  # of this rank's optimizer parameters (by element), with the above
 
 
 @_cfg
@@ -399,6 +403,7 @@ _RANGES = (
     ("train.adam_beta1", "in [0, 1)", "Adam's first-moment decay"),
     ("train.adam_beta2", "in [0, 1)", "Adam's second-moment decay"),
     ("train.grad_clip", ">= 0", "0 disables clipping"),
+    ("train.optimizer_offload_fraction", "in [0, 1]", "the fraction of the optimizer state kept on the host"),
     ("train.micro_batch_tokens", ">= 1", "packed tokens per micro-batch"),
     ("train.save_interval", ">= 0", "0 saves no checkpoint"),
     ("train.keep_last", ">= 1", "checkpoints kept (train/checkpoint.py)"),
@@ -438,6 +443,12 @@ def _check_values(cfg: Config) -> None:
                           f"({t.warmup_fraction}) both set the warm-up; set one of them to 0")
     if t.warmup_steps < 0:
         raise ConfigError(f"{where}: key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if t.optimizer_cpu_offload and not cfg.parallel.distributed_optimizer:
+        # megatron-core 0.16.1: offload runs through the precision-aware optimizer path (Megatron-LM's
+        # arguments.py requires --use-precision-aware-optimizer with --optimizer-cpu-offload), and
+        # OptimizerConfig.__post_init__ asserts that path has the distributed optimizer.
+        raise ConfigError(f"{where}: key 'train.optimizer_cpu_offload' needs parallel.distributed_optimizer: true "
+                          "(megatron-core offloads through its precision-aware distributed optimizer)")
     if t.updates_per_rollout < 1:   # train/loop.py train_on_rollouts
         raise ConfigError(f"{where}: key 'train.updates_per_rollout' must be >= 1, got {t.updates_per_rollout}")
     if not 0 <= cfg.algorithm.grpo.beta_kl < float("inf"):   # train/step.py: k3 KL to the reference

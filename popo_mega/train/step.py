@@ -95,6 +95,37 @@ def _groups():
     return (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
 
 
+def _offload_kwargs(cfg: Config, device: torch.device) -> dict:
+    """OptimizerConfig fields for train.optimizer_cpu_offload (megatron-core 0.16.1's HybridDeviceOptimizer).
+
+    Megatron-LM's arguments.py requires --use-precision-aware-optimizer with --optimizer-cpu-offload
+    ("the hybrid device optimizer reuses the code path of this flag"): only then do the distributed
+    optimizer's fp32 main params live in the hybrid optimizer (and move to the host) instead of on
+    the GPU; OptimizerConfig.__post_init__ needs the distributed optimizer for it (config.py checks)
+    and Transformer Engine installed (it calls is_te_min_version, which fails without TE).
+    CUDA only: HybridDeviceOptimizer moves the parameters that are ``is_cuda`` to pinned host memory
+    and creates CUDA streams; on the CPU nothing is offloaded and its step() raises KeyError looking
+    up each host parameter's GPU original (cpu_offloading/hybrid_optimizer.py), so we refuse here."""
+    t = cfg.train
+    if not t.optimizer_cpu_offload:
+        return {}
+    if device.type != "cuda":
+        from popo_mega.config import ConfigError
+
+        raise ConfigError(f"{cfg.source}: key 'train.optimizer_cpu_offload' needs CUDA: megatron-core 0.16.1's "
+                          "HybridDeviceOptimizer offloads only CUDA parameters and fails on a CPU-only run "
+                          f"(device here: {device.type}); set it to false")
+    from megatron.core.utils import get_te_version
+
+    if get_te_version() is None:   # OptimizerConfig.__post_init__ compares it (is_te_min_version) and crashes
+        from popo_mega.config import ConfigError
+
+        raise ConfigError(f"{cfg.source}: key 'train.optimizer_cpu_offload' needs Transformer Engine: megatron-core "
+                          "0.16.1's precision-aware optimizer, which offload runs through, reads its version")
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=t.optimizer_offload_fraction,
+                use_precision_aware_optimizer=True)
+
+
 class PolicyTrainer:
     """The policy model wrapped for training, its optimizer, LR schedule, EMA and predictor.
 
@@ -141,7 +172,8 @@ class PolicyTrainer:
         opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                   adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.grad_clip,
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
-                                  use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+                                  use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                  **_offload_kwargs(cfg, runtime.device))
         self.optimizer = get_megatron_optimizer(opt_cfg, chunks)
         # train.warmup_fraction: ceil(steps x fraction), as HF's get_warmup_steps rounds warmup_ratio.
         warmup = math.ceil(t.steps * t.warmup_fraction) if t.warmup_fraction > 0 else t.warmup_steps

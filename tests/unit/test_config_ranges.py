@@ -43,6 +43,7 @@ QUICKSTART = os.path.join(REPO_ROOT, "configs", "quickstart_cpu.yaml")
     ("train.adam_beta2=1.0", "train.adam_beta2"),
     ("train.grad_clip=-1", "train.grad_clip"),
     ("train.min_lr=1.0", "train.min_lr"),                    # above train.lr
+    ("train.optimizer_offload_fraction=1.5", "train.optimizer_offload_fraction"),
     ("algorithm.popo.weight_temperature=0", "algorithm.popo.weight_temperature"),
     ("algorithm.popo.noise_std=-0.01", "algorithm.popo.noise_std"),
     ("algorithm.a3po.ratio=1.5", "algorithm.a3po.ratio"),
