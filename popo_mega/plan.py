@@ -14,10 +14,15 @@ last, a copy of a tied embedding on the last stage when PP > 1):
     weights     2 N                 bf16 model parameters (megatron's DDP parameter buffer)
     grads       4 N                 fp32 gradient buffer (DDP with grad_reduce_in_fp32, as the trainer)
     optimizer   12 N / dp_shard     fp32 main params + Adam m, v; dp_shard = DP with the distributed
-                                    optimizer, 1 without
+                                    optimizer, 1 without; x (1 - f) with train.optimizer_cpu_offload at
+                                    fraction f (megatron's HybridDeviceOptimizer keeps f of them on the
+                                    host, with a pinned fp32 copy of their grads: host_optimizer, 16 per
+                                    offloaded element, not GPU memory)
     ema         4 N                 fp32 EMA (Eq. P6), sharded like the parameters (TP/PP), NOT over DP
-    served_ema  2 N                 the EMA cast to the model dtype for the rollout servers
-                                    (train/served_model.py), kept between syncs
+    served_ema  2 V_pad h (2 + 1/tp) transient, the weight sync: the served EMA is a view that casts the
+                                    fp32 EMA one tensor at a time as the sync reads it (train/served_model.py);
+                                    the largest tensor, the embedding / output layer, is its cast TP shard plus
+                                    the gathered shards and their concatenation
     ema_swap    2 N                 transient: the trainer's target pass swaps the EMA into the policy
                                     and keeps a bf16 copy of the policy weights meanwhile
     predictor   16 P + 8 P/dp_shard fp32 h_phi (Eq. P3; P parameters, last stage): weights, fp32 grads,
@@ -36,9 +41,9 @@ the router's tensors and the top-k routed copies through the expert MLP
 (:func:`moe_activation_bytes_per_token`); ``moe_dispatch`` is one layer's all-to-all buffers
 (:func:`moe_dispatch_bytes`), a transient.
 
-Peak = static (weights + grads + optimizer + ema + served_ema + predictor + fp8 cache) + max(training transient
+Peak = static (weights + grads + optimizer + ema + predictor + fp8 cache) + max(training transient
 = activations + logits (+ moe_dispatch), target-pass transient = ema_swap + one layer forward +
-logits forward (+ moe_dispatch)).
+logits forward (+ moe_dispatch), sync transient = served_ema).
 The margin (default 6 GiB: CUDA context, NCCL buffers, allocator fragmentation) is subtracted from
 ``--gpu-mem-gib`` before deciding whether it fits.
 """
@@ -130,6 +135,9 @@ class Layout:
     gpu_mem_gib: float = 80.0
     margin_gib: float = 6.0
     expert_load: float = 1.0                 # MoE: routed token copies on the busiest rank / the balanced T*k
+    optimizer_offload_fraction: float = 0.0  # train.optimizer_cpu_offload: the fraction of the optimizer's
+                                             # elements whose main params + Adam m, v live on the host (0: off)
+    gpus_per_node: int = 8                   # for the host memory per node of the offloaded optimizer
 
     def check(self, arch) -> None:
         for name in ("tp", "pp", "dp", "ep", "micro_batch_tokens", "seq_len", "predictor_hidden", "predictor_layers"):
@@ -150,6 +158,11 @@ class Layout:
                                   "(megatron-core's MoE layer refuses to train without it)")
             if self.expert_load < 1:
                 raise ConfigError(f"popo-plan: expert_load must be >= 1 (1 = balanced routing), got {self.expert_load}")
+        if not 0 <= self.optimizer_offload_fraction <= 1:
+            raise ConfigError(f"popo-plan: optimizer_offload_fraction must be in [0, 1], got {self.optimizer_offload_fraction}")
+        if self.optimizer_offload_fraction > 0 and not self.distributed_optimizer:
+            raise ConfigError("popo-plan: optimizer CPU offload needs the distributed optimizer (megatron-core offloads "
+                              "through its precision-aware distributed optimizer)")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"popo-plan: recompute must be none, selective or full, got {self.recompute!r}")
         if self.impl not in ("te", "local"):
@@ -390,14 +403,16 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     # fp32 main copies exist only for the parameters that are not fp32 already
     main = (4 * (n - n_exp - norms) if pb != 4 else 0) + (4 * norms if nb != 4 else 0)
     main_exp = 4 * n_exp if pb != 4 else 0
+    opt_elements = (n - n_exp) / shard + n_exp / shard_exp     # the optimizer's parameters on this rank
     terms = {
         "weights": pb * (n - norms) + nb * norms,
         "grads": 4 * n,
         "optimizer": (main + 8 * (n - n_exp)) / shard + (main_exp + 8 * n_exp) / shard_exp,
         "ema": 4 * n if layout.popo else 0,
-        # the served EMA (popo_mega.train.served_model.ServedModel): the EMA cast to each parameter's
-        # dtype, kept as its own tensors so that a weight sync never swaps into the live policy
-        "served_ema": pb * (n - norms) + nb * norms if layout.popo else 0,
+        # the served EMA (popo_mega.train.served_model.ServedModel) is a view: nothing resident; the sync
+        # casts one tensor at a time, the largest being the [V_pad, h] embedding / output layer: its cast
+        # TP shard, the gathered shards and their concatenation (model.hf.iter_hf_tensors). Transient.
+        "served_ema": pb * p["vocab_padded"] * arch.hidden_size * (2 + 1 / layout.tp) if layout.popo else 0,
         "predictor": 0,
         "fp8_cache": 2 * p["layers_linear"] if layout.fp8 else 0,
     }
@@ -410,6 +425,14 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
         else:
             terms["predictor"] = pb * q + 4 * q
             terms["optimizer"] += 12 * q / shard
+            opt_elements += q / shard
+    # train.optimizer_cpu_offload (megatron-core 0.16.1 HybridDeviceOptimizer with the precision-aware
+    # distributed optimizer): the first f of each optimizer's elements get their fp32 main param and
+    # Adam m, v on the host, plus a pinned fp32 host copy of their grads (_set_sub_optimizer_grads);
+    # the bf16 weights and fp32 grad buffer stay on the GPU.
+    f = layout.optimizer_offload_fraction
+    host = f * (terms["optimizer"] + 4 * opt_elements)
+    terms["optimizer"] *= 1 - f
     act = activation_bytes(arch, layout, pp_rank)
     logits = logits_bytes(arch, layout, p["vocab_padded"]) if last else 0
     dispatch = moe_dispatch_bytes(arch, layout)
@@ -421,12 +444,14 @@ def plan_stage(arch, layout: Layout, pp_rank: int) -> dict:
     terms["ema_swap"] = ema_swap
     if arch.is_moe:
         terms["moe_dispatch"] = dispatch
-    static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "served_ema", "predictor", "fp8_cache"))
+    static = sum(terms[k] for k in ("weights", "grads", "optimizer", "ema", "predictor", "fp8_cache"))
     train = act["total"] + logits + dispatch
     target = ema_swap + fwd_only + dispatch if layout.popo else 0
-    total = static + max(train, target)
+    sync = terms["served_ema"]
+    total = static + max(train, target, sync)
     return {"pp_rank": pp_rank, "params": n, "params_detail": p, "terms": terms, "activation_detail": act,
-            "static": static, "train_transient": train, "target_transient": target, "total": total}
+            "static": static, "train_transient": train, "target_transient": target, "sync_transient": sync,
+            "total": total, "host_optimizer": host}
 
 
 def plan(arch, layout: Layout) -> dict:
@@ -435,8 +460,10 @@ def plan(arch, layout: Layout) -> dict:
     stages = [plan_stage(arch, layout, r) for r in range(layout.pp)]
     worst = max(stages, key=lambda s: s["total"])
     usable = (layout.gpu_mem_gib - layout.margin_gib) * GIB
+    host = max(s["host_optimizer"] for s in stages)
     return {"layout": dataclasses.asdict(layout), "architecture": dataclasses.asdict(arch), "stages": stages,
             "worst_stage": worst["pp_rank"], "total": worst["total"], "usable": usable,
+            "host_optimizer_per_gpu": host, "host_optimizer_per_node": host * layout.gpus_per_node,
             "fits": worst["total"] <= usable, "max_micro_batch_tokens": max_micro_batch_tokens(arch, layout)}
 
 
@@ -470,7 +497,8 @@ def format_table(result: dict, name: str = "") -> str:
     ep = f" EP={lay['ep']}" if moe else ""
     head = (f"{name} TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}{ep} "
             f"dist-opt={'on' if lay['distributed_optimizer'] else 'off'} SP={'on' if lay['sequence_parallel'] else 'off'} "
-            f"fp8={'on' if lay['fp8'] else 'off'} recompute={lay['recompute']} T={lay['micro_batch_tokens']}").strip()
+            f"fp8={'on' if lay['fp8'] else 'off'} recompute={lay['recompute']} T={lay['micro_batch_tokens']}"
+            + (f" offload={lay['optimizer_offload_fraction']:g}" if lay["optimizer_offload_fraction"] else "")).strip()
     cols = [f"stage {s['pp_rank']}" for s in result["stages"]]
     lines = [head, f"{'GiB per GPU':<22}" + "".join(f"{c:>10}" for c in cols)]
     for row in _ROWS + (("moe_dispatch",) if moe else ()):
@@ -480,6 +508,11 @@ def format_table(result: dict, name: str = "") -> str:
         lines.append(f"{'  of which experts (M)':<22}"
                      + "".join(f"{s['params_detail']['experts'] / 1e6:>10.1f}" for s in result["stages"]))
     lines.append(f"{'peak':<22}" + "".join(f"{s['total'] / GIB:>10.2f}" for s in result["stages"]))
+    if lay["optimizer_offload_fraction"] > 0:
+        lines.append(f"{'host: optimizer':<22}" + "".join(f"{s['host_optimizer'] / GIB:>10.2f}" for s in result["stages"]))
+        lines.append(f"optimizer CPU offload, fraction {lay['optimizer_offload_fraction']:g}: host memory "
+                     f"{result['host_optimizer_per_node'] / GIB:.1f} GiB per node ({lay['gpus_per_node']} GPUs, the "
+                     "worst stage's) for main params + Adam m, v + pinned grad copies")
     verdict = "fits" if result["fits"] else "DOES NOT FIT"
     lines.append(f"worst stage {result['worst_stage']}: {result['total'] / GIB:.2f} GiB of "
                  f"{lay['gpu_mem_gib']:.0f} GiB ({lay['margin_gib']:.0f} GiB margin) -> {verdict}; "
@@ -570,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false")
     p.add_argument("--sequence-parallel", dest="sequence_parallel", action="store_true", default=None)
     p.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false")
+    p.add_argument("--optimizer-cpu-offload", dest="optimizer_offload_fraction", type=float, nargs="?", const=1.0,
+                   help="train.optimizer_cpu_offload: keep this fraction (default 1) of the optimizer's main params "
+                   "and Adam m, v on the host (0: off)")
     p.add_argument("--impl", choices=("te", "local"), help="te: Transformer Engine layers with flash attention "
                    "(default, GPU); local: megatron's local spec + SDPAttention (the CPU path)")
     p.add_argument("--algorithm", choices=("popo", "grpo", "a3po"), help="grpo/a3po keep no EMA or predictor")
@@ -601,6 +637,8 @@ def resolve(args) -> tuple:
                   predictor_layers=cfg.algorithm.popo.predictor_layers,
                   make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
                   param_bytes=4 if cfg.model.dtype == "float32" else 2,
+                  optimizer_offload_fraction=(cfg.train.optimizer_offload_fraction
+                                              if cfg.train.optimizer_cpu_offload else 0.0),
                   seq_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     if args.model:
         arch, name = _arch_from_name(args.model), args.model
@@ -609,12 +647,15 @@ def resolve(args) -> tuple:
     if arch is None:
         raise ConfigError("popo-plan: give --model, --hf-config or --config")
     for flag in ("tp", "pp", "dp", "ep", "expert_load", "fp8", "micro_batch_tokens", "seq_len", "recompute", "gpu_mem_gib", "margin_gib",
-                 "distributed_optimizer", "sequence_parallel", "impl"):
+                 "distributed_optimizer", "sequence_parallel", "impl", "optimizer_offload_fraction"):
         value = getattr(args, flag)
         if value is not None:
             kw[flag] = value
     if args.algorithm:
         kw["popo"] = args.algorithm == "popo"
+    gpn = args.gpus_per_node or (cfg.placement.gpus_per_node if args.config else None)
+    if gpn:
+        kw["gpus_per_node"] = gpn
     kw.pop("server_gpu_fraction", None)
     return arch, Layout(**kw), name, placement
 

@@ -383,14 +383,61 @@ def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world
                 assert not res["fits"], (t, p, e)
 
 
-def test_served_ema_is_a_static_copy_of_the_weights_for_popo_only():
-    """train/served_model.py keeps the EMA cast to each parameter's dtype between syncs: as many bytes as
-    the weights, resident (static), and nothing for GRPO/A3PO, which keep no EMA."""
-    arch = _arch(qwen2_config())
-    lay = Layout(tp=1, dp=2, micro_batch_tokens=256, predictor_hidden=32)
-    st = plan_stage(arch, lay, 0)
-    t = st["terms"]
-    assert t["served_ema"] == t["weights"] == 2 * stage_params(arch, 1, 1, 0)["total"]
-    assert st["static"] == pytest.approx(sum(t[k] for k in ("weights", "grads", "optimizer", "ema", "served_ema",
-                                                            "predictor", "fp8_cache")))
+def test_served_ema_is_a_sync_transient_of_one_gathered_tensor_for_popo_only():
+    """train/served_model.py is a view since edf933c: nothing resident; the sync casts one tensor at a time,
+    the largest the [V_pad, h] embedding: its cast TP shard + the gathered shards + their concatenation.
+    Not in the static sum; the peak is static + the largest of the training, target and sync transients.
+    Nothing for GRPO/A3PO, which keep no EMA."""
+    arch = _arch(qwen2_config())                       # vocab 251, h 64
+    for tp, v_pad in ((1, 256), (2, 256)):             # 251 -> a multiple of 128 x tp
+        lay = Layout(tp=tp, dp=2 // tp, micro_batch_tokens=256, predictor_hidden=32)
+        st = plan_stage(arch, lay, 0)
+        t = st["terms"]
+        assert t["served_ema"] == pytest.approx(2 * v_pad * 64 * (2 + 1 / tp))
+        assert st["static"] == pytest.approx(sum(t[k] for k in ("weights", "grads", "optimizer", "ema",
+                                                                "predictor", "fp8_cache")))
+        assert st["sync_transient"] == t["served_ema"]
+        assert st["total"] == pytest.approx(st["static"] + max(st["train_transient"], st["target_transient"],
+                                                                 t["served_ema"]))
     assert plan_stage(arch, dataclasses.replace(lay, popo=False), 0)["terms"]["served_ema"] == 0
+
+
+def test_optimizer_offload_moves_main_params_and_adam_to_the_host_by_hand():
+    """train.optimizer_cpu_offload at fraction f (megatron's HybridDeviceOptimizer with the precision-aware
+    distributed optimizer): (1 - f) of the 12 bytes per optimizer element stay on the GPU; the host holds
+    f x (12 + 4: the pinned fp32 grad copy) per element. Elements: (N + P) / DP for a bf16 dense model."""
+    arch = _arch(qwen2_config())
+    n = stage_params(arch, 1, 1, 0)["total"]
+    q = predictor_params(64, 32, 2)
+    base = Layout(tp=1, pp=1, dp=4, micro_batch_tokens=256, predictor_hidden=32)
+    for f in (0.0, 0.25, 1.0):
+        st = plan_stage(arch, dataclasses.replace(base, optimizer_offload_fraction=f), 0)
+        assert st["terms"]["optimizer"] == pytest.approx((1 - f) * 12 * (n + q) / 4)
+        assert st["host_optimizer"] == pytest.approx(f * 16 * (n + q) / 4)
+        assert st["terms"]["grads"] == 4 * n and st["terms"]["weights"] == 2 * n   # stay on the GPU
+    res = plan(arch, dataclasses.replace(base, optimizer_offload_fraction=0.5, gpus_per_node=4))
+    assert res["host_optimizer_per_node"] == pytest.approx(4 * 0.5 * 16 * (n + q) / 4)
+    with pytest.raises(ConfigError, match="optimizer_offload_fraction must be in"):
+        plan(arch, dataclasses.replace(base, optimizer_offload_fraction=1.5))
+    with pytest.raises(ConfigError, match="needs the distributed optimizer"):
+        plan(arch, dataclasses.replace(base, optimizer_offload_fraction=0.5, distributed_optimizer=False))
+
+
+def test_cli_reads_offload_from_a_run_config_and_the_flag(tmp_path, capsys):
+    import yaml
+
+    raw = yaml.safe_load(open(os.path.join(ROOT, "configs", "qwen3-30b-a3b-popo.yaml")))
+    raw.setdefault("train", {}).update(optimizer_cpu_offload=True, optimizer_offload_fraction=0.5)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = str(tmp_path / "plan.json")
+    assert main(["--config", str(path), "--json", out]) == 0
+    data = json.load(open(out))
+    assert data["layout"]["optimizer_offload_fraction"] == 0.5 and data["host_optimizer_per_node"] > 0
+    assert "offload=0.5" in capsys.readouterr().out
+    raw["train"]["optimizer_cpu_offload"] = False          # the fraction alone does not offload
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(path), "--json", out]) == 0
+    assert json.load(open(out))["layout"]["optimizer_offload_fraction"] == 0
+    assert main(["--config", str(path), "--optimizer-cpu-offload", "--json", out]) == 0
+    assert json.load(open(out))["layout"]["optimizer_offload_fraction"] == 1.0
