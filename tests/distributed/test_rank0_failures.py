@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from tests.multiprocess import run_world
 
 
@@ -25,11 +27,24 @@ def _fails_on_rank0(rank, world_size):
         got["error"] = ("ValueError", str(exc))
     dist.barrier()  # every rank reached the next collective: nobody hangs in a broadcast
     got["seconds"] = time.monotonic() - t0
+    from tests.distributed.resilient_engine_checks import engine_checks
+
+    got["engine"] = engine_checks(rank)   # the resilient engine's rank-0 failures, in the same processes
     return got
 
 
-def test_an_error_on_rank0_reaches_every_rank():
-    out = run_world(_fails_on_rank0, 2)
+@pytest.fixture(scope="module")
+def out():
+    return run_world(_fails_on_rank0, 2)
+
+
+def test_the_resilient_engine_relaunches_or_ends_every_rank(out):
+    from tests.distributed.resilient_engine_checks import check_outcomes
+
+    check_outcomes(out[0]["engine"], out[1]["engine"])
+
+
+def test_an_error_on_rank0_reaches_every_rank(out):
     assert [o["value"] for o in out] == [{"step": 3}, {"step": 3}]
     assert out[0]["error"] == ("ValueError", "math_train.json:17: gold is not a string")
     assert out[1]["error"] == ("RankZeroError", "rank 0 failed: ValueError: math_train.json:17: gold is not a string")
