@@ -12,7 +12,8 @@ backward, Adam step). Measured, per rank:
              which includes megatron's alignment padding, is reported as ``grad_buffer``)
   optimizer  fp32 main-parameter copies + Adam exp_avg / exp_avg_sq of every optimizer (model + predictor)
   ema        the EMA's fp32 shadow tensors
-  served_ema the served EMA's tensors (the EMA in the model dtype, train/served_model.py)
+  served_ema the served EMA's resident tensors: none since it became a view (train/served_model.py,
+             edf933c); the planner's served_ema is the sync's transient, so the planned resident is 0
   predictor  the predictor's parameter + main_grad bytes
   saved      activations kept for backward by the training forward: the bytes of the distinct storages
              handed to autograd's saved-tensor hook (parameters excluded), one micro-batch
@@ -159,7 +160,7 @@ def measure_case(path: str, tp: int, pp: int, distopt: bool, recompute: str, n_s
             "expert_params": sum(p.numel() for n, p in trainer.model.named_parameters() if ".experts." in n),
             "optimizer": opt_bytes,
             "ema": sum(_bytes(t) for t in trainer.ema._shadow.values()),
-            "served_ema": sum(_bytes(t) for t in trainer.served._copies.values()) if trainer.served is not None else 0,
+            "served_ema": _served_own_bytes(trainer),
             "predictor": pred_opt_bytes + (sum(_bytes(p) + _bytes(p.main_grad) for p in trainer.predictor.parameters())
                                            if trainer.predictor is not None else 0),
             "saved": sum(saved.values()),
@@ -211,6 +212,22 @@ def run_cases(paths: dict, cases=CASES) -> dict:
     return {name: [r[name] for r in per_rank] for name, *_ in cases}
 
 
+def _served_own_bytes(trainer) -> int:
+    """Bytes of the tensors the served EMA refers to that are neither the model's nor the EMA's: what it
+    keeps resident of its own (0 for POPO's view, which casts on read; 0 without an EMA)."""
+    if trainer.served is None:
+        return 0
+    theirs = {t.untyped_storage().data_ptr() for t in trainer.model.state_dict(keep_vars=True).values()
+              if isinstance(t, torch.Tensor)}
+    theirs |= {t.untyped_storage().data_ptr() for t in trainer.ema._shadow.values()}
+    own = {}
+    for entry in trainer.served._entries.values():
+        t = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in theirs:
+            own[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(own.values())
+
+
 def planned(path: str, tp: int, pp: int, distopt: bool, recompute: str, tokens: int, pp_rank: int, ep: int = 1,
             sequence_parallel: bool = False, expert_load: float = 1.0) -> dict:
     """The planner's terms for a measured case (bf16, math attention over the whole packed micro-batch;
@@ -229,7 +246,8 @@ def planned(path: str, tp: int, pp: int, distopt: bool, recompute: str, tokens: 
     last = pp_rank == pp - 1
     vs = st["params_detail"]["vocab_padded"] // tp
     saved_logits = lay.param_bytes * tokens * vs if last else 0
-    return {**{k: st["terms"][k] for k in ("weights", "grads", "optimizer", "ema", "served_ema", "predictor")},
+    return {**{k: st["terms"][k] for k in ("weights", "grads", "optimizer", "ema", "predictor")},
+            "served_ema": 0,   # resident: none (the planner's served_ema term is the sync's transient)
             "params": st["params"], "expert_params": st["params_detail"]["experts"],
             "saved": act["stored"] + act["head"] + saved_logits,
             "recomputed_per_layer": act["working"], "dp_shard": dp if distopt else 1,
