@@ -6,7 +6,9 @@
 
 Why fp32: the increment (1 - tau)(theta - xi) is far below bf16 resolution when tau >= 0.99, so a
 bf16 EMA stalls; see tests/unit/test_ema.py. The master copy here is fp32 and is cast to the
-model's dtype only to run a forward pass (``swapped_into``) or to feed the rollout engine.
+model's dtype only to run a forward pass (``swapped_into``: the target pass) or into the served copy
+the rollout engine gets (``train/served_model.py``, refreshed after each update; a weight sync never
+swaps the EMA into the live policy).
 
 Sharding: the EMA is keyed by ``module.named_parameters()`` names and holds a tensor of the same
 shape and device as each parameter. For a Megatron model those parameters ARE the local TP/PP

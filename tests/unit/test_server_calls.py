@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import requests
 
 from popo_mega.rollout.server_calls import ServerCalls, SessionPool, post_all
 
