@@ -14,6 +14,8 @@ distributed optimizer, sequence parallelism (where TP stays > 1) and the placeme
   ranks are data-parallel ranks, so EP=2 leaves no process for TP or PP; MoE at TP=2 with SP is
   covered by tests/distributed/test_qwen3_moe_ep_step.py and the Qwen3-MoE parity tests).
 * ``rollout.urls``: emptied (a config that attaches to servers on other nodes runs the embedded one).
+* ``train.optimizer_cpu_offload``: off (megatron-core's HybridDeviceOptimizer runs on CUDA only:
+  tests/unit/test_optimizer_offload.py; the trainer refuses it on a CPU with a ConfigError).
 * ``rollout``: the embedded server (``backend embedded``, one server of one device: the embedded
   server has no TP), 2 rollouts of 16 tokens per prompt.
 * fewer steps (2), prompts (2 per step), evaluation problems (``eval.limit 2``, ``n 1``, 16 tokens).
@@ -98,6 +100,7 @@ def miniature_overrides(name: str, hf_path: str, run_dir: str) -> list[str]:
            f"parallel.sequence_parallel={str(par['sequence_parallel']).lower()}",
            *([f"parallel.expert={par['expert']}"] if "expert" in par else []),
            *(["rollout.urls=[]"] if raw.get("rollout", {}).get("urls") else []),
+           *(["train.optimizer_cpu_offload=false"] if raw.get("train", {}).get("optimizer_cpu_offload") else []),
            "rollout.backend=embedded", "rollout.num_servers=1", "rollout.server_tp=1",
            f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={TOKENS}",
            f"train.steps={STEPS}", f"data.prompts_per_step={PROMPTS}", "train.keep_last=1",

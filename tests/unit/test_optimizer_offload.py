@@ -131,3 +131,19 @@ def test_offloaded_adam_step_equals_gpu_adam_step():
     for a, b in zip(*results):
         # three updates of size ~lr each, every one exact to a few ulps of the weight's magnitude
         torch.testing.assert_close(a, b, rtol=0, atol=3 * 8 * eps * float(a.abs().max() + 1))
+
+
+def test_shipped_offload_configs_run_their_miniature_without_it(tmp_path):
+    """The shipped Qwen3-MoE configs offload (they fit 8 / 64 H100s only so, docs/plan.md); their CPU
+    miniature (tests/e2e/shipped.py) turns offload off, as this CPU cannot run it, and nothing else."""
+    from tests.e2e import shipped
+
+    offloading = [n for n in shipped.shipped_configs()
+                  if shipped.read_config(n).get("train", {}).get("optimizer_cpu_offload")]
+    assert {"qwen3-30b-a3b-popo.yaml", "qwen3-235b-a22b-popo.yaml"} <= set(offloading)
+    for name in offloading:
+        over = shipped.miniature_overrides(name, "/m", str(tmp_path))
+        assert "train.optimizer_cpu_offload=false" in over
+        cfg = load_config(os.path.join(shipped.CONFIGS, name), over)
+        assert not cfg.train.optimizer_cpu_offload
+        assert load_config(os.path.join(shipped.CONFIGS, name)).train.optimizer_cpu_offload

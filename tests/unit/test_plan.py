@@ -342,13 +342,14 @@ def test_moe_layout_errors_name_the_flag():
         plan(Architecture.from_hf(KNOWN_MODELS["qwen3-8b"]), Layout(dp=2, ep=2))
 
 
-@pytest.mark.parametrize("name,model,world", [("qwen3-30b-a3b-popo.yaml", "qwen3-30b-a3b", 16),
-                                              ("qwen3-235b-a22b-popo.yaml", "qwen3-235b-a22b", 128)])
+@pytest.mark.parametrize("name,model,world", [("qwen3-30b-a3b-popo.yaml", "qwen3-30b-a3b", 8),
+                                              ("qwen3-235b-a22b-popo.yaml", "qwen3-235b-a22b", 64)])
 def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world, capsys, tmp_path):
-    """popo-plan takes each shipped MoE config's layout (parallel.expert included) and finds it fits an
-    80 GB H100 with the 6 GiB margin; check_layout accepts the same layout for the real model at the
-    config's trainer world size. Expert parameters per GPU by hand: layers / PP x experts / EP x 3 x h x
-    F_e / TP from the HF config numbers."""
+    """popo-plan takes each shipped MoE config's layout (parallel.expert included, and its optimizer
+    offload) and finds it fits an 80 GB H100 with the 6 GiB margin on the GPU count issue 13 named;
+    check_layout accepts the same layout for the real model at that trainer world size. Expert
+    parameters per GPU by hand: layers / PP x experts / EP x 3 x h x F_e / TP from the HF config numbers.
+    Without the offload, no layout of that many GPUs fits."""
     import yaml
 
     from popo_mega.config import check_layout, load_config
@@ -358,6 +359,7 @@ def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world
     hf = KNOWN_MODELS[model]
     tp, pp, ep = raw["parallel"]["tensor"], raw["parallel"]["pipeline"], raw["parallel"]["expert"]
     assert ep > 1 and raw["placement"]["nodes"] * raw["placement"]["gpus_per_node"] == world
+    assert raw["train"]["optimizer_cpu_offload"] is True
     check_layout(load_config(path), world, hf)
     out = str(tmp_path / "plan.json")
     assert main(["--config", path, "--json", out]) == 0
@@ -370,8 +372,9 @@ def test_shipped_moe_configs_fit_80gb_and_check_layout_agrees(name, model, world
         * hf["moe_intermediate_size"] // tp
     for stage in data["stages"]:
         assert stage["params_detail"]["experts"] == experts
-    # the same model on the GPU count the issue named (8 / 64 H100s) fits in no layout popo-plan accepts
-    small = world // 2
+    assert data["layout"]["optimizer_offload_fraction"] == raw["train"]["optimizer_offload_fraction"]
+    # without offload, the same model on the same GPU count fits in no layout popo-plan accepts
+    small = world
     for t in (1, 2, 4):
         for p in (1, 2):
             for e in (1, 2, 4, 8, 16, 32, 64):
