@@ -60,17 +60,17 @@ def run(cfg: Config, log=print) -> RunResult:
     setup = RunSetup(cfg, rt, log)  # tokenizer, prompt stream, held-out set, checkpoints
     trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel))
     resumed = setup.resume(trainer)
-    serve = lambda: trainer.weights_to_serve(ema=cfg.rollout.weights == "ema")  # noqa: E731 - the served EMA copy
+    served = trainer.weights_to_serve(ema=cfg.rollout.weights == "ema")  # the served EMA copy (or the policy)
     interrupt, engine, worker, evaluation, final_acc = Interrupt(), None, None, None, None
     try:
         engine = ResilientEngine.launch(cfg, rt, trainer.arch, trainer.layout, setup.run_dir, log,
-                                        serving=serve(), version=f"step{trainer.step}")
+                                        serving=served, version=f"step{trainer.step}")
         worker = RolloutWorker(cfg, setup, trainer.objective, engine, interrupt)
         evaluation = Evaluation(cfg, setup, engine, trainer)
         on_rank0(lambda: (worker.start(), evaluation.start(worker.verifier, fresh_run=resumed is None),
                           setup.start_metrics(trainer)), rt.rank, rt.world_size)
         if resumed is not None:  # the servers started from model.hf_path: give them the resumed weights
-            engine.sync(serve(), f"step{trainer.step}")
+            engine.sync(served, f"step{trainer.step}")
         step = trainer.step
         while step < cfg.train.steps:
             batch = engine.on_rank0(lambda: worker.collect(step), "rollout")  # rank 0: rollout -> reward -> select
@@ -95,7 +95,7 @@ def run(cfg: Config, log=print) -> RunResult:
             step = trainer.step
             evaluated = evaluation.after_batch(prev, step)  # eval.model's weights (the policy synced in)
             t_sync = time.time()
-            engine.sync(serve(), f"step{step}")  # the served EMA to the servers
+            engine.sync(served, f"step{step}")  # the served EMA to the servers
             setup.log(step, batch.metrics, stats, lambda: {"sync_s": time.time() - t_sync,
                                                            "server_restarts": float(engine.restarts),
                                                            **evaluation.metrics(evaluated, step)})
