@@ -449,7 +449,7 @@ def _check_values(cfg: Config) -> None:
         # OptimizerConfig.__post_init__ asserts that path has the distributed optimizer.
         raise ConfigError(f"{where}: key 'train.optimizer_cpu_offload' needs parallel.distributed_optimizer: true "
                           "(megatron-core offloads through its precision-aware distributed optimizer)")
-    if t.updates_per_rollout < 1:   # train/loop.py train_on_rollouts
+    if t.updates_per_rollout < 1:   # train/loop.py run(): the updates of one rollout batch
         raise ConfigError(f"{where}: key 'train.updates_per_rollout' must be >= 1, got {t.updates_per_rollout}")
     if not 0 <= cfg.algorithm.grpo.beta_kl < float("inf"):   # train/step.py: k3 KL to the reference
         raise ConfigError(f"{where}: key 'algorithm.grpo.beta_kl' must be >= 0, got {cfg.algorithm.grpo.beta_kl}")

@@ -63,22 +63,39 @@ class Evaluation:
 
     def after_batch(self, prev: int, step: int) -> dict:
         """The evaluations due after the batch that moved the run from step ``prev`` to ``step``
-        (eval.interval crossed; benchmarks per ``benchmark_eval_due``). Collective: the online policy
-        is synced in first where eval.model asks for it. Returns rank 0's metrics ({} elsewhere)."""
-        out, rank0 = {}, self.trainer.rt.rank == 0
-        heldout_due = bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval))
-        bench_due = any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps) for k in range(prev + 1, step + 1))
-        if (heldout_due or bench_due) and self.policy_synced_in:
-            self._sync_policy(step)
-        if heldout_due and rank0:
+        (eval.interval crossed; benchmarks per ``benchmark_eval_due``), BEFORE the loop's weight sync:
+        only those of the online policy of an EMA-serving run, which is synced in first (collective).
+        The others evaluate what the engine serves, so they wait for the sync (``metrics``): before,
+        a run serving its policy (GRPO, A3PO) or evaluating the served EMA logged at step N the
+        weights of the sync before, and a colocated server whose weights were freed for the step
+        had none. Returns the due evaluations and rank 0's metrics ({} elsewhere)."""
+        rank0 = self.trainer.rt.rank == 0
+        out = {"heldout_due": bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)),
+               "bench_due": any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps)
+                                for k in range(prev + 1, step + 1))}
+        if not self.policy_synced_in or not (out["heldout_due"] or out["bench_due"]):
+            return out
+        self._sync_policy(step)
+        if rank0:
+            out.update(self._evaluate(out, step, "online policy"))
+        return out
+
+    def _evaluate(self, due: dict, step: int, what: str) -> dict:
+        """Rank 0: the due held-out accuracy and benchmarks of what the engine serves now."""
+        out = {}
+        if due["heldout_due"]:
             out["heldout_accuracy"] = self.heldout_accuracy(step)
-        if bench_due and rank0:
-            out["bench"] = self.bench.run(self.engine.http, step, "served EMA" if self.served_is_ema else "online policy")
+        if due["bench_due"]:
+            out["bench"] = self.bench.run(self.engine.http, step, what)
         return out
 
     def metrics(self, evaluated: dict, step: int) -> dict:
-        """Rank 0, after the loop's weight sync: ``after_batch``'s metrics to log, with the held-out
-        accuracy of the served EMA (back in the engine) when the policy was evaluated."""
+        """Rank 0, after the loop's weight sync: the metrics to log. The evaluations ``after_batch``
+        left for now (what the engine serves: the served EMA, or the policy of a run that serves
+        it), or ``after_batch``'s of the policy with the served EMA's held-out accuracy beside it."""
+        if not self.policy_synced_in:
+            evaluated = {**evaluated, **self._evaluate(evaluated, step,
+                                                       "served EMA" if self.served_is_ema else "online policy")}
         out = {}
         accuracy = evaluated.get("heldout_accuracy")
         if accuracy is not None:

@@ -91,11 +91,11 @@ def run(cfg: Config, log=print) -> RunResult:
                             setup.log(trainer.step, batch.metrics, stats)
                         trainer.target_pass(share)  # POPO: the EMA's features and log-probs (Eq. P3)
                         stats = trainer.policy_step(share)  # forward/backward, optimizer, LR schedule
-                        trainer.update_ema(stats)  # Eq. P6, and the served copy materialised from it
+                        trainer.update_ema(stats)  # Eq. P6 (the served view reads it at the sync)
             step = trainer.step
-            evaluated = evaluation.after_batch(prev, step)  # eval.model's weights (the policy synced in)
+            evaluated = evaluation.after_batch(prev, step)  # an EMA-serving run's policy (synced in first)
             t_sync = time.time()
-            engine.sync(served, f"step{step}")  # the served EMA to the servers
+            engine.sync(served, f"step{step}")  # the served weights; evaluation.metrics then evaluates them
             setup.log(step, batch.metrics, stats, lambda: {"sync_s": time.time() - t_sync,
                                                            "server_restarts": float(engine.restarts),
                                                            **evaluation.metrics(evaluated, step)})

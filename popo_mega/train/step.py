@@ -6,7 +6,7 @@ optimizer step, LR schedule and EMA update (docs/algorithms.md, Eq. P1-P6; archi
     trainer.reference_pass(batch)              # GRPO's KL: the frozen reference, once per rollout batch
     trainer.target_pass(batch)                 # POPO: the EMA's features (Eq. P3)
     stats = trainer.policy_step(batch)         # forward/backward, optimizer, LR schedule
-    trainer.update_ema(stats)                  # Eq. P6, and the served copy the engine gets
+    trainer.update_ema(stats)                  # Eq. P6 (the served EMA view reads it at the next sync)
     stats = trainer.train_step(samples)        # the same four calls, one update
 
 Pieces, all megatron-core's own: ``DistributedDataParallel`` (gradients reduced over DP), the
