@@ -40,6 +40,7 @@ class ResilientEngine:
         self.max_restarts, self.colocated, self.log = max_restarts, colocated, log
         self.restarts = 0
         self.serving = (serving, version)  # what a relaunched server is given
+        self.memory_s: dict[str, float] = {}  # rank 0: the last step's release_s / resume_s (colocated)
 
     @classmethod
     def launch(cls, cfg, rt, arch, layout, run_dir: str, log=print, *, serving, version: str) -> "ResilientEngine":
@@ -123,11 +124,20 @@ class ResilientEngine:
     @contextlib.contextmanager
     def released_for_step(self):
         """Colocated servers give their memory to the policy step and take it back after (collective;
-        a no-op when the servers have devices of their own)."""
+        a no-op when the servers have devices of their own). A server started with
+        ``--enable-memory-saver`` has no weights after it (SGLang's semantics): the loop's weight sync
+        comes next. Rank 0 keeps the posts' seconds in ``memory_s``."""
         from popo_mega.rollout.sglang_launcher import released_during_step
 
-        with released_during_step(self.http, self.colocated, self.rt.world_size):
+        self.memory_s = {}
+        with released_during_step(self.http, self.colocated, self.rt.world_size, self.memory_s):
             yield
+
+    def pop_memory_s(self) -> dict[str, float]:
+        """Rank 0: the release_s / resume_s of the step since the last call ({} for a step that did not
+        release: not colocated, or nothing to train)."""
+        out, self.memory_s = self.memory_s, {}
+        return out
 
     def close(self) -> None:
         """Rank 0 stops the servers it launched (through its HttpEngine); every other node's process

@@ -233,9 +233,10 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": node_gpus[slot.gpus[0]]}
                 if api_key:
                     env = {**(env or os.environ), API_KEY_ENV: api_key}
+                saver = ("--enable-memory-saver",) if slot is not None and slot.memory_saver else ()
                 cmd = embedded_server_command(model_path, host=host, port=port,
                                               device="cuda" if slot is not None else device, dtype=dtype,
-                                              random_seed=random_seed, extra_args=extra_args)
+                                              random_seed=random_seed, extra_args=(*extra_args, *saver))
             log = os.path.join(log_dir, f"{kind}_server_{index}.log") if log_dir else None
             started.append(start(cmd, f"http://{advertise_host or host}:{port}", log_path=log, env=env))
         for s in started:
@@ -298,6 +299,10 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
     extra = ("--enable-deterministic-inference",) if r.deterministic else ()  # both backends: strict embedded too
     common = dict(host=r.host, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=log_dir, extra_args=extra)
     if rt.device.type != "cuda":
+        if cfg.placement.mode == "colocated" and r.backend != "sglang":
+            # the CPU's colocated mode: the embedded server frees its weights while the policy steps
+            # (released_during_step) and gets them back by the weight sync that follows
+            common["extra_args"] = (*extra, "--enable-memory-saver")
         local = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, tp_size=r.server_tp,
                                mem_fraction_static=r.mem_fraction, **common) if rt.rank == 0 else []
         return RunServers(local, [s.url for s in local], "127.0.0.1", [0] * len(local))
@@ -342,13 +347,15 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
 
 
 @contextlib.contextmanager
-def released_during_step(engine, colocated: bool, world_size: int):
+def released_during_step(engine, colocated: bool, world_size: int, timings: dict | None = None):
     """Colocated servers give their GPU memory to the policy step, and take it back after. Collective.
 
     Rank 0 (the engine's owner) posts ``/release_memory_occupation`` to every server before any rank
     starts the step; after it every rank returns its cached blocks to CUDA (``torch.cuda.empty_cache``:
     the trainer's allocator would otherwise keep the activations' memory) and rank 0 posts
-    ``/resume_memory_occupation``. A no-op when the servers have GPUs of their own.
+    ``/resume_memory_occupation``. A no-op when the servers have GPUs of their own. ``timings`` (rank
+    0): filled with ``release_s`` and ``resume_s``, the seconds the two posts took (the cost of
+    colocation, with the weight sync that gives a memory-saver server its weights back).
     """
     if not colocated:
         yield
@@ -356,8 +363,13 @@ def released_during_step(engine, colocated: bool, world_size: int):
     import torch
     import torch.distributed as dist
 
+    import time
+
+    timings = {} if timings is None else timings
     if engine is not None:
+        t0 = time.perf_counter()
         engine.release_memory_occupation()
+        timings["release_s"] = time.perf_counter() - t0
     if world_size > 1:
         dist.barrier()
     yield
@@ -366,7 +378,9 @@ def released_during_step(engine, colocated: bool, world_size: int):
     if world_size > 1:
         dist.barrier()
     if engine is not None:
+        t0 = time.perf_counter()
         engine.resume_memory_occupation()
+        timings["resume_s"] = time.perf_counter() - t0
 
 
 def launch_router(worker_urls: list[str], *, host: str = "127.0.0.1", port: int | None = None,

@@ -98,6 +98,7 @@ def run(cfg: Config, log=print) -> RunResult:
             engine.sync(served, f"step{step}")  # the served weights; evaluation.metrics then evaluates them
             setup.log(step, batch.metrics, stats, lambda: {"sync_s": time.time() - t_sync,
                                                            "server_restarts": float(engine.restarts),
+                                                           **engine.pop_memory_s(),  # colocated: release/resume
                                                            **evaluation.metrics(evaluated, step)})
             if setup.save_due(prev, step):
                 setup.checkpoint(trainer)
