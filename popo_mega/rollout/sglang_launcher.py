@@ -233,7 +233,8 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": node_gpus[slot.gpus[0]]}
                 if api_key:
                     env = {**(env or os.environ), API_KEY_ENV: api_key}
-                saver = ("--enable-memory-saver",) if slot is not None and slot.memory_saver else ()
+                # a colocated GPU slot: SGLang's flags (the weights wait in host RAM while released)
+                saver = ("--enable-memory-saver", "--enable-weights-cpu-backup") if slot is not None and slot.memory_saver else ()
                 cmd = embedded_server_command(model_path, host=host, port=port,
                                               device="cuda" if slot is not None else device, dtype=dtype,
                                               random_seed=random_seed, extra_args=(*extra_args, *saver))
@@ -301,7 +302,8 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
     if rt.device.type != "cuda":
         if cfg.placement.mode == "colocated" and r.backend != "sglang":
             # the CPU's colocated mode: the embedded server frees its weights while the policy steps
-            # (released_during_step) and gets them back by the weight sync that follows
+            # (released_during_step) and gets them back by the weight sync that follows (no
+            # --enable-weights-cpu-backup: on the CPU the backup would be the same memory)
             common["extra_args"] = (*extra, "--enable-memory-saver")
         local = launch_servers(r.backend, cfg.model.hf_path, num_servers=r.num_servers, tp_size=r.server_tp,
                                mem_fraction_static=r.mem_fraction, **common) if rt.rank == 0 else []

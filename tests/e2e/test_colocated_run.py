@@ -12,7 +12,7 @@ from tests.e2e.runs import REPO, read_metrics, train_args
 
 
 @pytest.mark.extended   # a popo-train process, ~60 s on 2 cores; CI checks the launcher's flag and the timing
-@pytest.mark.slow       # (tests/unit/test_colocated_cpu.py) and the evaluation order (test_evaluation_order.py)
+@pytest.mark.slow       # (tests/unit/test_placement.py) and the evaluation order (test_evaluation_order.py)
 def test_colocated_run_releases_the_server_for_every_step_and_goes_on(base, tmp_path):
     run_dir = str(tmp_path / "run")
     r = subprocess.run(train_args(base, run_dir, 4, ["placement.mode=colocated", "eval.model=served"]),

@@ -9,6 +9,7 @@ Hardware: CPU only (GPUs are names in lists; nothing touches CUDA).
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,10 +168,28 @@ def test_launcher_starts_each_server_on_its_gpus(fake_start):
 
 
 def test_embedded_server_sees_only_its_gpu(fake_start):
-    sglang_launcher.launch_servers("embedded", "/m", slots=[ServerSlot(0, (6,), 0.8, False)],
-                                   node_gpus=[str(i) for i in range(8)], ports=[5])
-    cmd, _, env = fake_start[0]
+    sglang_launcher.launch_servers("embedded", "/m", slots=[ServerSlot(0, (6,), 0.8, False), ServerSlot(1, (7,), 0.8, True)],
+                                   node_gpus=[str(i) for i in range(8)], ports=[5, 6])
+    (cmd, _, env), (cmd1, _, env1) = fake_start
     assert env["CUDA_VISIBLE_DEVICES"] == "6" and _flags(cmd)["--device"] == "cuda"
+    assert "--enable-memory-saver" not in _flags(cmd)
+    # a colocated slot gets SGLang's flags (before, only SGLang servers got them)
+    assert env1["CUDA_VISIBLE_DEVICES"] == "7"
+    assert _flags(cmd1)["--enable-memory-saver"] is True and _flags(cmd1)["--enable-weights-cpu-backup"] is True
+
+
+@pytest.mark.parametrize("mode,saver", [("colocated", True), ("disaggregated", False)])
+def test_cpu_run_servers_get_the_memory_saver_only_when_colocated(fake_start, mode, saver):
+    """On the CPU (no slots), placement.mode colocated starts the embedded server with
+    --enable-memory-saver, so that the release around the policy step really frees its weights;
+    without the CPU backup flag, which would keep them in the same RAM."""
+    cfg = config_from_dict({"placement": {"mode": mode}, "rollout": {"backend": "embedded", "deterministic": True}})
+    run = sglang_launcher.start_run_servers(cfg, SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1))
+    (cmd, url, _), = fake_start
+    assert run.urls == [url]
+    flags = _flags(cmd)
+    assert ("--enable-memory-saver" in flags) is saver and "--enable-weights-cpu-backup" not in flags
+    assert flags["--enable-deterministic-inference"] is True   # the run's other flags stay
 
 
 class _Rt:
@@ -217,14 +236,15 @@ class _Engine:
 
 
 def test_colocated_servers_release_memory_for_the_step_only():
-    engine = _Engine()
-    with sglang_launcher.released_during_step(engine, True, world_size=1):
+    engine, timings = _Engine(), {}
+    with sglang_launcher.released_during_step(engine, True, world_size=1, timings=timings):
         engine.calls.append("step")
     assert engine.calls == ["release", "step", "resume"]
-    engine = _Engine()
-    with sglang_launcher.released_during_step(engine, False, world_size=1):
+    assert set(timings) == {"release_s", "resume_s"} and min(timings.values()) >= 0   # logged per step
+    engine, timings = _Engine(), {}
+    with sglang_launcher.released_during_step(engine, False, world_size=1, timings=timings):
         engine.calls.append("step")
-    assert engine.calls == ["step"]
+    assert engine.calls == ["step"] and timings == {}
     with sglang_launcher.released_during_step(None, True, world_size=1):  # ranks without the engine
         pass
 
