@@ -214,19 +214,24 @@ def _initial_accuracy(log_path: str) -> float | None:
 
 
 _child: subprocess.Popen | None = None
+_stop_signal: int | None = None
 
 
 def _stop(signum, frame):
-    """End the running popo-train (its loop checkpoints nothing here: save_interval 0) and exit."""
+    """SIGTERM/SIGINT: pass SIGTERM on to the running popo-train (it exits at its next step boundary
+    and takes its embedded server with it); ``run_one`` exits once it has ended. A second signal kills
+    it. The handler never waits on the child: the interrupted ``Popen.wait`` holds its lock, and a
+    wait here would deadlock (the first version of this handler did)."""
+    global _stop_signal
+    again, _stop_signal = _stop_signal is not None, signum
     if _child is not None and _child.poll() is None:
-        _child.terminate()
-        try:
-            _child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            _child.kill()
-            _child.wait()
-    print(f"[fidelity] stopped by signal {signum}; the unfinished run restarts on resume", flush=True)
-    sys.exit(128 + signum)
+        (_child.kill if again else _child.terminate)()
+
+
+def _exit_if_stopped() -> None:
+    if _stop_signal is not None:
+        print(f"[fidelity] stopped by signal {_stop_signal}; the unfinished run restarts on resume", flush=True)
+        sys.exit(128 + _stop_signal)
 
 
 def run_one(stage: str, variant: str, seed: int, lr: float, *, base: str, code: str, commit: str, out: str,
@@ -249,6 +254,7 @@ def run_one(stage: str, variant: str, seed: int, lr: float, *, base: str, code: 
         _child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env)
         rc = _child.wait()
         _child = None
+    _exit_if_stopped()
     wall = time.time() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -349,6 +355,7 @@ def main(argv=None) -> int:
         signal.signal(sig, _stop)
     n = 0
     while (todo := plan(rows)) and (args.max_runs is None or n < args.max_runs):
+        _exit_if_stopped()
         stage, variant, seed, lr = todo[0]
         row = run_one(stage, variant, seed, lr, base=os.path.abspath(args.base), code=code, commit=commit,
                       out=args.out, steps=args.steps, eval_every=args.eval_every)
