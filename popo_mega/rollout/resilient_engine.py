@@ -130,7 +130,7 @@ class ResilientEngine:
         from popo_mega.rollout.sglang_launcher import released_during_step
 
         self.memory_s = {}
-        with released_during_step(self.http, self.colocated, self.rt.world_size, self.memory_s):
+        with released_during_step(self.http, self.colocated, self.rt.world_size, self.memory_s, rank=self.rt.rank):
             yield
 
     def pop_memory_s(self) -> dict[str, float]:

@@ -675,10 +675,11 @@ class RolloutServer:
         if self.released_tags:
             return (f"memory is released ({', '.join(sorted(self.released_tags))}): call /resume_memory_occupation "
                     "first")
-        if self.weights_missing:
+        missing = list(self.weights_missing)  # a copy: a weight load (model lock) may be shrinking the set
+        if missing:
             return (f"the weights were released by /release_memory_occupation (--enable-memory-saver without "
-                    f"--enable-weights-cpu-backup loses them) and {len(self.weights_missing)} tensors have not been "
-                    f"loaded since, e.g. {min(self.weights_missing)!r}: send the weights (/update_weights_from_*) first")
+                    f"--enable-weights-cpu-backup loses them) and {len(missing)} tensors have not been "
+                    f"loaded since, e.g. {min(missing)!r}: send the weights (/update_weights_from_*) first")
         return None
 
     def plan(self, body) -> GeneratePlan:

@@ -349,40 +349,46 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
 
 
 @contextlib.contextmanager
-def released_during_step(engine, colocated: bool, world_size: int, timings: dict | None = None):
+def released_during_step(engine, colocated: bool, world_size: int, timings: dict | None = None,
+                         rank: int | None = None):
     """Colocated servers give their GPU memory to the policy step, and take it back after. Collective.
 
-    Rank 0 (the engine's owner) posts ``/release_memory_occupation`` to every server before any rank
-    starts the step; after it every rank returns its cached blocks to CUDA (``torch.cuda.empty_cache``:
-    the trainer's allocator would otherwise keep the activations' memory) and rank 0 posts
-    ``/resume_memory_occupation``. A no-op when the servers have GPUs of their own. ``timings`` (rank
-    0): filled with ``release_s`` and ``resume_s``, the seconds the two posts took (the cost of
-    colocation, with the weight sync that gives a memory-saver server its weights back).
+    Rank 0 (the engine's owner; ``rank`` defaults to 0 where ``engine`` is given) posts
+    ``/release_memory_occupation`` to every server before any rank starts the step; after it every
+    rank returns its cached blocks to CUDA (``torch.cuda.empty_cache``: the trainer's allocator would
+    otherwise keep the activations' memory), and once all have (a barrier) rank 0 posts
+    ``/resume_memory_occupation``. Both posts go through ``on_rank0``: a server that refuses or dies
+    there makes every rank raise, instead of rank 0 alone while the others wait in the next
+    collective. A no-op when the servers have GPUs of their own. ``timings`` (rank 0): filled with
+    ``release_s`` and ``resume_s``, the seconds the two posts took (the cost of colocation, with the
+    weight sync that gives a memory-saver server its weights back).
     """
     if not colocated:
         yield
         return
+    import time
+
     import torch
     import torch.distributed as dist
 
-    import time
+    from popo_mega.train.rank0 import on_rank0
 
+    rank = (0 if engine is not None else 1) if rank is None else rank
     timings = {} if timings is None else timings
-    if engine is not None:
-        t0 = time.perf_counter()
-        engine.release_memory_occupation()
-        timings["release_s"] = time.perf_counter() - t0
-    if world_size > 1:
-        dist.barrier()
+
+    def post(what: str, key: str) -> None:
+        if engine is not None:
+            t0 = time.perf_counter()
+            getattr(engine, what)()
+            timings[key] = time.perf_counter() - t0
+
+    on_rank0(lambda: post("release_memory_occupation", "release_s"), rank, world_size)
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if world_size > 1:
         dist.barrier()
-    if engine is not None:
-        t0 = time.perf_counter()
-        engine.resume_memory_occupation()
-        timings["resume_s"] = time.perf_counter() - t0
+    on_rank0(lambda: post("resume_memory_occupation", "resume_s"), rank, world_size)
 
 
 def launch_router(worker_urls: list[str], *, host: str = "127.0.0.1", port: int | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from popo_mega.config import Config
 from popo_mega.rollout.http_engine import RolloutServerError
 from popo_mega.train.benchmark_eval import benchmark_eval_due
+from popo_mega.train.rank0 import on_rank0
 from popo_mega.train.rollout_worker import greedy_accuracy
 from popo_mega.train.run_setup import crossed
 
@@ -69,15 +70,16 @@ class Evaluation:
         a run serving its policy (GRPO, A3PO) or evaluating the served EMA logged at step N the
         weights of the sync before, and a colocated server whose weights were freed for the step
         had none. Returns the due evaluations and rank 0's metrics ({} elsewhere)."""
-        rank0 = self.trainer.rt.rank == 0
+        rt = self.trainer.rt
         out = {"heldout_due": bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)),
                "bench_due": any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps)
                                 for k in range(prev + 1, step + 1))}
         if not self.policy_synced_in or not (out["heldout_due"] or out["bench_due"]):
             return out
         self._sync_policy(step)
-        if rank0:
-            out.update(self._evaluate(out, step, "online policy"))
+        # on_rank0: an evaluation error (grader, benchmark) reaches every rank, which would otherwise
+        # wait for rank 0 in the loop's weight sync
+        out.update(on_rank0(lambda: self._evaluate(out, step, "online policy"), rt.rank, rt.world_size) or {})
         return out
 
     def _evaluate(self, due: dict, step: int, what: str) -> dict:
@@ -107,18 +109,18 @@ class Evaluation:
         return out
 
     def final(self, step: int) -> float | None:
-        """At the end: the served EMA's held-out accuracy (logged), then eval.model's (returned on rank
-        0). Collective."""
+        """At the end: the served EMA's held-out accuracy (logged), then eval.model's (returned on every
+        rank). Collective; rank 0's evaluations go through ``on_rank0``, so an error there reaches
+        every rank."""
         if not self.setup.heldout:
             return None
-        rank0 = self.trainer.rt.rank == 0
-        if self.policy_synced_in and rank0:  # the engine serves the EMA now
-            served = self.heldout_accuracy(step)
-            if served is not None:
+        rt = self.trainer.rt
+        if self.policy_synced_in:  # the engine serves the EMA now
+            served = on_rank0(lambda: self.heldout_accuracy(step), rt.rank, rt.world_size)
+            if served is not None and rt.rank == 0:
                 self.setup.log_line(f"[popo-train] held-out accuracy of the served EMA: {100 * served:.1f}%")
-        if self.policy_synced_in:
             self._sync_policy(step)
-        return self.heldout_accuracy(step) if rank0 else None
+        return on_rank0(lambda: self.heldout_accuracy(step), rt.rank, rt.world_size)
 
     def close(self) -> None:
         if self.bench is not None:

@@ -17,6 +17,7 @@ with, and in ``engine.sync(trainer.served)``, which reads the served EMA copy, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -105,10 +106,11 @@ def run(cfg: Config, log=print) -> RunResult:
         final_acc = evaluation.final(step)
     finally:
         interrupt.restore()
-        for part in (setup, worker, evaluation, engine):  # rank 0's logger, grader, benchmarks; the servers
-            if part is not None:
-                part.close()
-        rt_mod.shutdown()
+        with contextlib.ExitStack() as closing:  # each closes even if one before it fails; last in, first run
+            closing.callback(rt_mod.shutdown)
+            for part in (engine, evaluation, worker, setup):  # the servers; benchmarks; grader; rank 0's logger
+                if part is not None:
+                    closing.callback(part.close)
     report_png = None
     if rt.rank == 0:
         from popo_mega.train.report import write_report

@@ -2,7 +2,7 @@
 rank 0 and a stand-in weight stream: rank 0's rollout failing with no relaunch left ends every rank
 with the error (rank 1: RankZeroError quoting it); with a restart left, the dead server is relaunched,
 given the weights last served (every rank joins that sync), and the rollout runs again; a sync that
-fails with no restart left raises on every rank.
+fails with no restart left raises on every rank; so does a colocated server's refused release.
 
 The checks run inside test_rank0_failures.py's two processes (one spawn for both files: a spawn costs
 ~25 s of CPU on the loaded CI box); this file holds them and their assertions."""
@@ -83,6 +83,20 @@ def engine_checks(rank):
             engine.sync("served-ema", "step5")
         except RolloutServerError as exc:
             out["sync"] = str(exc)
+        # colocated: the server refuses the release (SGLang: requests still running); every rank
+        # ends with it before the step, and nobody waits in a barrier for rank 0
+        engine = _engine(rank, max_restarts=0)
+        engine.colocated = True
+        if rank == 0:
+            def refuse():
+                raise RolloutServerError("http://127.0.0.1:1/release_memory_occupation: HTTP 400 requests are running")
+            engine.http.release_memory_occupation = refuse
+        stepped = []
+        try:
+            with engine.released_for_step():
+                stepped.append(1)
+        except (RolloutServerError, RankZeroError) as exc:
+            out["release"] = (type(exc).__name__, str(exc), len(stepped))
         dist.barrier()   # nobody was left in a broadcast
         out["seconds"] = time.monotonic() - t0
     return out
@@ -97,4 +111,7 @@ def check_outcomes(r0, r1):
                                 "http://127.0.0.1:1/generate failed: connection refused")
     want = "weight sync step5 failed: RolloutServerError: http://127.0.0.1:1/pause_generation failed: connection refused"
     assert r0["sync"] == r1["sync"] == want
+    refused = "http://127.0.0.1:1/release_memory_occupation: HTTP 400 requests are running"
+    assert r0["release"] == ("RolloutServerError", refused, 0)
+    assert r1["release"] == ("RankZeroError", f"rank 0 failed: RolloutServerError: {refused}", 0)
     assert r0["seconds"] < 30 and r1["seconds"] < 30

@@ -45,7 +45,7 @@ def _evaluation(eval_model: str, weights: str, monkeypatch):
     cfg = config_from_dict({"rollout": {"weights": weights}, "eval": {"interval": 1, "model": eval_model}})
     setup = SimpleNamespace(heldout=[SimpleNamespace(ids=[1], gold="step2")], stop_ids=(), tokenizer=Tok(),
                             log_line=print)
-    trainer = SimpleNamespace(rt=SimpleNamespace(rank=0), served=object() if weights == "ema" else None,
+    trainer = SimpleNamespace(rt=SimpleNamespace(rank=0, world_size=1), served=object() if weights == "ema" else None,
                               model=object())
     engine = VersionEngine()
     return Evaluation(cfg, setup, engine, trainer), engine
