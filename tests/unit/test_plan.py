@@ -11,7 +11,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from popo_mega.config import ConfigError
 from popo_mega.model.builder import Architecture
