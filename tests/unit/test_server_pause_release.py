@@ -8,6 +8,7 @@ attention and MLP outputs are zero (o_proj, down_proj = 0), so the last hidden s
 for every position and every K/V cache, and ``lm_head`` puts all the mass on CERTAIN.
 """
 
+import contextlib
 import os
 import threading
 import time
@@ -89,6 +90,22 @@ def _finish(srv, plan, jobs, t0):
     return srv.response(plan, jobs, t0)
 
 
+@contextlib.contextmanager
+def _mid_generation(path, prompt, tokens: int, mode: str | None = None, **server_kw):
+    """A server decoding ``prompt`` (slowed), once its row has ``tokens`` tokens, paused in ``mode``
+    if given; yields (server, plan, jobs, t0) and stops the server after."""
+    srv = _server(path, **server_kw)
+    try:
+        _slowed(srv)
+        plan, jobs, t0 = _start(srv, prompt)
+        _wait_tokens(jobs[0][0], tokens)
+        if mode is not None:
+            srv.pause({"mode": mode})
+        yield srv, plan, jobs, t0
+    finally:
+        srv.stopping.set()
+
+
 @pytest.fixture(scope="module")
 def expected(dirs):
     base, _ = dirs
@@ -105,13 +122,8 @@ def test_paused_rows_continue_on_the_new_weights(dirs, expected, mode):
     the version changed. Before (the update waited for the batch), every token was the base model's."""
     base, certain = dirs
     prompt, greedy = expected
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan, jobs, t0 = _start(srv, prompt)
+    with _mid_generation(base, prompt, 3, mode) as (srv, plan, jobs, t0):
         seq = jobs[0][0]
-        _wait_tokens(seq, 3)
-        srv.pause({"mode": mode})
         k = len(seq.output_ids)
         assert 3 <= k < MAX_NEW
         if mode == "retract":
@@ -123,8 +135,6 @@ def test_paused_rows_continue_on_the_new_weights(dirs, expected, mode):
         srv.update_from_disk({"model_path": certain, "weight_version": "v1", "flush_cache": False})
         srv.continue_generation()
         out = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     ids = out["output_ids"]
     assert ids[:k] == greedy[:k]
     assert ids[k:] == [CERTAIN] * (MAX_NEW - k)
@@ -143,12 +153,7 @@ def test_in_place_update_with_flush_is_refused_after_loading(dirs, expected):
 
     base, certain = dirs
     prompt, greedy = expected
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan, jobs, t0 = _start(srv, prompt)
-        _wait_tokens(jobs[0][0], 2)
-        srv.pause({"mode": "in_place"})
+    with _mid_generation(base, prompt, 2, "in_place") as (srv, plan, jobs, t0):
         k = len(jobs[0][0].output_ids)
         with pytest.raises(RequestError, match="cache was not flushed"):
             srv.update_from_disk({"model_path": certain, "weight_version": "v1"})
@@ -156,8 +161,6 @@ def test_in_place_update_with_flush_is_refused_after_loading(dirs, expected):
         assert srv.weight_version == "v1"
         srv.continue_generation()
         out = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     assert out["output_ids"][:k] == greedy[:k] and out["output_ids"][k:] == [CERTAIN] * (MAX_NEW - k)
 
 
@@ -255,18 +258,11 @@ def test_release_refused_while_rows_are_held_in_place(dirs):
     from popo_mega.rollout.server import RequestError
 
     base, _ = dirs
-    srv = _server(base, enable_memory_saver=True)
-    try:
-        _slowed(srv)
-        plan, jobs, t0 = _start(srv, [5, 6, 7])
-        _wait_tokens(jobs[0][0], 2)
-        srv.pause({"mode": "in_place"})
+    with _mid_generation(base, [5, 6, 7], 2, "in_place", enable_memory_saver=True) as (srv, plan, jobs, t0):
         with pytest.raises(RequestError, match="only when server is idle: 1 rows are paused in place"):
             srv.release_memory({})
         srv.continue_generation()
         assert len(_finish(srv, plan, jobs, t0)["output_ids"]) == MAX_NEW
-    finally:
-        srv.stopping.set()
 
 
 def _rss_bytes() -> int:
@@ -355,18 +351,11 @@ def test_version_label_change_while_parked_splits_the_spans(dirs, expected):
     the boundary at the parked rows' token count, as SGLang's record_weight_version_change."""
     base, _ = dirs
     prompt, greedy = expected
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan, jobs, t0 = _start(srv, prompt)
-        _wait_tokens(jobs[0][0], 2)
-        srv.pause({"mode": "in_place"})
+    with _mid_generation(base, prompt, 2, "in_place") as (srv, plan, jobs, t0):
         k = len(jobs[0][0].output_ids)
         srv.update_weight_version({"new_version": "v9", "abort_all_requests": False})
         srv.continue_generation()
         out = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     assert out["output_ids"] == greedy  # same weights: same tokens
     assert out["meta_info"]["weight_versions"] == [{"version": "v0", "start": 0, "end": k},
                                                    {"version": "v9", "start": k, "end": MAX_NEW}]
@@ -376,15 +365,9 @@ def test_update_weight_version_aborts_by_default(dirs, expected):
     """UpdateWeightVersionReqInput.abort_all_requests defaults to True in SGLang."""
     base, _ = dirs
     prompt, _ = expected
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan, jobs, t0 = _start(srv, prompt)
-        _wait_tokens(jobs[0][0], 2)
+    with _mid_generation(base, prompt, 2) as (srv, plan, jobs, t0):
         threading.Thread(target=srv.update_weight_version, args=({"new_version": "v2"},)).start()
         out = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     assert out["meta_info"]["finish_reason"]["type"] == "abort" and len(out["output_ids"]) < MAX_NEW
 
 
