@@ -11,13 +11,14 @@ response schema or a 400 naming a field; never a 500, never a hang.
 
 import json
 import math
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from tests.sglang_source import sglang_api_types
 
 KEY = "hostile-test-key"
 H = {"Authorization": f"Bearer {KEY}"}
@@ -135,20 +136,6 @@ def test_a_long_request_does_not_starve_later_ones(server):
 
 # ------------------------------------------------------------------ the /generate contract, fuzzed
 
-def _sglang_types():
-    import importlib.util
-
-    spec = importlib.util.find_spec("sglang")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("SGLang's schema module is not installed (launch/requirements-test-nodeps.txt)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "api", "v1", "api_types.py")
-    pytest.importorskip("msgspec")
-    spec = importlib.util.spec_from_file_location("sglang_api_types_for_fuzz", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 FIELDS = ("input_ids", "sampling_params", "logprob_start_len", "return_logprob", "rid", "text", "stream", "body",
           "top_logprobs_num", "token_ids_logprob", "return_hidden_states")
 
@@ -161,7 +148,7 @@ def test_generate_contract_holds_for_random_bodies(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    types = _sglang_types()
+    types = sglang_api_types()
     junk = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.floats(allow_nan=True, allow_infinity=True),
                      # no junk integer in [7, 5000]: a corrupted max_new_tokens that happens to be valid stays cheap
                      st.integers(min_value=-2 ** 70, max_value=2 ** 70).filter(lambda x: not 7 <= x <= 5000),

@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 
+from tests.sglang_source import sglang_api_types
+
 CERTAIN = 17
 MAX_NEW = 60
 
@@ -371,20 +373,6 @@ def test_update_weight_version_aborts_by_default(dirs, expected):
     assert out["meta_info"]["finish_reason"]["type"] == "abort" and len(out["output_ids"]) < MAX_NEW
 
 
-def _sglang_types():
-    import importlib.util
-
-    pytest.importorskip("msgspec", reason="msgspec is not installed (launch/requirements-test-nodeps.txt)")
-    spec = importlib.util.find_spec("sglang")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("SGLang's schema module is not installed (launch/requirements-test-nodeps.txt)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "api", "v1", "api_types.py")
-    module_spec = importlib.util.spec_from_file_location("sglang_api_types_for_pause_tests", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
     """The HTTP app: /pause_generation in_place answers once the rows are parked, /ready is 503 and
     /flush_cache 400 meanwhile, a disk update with SGLang's default flush_cache is 400 with SGLang's
@@ -396,7 +384,7 @@ def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
     from popo_mega.rollout.server_app import build_app
     from popo_mega.runtime import free_port
 
-    types = _sglang_types()
+    types = sglang_api_types()
     base, certain = dirs
     prompt, greedy = expected
     srv = _server(base)

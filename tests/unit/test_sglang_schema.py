@@ -8,40 +8,25 @@ CI installs both files from launch/requirements-test-nodeps.txt (pip install --n
 """
 
 import ast
-import importlib.util
 import os
 
 import pytest
 
 from popo_mega.rollout import sglang_api as api
 from popo_mega.rollout.engine import SamplingParams
+from tests.sglang_source import INSTALL, sglang_api_types, sglang_dir
 
-INSTALL = "pip install --no-deps -r launch/requirements-test-nodeps.txt"
-
-
-def _sglang_dir() -> str:
-    spec = importlib.util.find_spec("sglang")  # finds the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"SGLang's schema module is not installed ({INSTALL})")
-    return list(spec.submodule_search_locations)[0]
 
 
 @pytest.fixture(scope="module")
 def types():
-    pytest.importorskip("msgspec", reason=f"msgspec is not installed ({INSTALL})")
-    path = os.path.join(_sglang_dir(), "api", "v1", "api_types.py")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} missing: the installed sglang is not the pinned one ({INSTALL})")
-    spec = importlib.util.spec_from_file_location("sglang_api_types_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sglang_api_types()
 
 
 @pytest.fixture(scope="module")
 def req_fields():
     """class name -> (all field names, required field names) of io_struct's request classes."""
-    path = os.path.join(_sglang_dir(), "srt", "managers", "io_struct.py")
+    path = os.path.join(sglang_dir(), "srt", "managers", "io_struct.py")
     if not os.path.exists(path):
         pytest.skip(f"{path} missing ({INSTALL})")
     tree = ast.parse(open(path).read())
