@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from tests.app_thread import app_in_thread
 from tests.sglang_source import sglang_api_types
 
 CERTAIN = 17
@@ -379,64 +380,50 @@ def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
     message (weights loaded anyway), and the /generate answer, spans included, and an abort answer
     decode with SGLang's own GenerateResponse."""
     import requests
-    import uvicorn
-
-    from popo_mega.rollout.server_app import build_app
-    from popo_mega.runtime import free_port
 
     types = sglang_api_types()
     base, certain = dirs
     prompt, greedy = expected
     srv = _server(base)
     _slowed(srv)
-    port = free_port()
-    httpd = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off", http="h11"))
-    thread = threading.Thread(target=httpd.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    result = {}
     try:
-        for _ in range(200):
-            if httpd.started:
-                break
-            time.sleep(0.05)
-        body = {"input_ids": prompt, "return_logprob": True,
-                "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}
-        client = threading.Thread(target=lambda: result.update(r=requests.post(f"{url}/generate", json=body,
-                                                                               timeout=60)))
-        client.start()
-        for _ in range(3000):
-            if srv.in_batch:
-                break
-            time.sleep(0.002)
-        r = requests.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30)
-        assert r.status_code == 200 and r.json() == {"message": "Generation paused successfully.", "status": "ok"}
-        assert requests.get(f"{url}/ready", timeout=5).status_code == 503
-        assert requests.get(f"{url}/health", timeout=5).status_code == 200
-        assert requests.post(f"{url}/flush_cache", timeout=5).status_code == 400
-        r = requests.post(f"{url}/update_weights_from_disk", json={"model_path": certain, "weight_version": "v1"},
-                          timeout=30)
-        assert r.status_code == 400 and r.json()["message"].startswith("Weights were updated, but the cache")
-        assert requests.post(f"{url}/continue_generation", json={}, timeout=5).status_code == 200
-        client.join(60)
-        out = result["r"].json()
-        abort_body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW,
-                                                               "ignore_eos": True}}
-        client = threading.Thread(target=lambda: result.update(a=requests.post(f"{url}/generate", json=abort_body,
-                                                                               timeout=60)))
-        client.start()
-        for _ in range(3000):
-            if srv.in_batch:
-                break
-            time.sleep(0.002)
-        assert requests.post(f"{url}/pause_generation", json={}, timeout=30).status_code == 200  # default: abort
-        client.join(60)
-        aborted = result["a"]
-        requests.post(f"{url}/continue_generation", json={}, timeout=5)
+        with app_in_thread(srv) as port:
+            url = f"http://127.0.0.1:{port}"
+            result = {}
+            body = {"input_ids": prompt, "return_logprob": True,
+                    "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}
+            client = threading.Thread(target=lambda: result.update(r=requests.post(f"{url}/generate", json=body,
+                                                                                   timeout=60)))
+            client.start()
+            for _ in range(3000):
+                if srv.in_batch:
+                    break
+                time.sleep(0.002)
+            r = requests.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30)
+            assert r.status_code == 200 and r.json() == {"message": "Generation paused successfully.", "status": "ok"}
+            assert requests.get(f"{url}/ready", timeout=5).status_code == 503
+            assert requests.get(f"{url}/health", timeout=5).status_code == 200
+            assert requests.post(f"{url}/flush_cache", timeout=5).status_code == 400
+            r = requests.post(f"{url}/update_weights_from_disk", json={"model_path": certain, "weight_version": "v1"},
+                              timeout=30)
+            assert r.status_code == 400 and r.json()["message"].startswith("Weights were updated, but the cache")
+            assert requests.post(f"{url}/continue_generation", json={}, timeout=5).status_code == 200
+            client.join(60)
+            out = result["r"].json()
+            abort_body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW,
+                                                                   "ignore_eos": True}}
+            client = threading.Thread(target=lambda: result.update(a=requests.post(f"{url}/generate", json=abort_body,
+                                                                                   timeout=60)))
+            client.start()
+            for _ in range(3000):
+                if srv.in_batch:
+                    break
+                time.sleep(0.002)
+            assert requests.post(f"{url}/pause_generation", json={}, timeout=30).status_code == 200  # default: abort
+            client.join(60)
+            aborted = result["a"]
+            requests.post(f"{url}/continue_generation", json={}, timeout=5)
     finally:
-        httpd.should_exit = True
-        thread.join(10)
         srv.stopping.set()
     assert result["r"].status_code == 200
     spans = out["meta_info"]["weight_versions"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from popo_mega.rollout.server_schema import RequestError, context_length, json_number, parse_generate
+from tests.app_thread import app_in_thread
 
 LIMITS = dict(vocab_size=64, context_len=256, max_sequences=16)
 
@@ -194,10 +195,6 @@ def test_health_fails_while_generation_is_stuck(model_dir):
     """/health answered 200 while one request held the server (issue 15): now a running batch that
     makes no progress for --stall-timeout-s turns it 503, through the real HTTP app."""
     import requests
-    import uvicorn
-
-    from popo_mega.rollout.server_app import build_app
-    from popo_mega.runtime import free_port
 
     srv = _server(model_dir, stall_timeout_s=0.5)
     release = threading.Event()
@@ -208,30 +205,20 @@ def test_health_fails_while_generation_is_stuck(model_dir):
         return forward(*args, **kwargs)
 
     srv.model.forward = stuck
-    port = free_port()
-    httpd = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off", http="h11"))
-    thread = threading.Thread(target=httpd.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            if httpd.started:
-                break
-            time.sleep(0.05)
-        assert requests.get(f"{url}/health", timeout=5).status_code == 200
-        jobs = srv.submit(srv.plan({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}}))
-        time.sleep(1.5)
-        r = requests.get(f"{url}/health", timeout=5)
-        assert r.status_code == 503 and "no progress" in r.text
-        release.set()
-        jobs[0][1]["done"].wait(30)
-        assert "error" not in jobs[0][1] and len(jobs[0][0].output_ids) == 3
-        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        with app_in_thread(srv) as port:
+            url = f"http://127.0.0.1:{port}"
+            assert requests.get(f"{url}/health", timeout=5).status_code == 200
+            jobs = srv.submit(srv.plan({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}}))
+            time.sleep(1.5)
+            r = requests.get(f"{url}/health", timeout=5)
+            assert r.status_code == 503 and "no progress" in r.text
+            release.set()
+            jobs[0][1]["done"].wait(30)
+            assert "error" not in jobs[0][1] and len(jobs[0][0].output_ids) == 3
+            assert requests.get(f"{url}/health", timeout=5).status_code == 200
     finally:
         release.set()
-        httpd.should_exit = True
-        thread.join(10)
         srv.stopping.set()
 
 
@@ -436,52 +423,37 @@ def test_launcher_keeps_the_key_off_the_command_line(monkeypatch):
 def test_raw_http_abuse_is_answered_at_once(model_dir):
     """A negative Content-Length held a stdlib handler until the client closed (issue 15); oversized,
     streamed-oversized and too-deeply-nested bodies, and keys, are answered before any route runs."""
-    import uvicorn
-
-    from popo_mega.rollout.server_app import build_app
-    from popo_mega.runtime import free_port
-
     srv = _server(model_dir, api_key="k", max_body_bytes=4096)
-    port = free_port()
-    httpd = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=port, log_level="critical",
-                                          lifespan="off", http="h11"))
-    thread = threading.Thread(target=httpd.run, daemon=True)
-    thread.start()
     try:
-        for _ in range(200):
-            if httpd.started:
-                break
-            time.sleep(0.05)
+        with app_in_thread(srv, log_level="critical") as port:
 
-        def raw(head: bytes, body: bytes = b"") -> bytes:
-            """The whole answer (the server closes the connection after it)."""
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + body)
-                answer = b""
-                while chunk := s.recv(65536):
-                    answer += chunk
-                return answer
+            def raw(head: bytes, body: bytes = b"") -> bytes:
+                """The whole answer (the server closes the connection after it)."""
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n") + body)
+                    answer = b""
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                    return answer
 
-        auth = b"Authorization: Bearer k\r\n"
-        for length in (b"-1", b"-100", b"abc"):
-            t0 = time.monotonic()
-            answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: " + length + b"\r\n\r\n")
-            assert answer.startswith(b"HTTP/1.1 400") and time.monotonic() - t0 < 3
-        answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 5000\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 413")  # declared too large: answered before the body is read
-        chunk = b"1000\r\n" + b" " * 4096 + b"\r\n"
-        answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n",
-                     chunk * 2 + b"0\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 413")  # streamed too large
-        deep = b'{"input_ids":' + b"[" * 1990 + b"]" * 1990 + b"}"  # deeper than json's recursion limit
-        answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: " + str(len(deep)).encode()
-                     + b"\r\n\r\n", deep)
-        assert answer.startswith(b"HTTP/1.1 400") and b"body: not JSON" in answer
-        assert raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")  # no key, as SGLang
-        assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer j\r\n\r\n").startswith(b"HTTP/1.1 401")
-        assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n").startswith(b"HTTP/1.1 200")
+            auth = b"Authorization: Bearer k\r\n"
+            for length in (b"-1", b"-100", b"abc"):
+                t0 = time.monotonic()
+                answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: " + length + b"\r\n\r\n")
+                assert answer.startswith(b"HTTP/1.1 400") and time.monotonic() - t0 < 3
+            answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 5000\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 413")  # declared too large: answered before the body is read
+            chunk = b"1000\r\n" + b" " * 4096 + b"\r\n"
+            answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n",
+                         chunk * 2 + b"0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 413")  # streamed too large
+            deep = b'{"input_ids":' + b"[" * 1990 + b"]" * 1990 + b"}"  # deeper than json's recursion limit
+            answer = raw(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: " + str(len(deep)).encode()
+                         + b"\r\n\r\n", deep)
+            assert answer.startswith(b"HTTP/1.1 400") and b"body: not JSON" in answer
+            assert raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")  # no key, as SGLang
+            assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer j\r\n\r\n").startswith(b"HTTP/1.1 401")
+            assert raw(b"GET /model_info HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n").startswith(b"HTTP/1.1 200")
     finally:
-        httpd.should_exit = True
-        thread.join(10)
         srv.stopping.set()
 
