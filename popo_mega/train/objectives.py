@@ -99,6 +99,12 @@ class Objective:
     def describe_old_logp_need(self) -> str:
         return f"algorithm {self.name!r}"
 
+    @property
+    def prepare_depends_on_step(self) -> bool:
+        """Whether ``prepare`` gives other samples at another step (a later update on the same
+        rollouts must re-prepare and re-pack them)."""
+        return False
+
     def prepare(self, samples: list[RolloutSample], step: int) -> list[RolloutSample]:
         return samples
 
@@ -186,6 +192,10 @@ class GRPO(Objective):
 
 class A3PO(GRPO):
     """GRPO with token-level shaped advantages (docs/algorithms.md section 4)."""
+
+    @property
+    def prepare_depends_on_step(self) -> bool:
+        return True   # the shaped advantages decay with the step
 
     def prepare(self, samples, step):
         return a3po_token_advantages(samples, step, self.algo)

@@ -376,8 +376,10 @@ class PolicyTrainer:
         """``batch``'s micro-batches as of this step. A3PO's shaped advantages decay with the step, so
         a later update on the same rollouts re-prepares them; the packing is a function of the
         tokens only, so the passes' ``extras`` (EMA, reference: log-probs of the same tokens) carry
-        over to the new micro-batches unchanged."""
-        if batch.prepared_at == self.step:
+        over to the new micro-batches unchanged. Objectives whose preparation does not depend on
+        the step (POPO, GRPO) keep theirs: re-packing would only repeat the pack and the copy to the
+        device."""
+        if batch.prepared_at == self.step or not self.objective.prepare_depends_on_step:
             return batch.mbs
         mbs = self._pack_prepared(batch.samples)
         for new, old in zip(mbs, batch.mbs, strict=True):
