@@ -350,10 +350,10 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
 
 @contextlib.contextmanager
 def released_during_step(engine, colocated: bool, world_size: int, timings: dict | None = None,
-                         rank: int | None = None):
+                         rank: int = 0):
     """Colocated servers give their GPU memory to the policy step, and take it back after. Collective.
 
-    Rank 0 (the engine's owner; ``rank`` defaults to 0 where ``engine`` is given) posts
+    Rank 0 (the engine's owner: ``engine`` is None on the other ranks) posts
     ``/release_memory_occupation`` to every server before any rank starts the step; after it every
     rank returns its cached blocks to CUDA (``torch.cuda.empty_cache``: the trainer's allocator would
     otherwise keep the activations' memory), and once all have (a barrier) rank 0 posts
@@ -373,7 +373,6 @@ def released_during_step(engine, colocated: bool, world_size: int, timings: dict
 
     from popo_mega.train.rank0 import on_rank0
 
-    rank = (0 if engine is not None else 1) if rank is None else rank
     timings = {} if timings is None else timings
 
     def post(what: str, key: str) -> None:
