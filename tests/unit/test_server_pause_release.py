@@ -73,9 +73,10 @@ def _slowed(srv, seconds=0.004):
     srv.model.forward = slow
 
 
-def _start(srv, prompt, **sp):
-    body = {"input_ids": prompt, "return_logprob": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True, **sp}}
+def _start(srv, prompt, body=None, **sp):
+    """Submit ``body``, or by default a greedy ``MAX_NEW``-token request for ``prompt``."""
+    body = body or {"input_ids": prompt, "return_logprob": True,
+                    "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True, **sp}}
     plan = srv.plan(body)
     return plan, srv.submit(plan), time.time()
 
@@ -94,13 +95,13 @@ def _finish(srv, plan, jobs, t0):
 
 
 @contextlib.contextmanager
-def _mid_generation(path, prompt, tokens: int, mode: str | None = None, **server_kw):
-    """A server decoding ``prompt`` (slowed), once its row has ``tokens`` tokens, paused in ``mode``
-    if given; yields (server, plan, jobs, t0) and stops the server after."""
+def _mid_generation(path, prompt, tokens: int, mode: str | None = None, body=None, **server_kw):
+    """A server decoding ``prompt`` (or ``body``; slowed), once its row has ``tokens`` tokens, paused
+    in ``mode`` if given; yields (server, plan, jobs, t0) and stops the server after."""
     srv = _server(path, **server_kw)
     try:
         _slowed(srv)
-        plan, jobs, t0 = _start(srv, prompt)
+        plan, jobs, t0 = _start(srv, prompt, body)
         _wait_tokens(jobs[0][0], tokens)
         if mode is not None:
             srv.pause({"mode": mode})
@@ -218,18 +219,10 @@ def test_uninterrupted_seeded_row_is_unchanged_by_a_pause(dirs):
         want = ref.generate(body)["output_ids"]
     finally:
         ref.stopping.set()
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan = srv.plan(body)
-        jobs, t0 = srv.submit(plan), time.time()
-        _wait_tokens(jobs[0][0], 5)
-        srv.pause({"mode": "in_place"})
+    with _mid_generation(base, None, 5, "in_place", body=body) as (srv, plan, jobs, t0):
         time.sleep(0.05)
         srv.continue_generation()
         got = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     assert got["output_ids"] == want
     assert got["meta_info"]["weight_versions"] == [{"version": "v0", "start": 0, "end": 40}]
 
@@ -449,17 +442,9 @@ def test_retracted_row_recomputes_its_prompt_logprobs_and_keeps_its_own(dirs):
         want = ref.generate(body)
     finally:
         ref.stopping.set()
-    srv = _server(base)
-    try:
-        _slowed(srv)
-        plan = srv.plan(body)
-        jobs, t0 = srv.submit(plan), time.time()
-        _wait_tokens(jobs[0][0], 4)
-        srv.pause({"mode": "retract"})
+    with _mid_generation(base, None, 4, "retract", body=body) as (srv, plan, jobs, t0):
         srv.continue_generation()
         got = _finish(srv, plan, jobs, t0)
-    finally:
-        srv.stopping.set()
     assert got["meta_info"]["num_retractions"] == 1
     assert got["output_ids"] == want["output_ids"]
     assert len(jobs[0][0].input_logprobs) == 3  # prompt tokens 1..3 only, not the 4+ output tokens prefilled too
