@@ -180,12 +180,12 @@ def components_note(groups) -> list[str]:
 
 
 def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
-    from benchmarks.fidelity_study import SWEEP_LRS, sweep_score
+    from benchmarks.fidelity_study import SWEEP_LRS, TOTAL_RUNS, sweep_score
 
     groups = study_groups(rows)
     best = _sweep_choice(rows)
     steps = sorted({r["steps"] for r in rows})
-    out = [f"Rows so far: {len(rows)} of the 58 runs (steps per run: {', '.join(map(str, steps)) or '-'}; "
+    out = [f"Rows so far: {len(rows)} of the {TOTAL_RUNS} runs (steps per run: {', '.join(map(str, steps)) or '-'}; "
            f"threads per run: {', '.join(str(t) for t in sorted({r['threads'] for r in rows})) or '-'}; "
            f"code: {', '.join(sorted({r['commit'][:12] for r in rows})) or '-'}).", ""]
     out += ["**lr sweep (seed 1).** Score = mean of the last three held-out evaluations; the best lr is in bold.", "",

@@ -13,22 +13,23 @@ overrides of ``VARIANTS`` / ``ABLATIONS`` and ``train.lr``. Held-out greedy accu
 policy (all 500 held-out problems) is taken every ``EVAL_EVERY`` steps.
 
 The matrix, in the order it runs (so that a partial study is already useful):
-  (a) the lr sweep, seed 1: three lrs for each of popo, popo-paper, grpo, a3po (``SWEEP_LRS``),
-      centre lr first. POPO's 2e-3 is the shipped default; GRPO and A3PO collapsed at 2e-3 (1.4 %
+  (a) the lr sweep, seed 1: four lrs for each of popo, popo-paper, grpo, a3po (``SWEEP_LRS``),
+      centre lr first. The fourth (half the lowest) was added after the first three put every
+      variant's best lr at the bottom of its grid: a sweep whose best is at its edge has not found it. POPO's 2e-3 is the shipped default; GRPO and A3PO collapsed at 2e-3 (1.4 %
       and 1.2 % at 300 steps, docs/results.md) and ran at 1e-3, so their grid brackets 1e-3 without
       re-running the known collapse; popo-paper's cosine schedule averages about half its peak lr, so
       its grid is POPO's. The best lr is the one with the highest mean of the last three held-out
       evaluations (less noisy than the single final one); the seed-1 sweep run at it is seed 1 of (b).
   (b) the four main variants at their best lr, seeds 2-5, seed by seed (seed 2 of all four, then 3...).
   (c) the six ablations at POPO's best lr, seeds 1-5, seed by seed.
-  12 + 16 + 30 = 58 runs.
+  16 + 16 + 30 = 62 runs (``TOTAL_RUNS``).
 
 Steps: ``STEPS = 200``. Measured first (2026-11-28): a 400-step POPO probe on one thread ran at
 ~2 s per step while other sessions loaded the machine (load average 6 on 2 cores), and the study's
 first run (POPO, 200 steps) took 527 s wall at 0.57 cores on average (CPU s / wall s), ~65 s of it
 start-up and the initial evaluation; each of the 8 evaluations (policy and served EMA, 500 problems
 each) costs ~10 s. On an otherwise idle machine a 300-step run took 160-250 s with two threads,
-so ~4 minutes for 200 steps on one. 58 runs at 200 steps: ~4 hours idle, ~8.5 hours loaded; at
+so ~4 minutes for 200 steps on one. 58 runs (the first plan) at 200 steps: ~4 hours idle, ~8.5 hours loaded; at
 300 steps ~6 and ~12.5. 200 is the most that fits about two sessions of background time (~5 h)
 unless the machine is loaded throughout. The cost: from this 40 % base the policy is near 50 % at
 step 200 (70 % at step 700 in the quickstart), so "steps to 80 % / 90 %" are "not reached"; the
@@ -111,11 +112,12 @@ ABLATIONS = {
     "popo-entropy-all": ["algorithm.popo.entropy_on=all"],                # vs positives only
 }
 SWEEP_LRS = {
-    "popo": (2e-3, 1e-3, 3e-3),
-    "popo-paper": (2e-3, 1e-3, 3e-3),
-    "grpo": (1e-3, 5e-4, 1.5e-3),
-    "a3po": (1e-3, 5e-4, 1.5e-3),
+    "popo": (2e-3, 1e-3, 3e-3, 5e-4),
+    "popo-paper": (2e-3, 1e-3, 3e-3, 5e-4),
+    "grpo": (1e-3, 5e-4, 1.5e-3, 2.5e-4),
+    "a3po": (1e-3, 5e-4, 1.5e-3, 2.5e-4),
 }
+TOTAL_RUNS = sum(map(len, SWEEP_LRS.values())) + (len(SEEDS) - 1) * len(VARIANTS) + len(SEEDS) * len(ABLATIONS)
 
 
 def overrides(variant: str) -> list[str]:
@@ -144,7 +146,8 @@ def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
     """(stage, variant, seed, lr) still to run, in order. Stages (b) and (c) need the sweep's best lrs,
     so they appear once the sweep rows they need exist."""
     done = {(r["variant"], r["seed"], r["lr"]) for r in rows}
-    todo = [("sweep", v, 1, lr) for i in range(3) for v, lrs in SWEEP_LRS.items() for lr in lrs[i:i + 1]]
+    width = max(map(len, SWEEP_LRS.values()))
+    todo = [("sweep", v, 1, lr) for i in range(width) for v, lrs in SWEEP_LRS.items() for lr in lrs[i:i + 1]]
     best = {v: best_lr(rows, v) for v in VARIANTS}
     for seed in SEEDS[1:]:
         todo += [("main", v, seed, best[v]) for v in VARIANTS if best[v] is not None]

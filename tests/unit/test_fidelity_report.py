@@ -68,20 +68,20 @@ def _row(variant, seed, lr, final, curve=None, steps_to_80=None):
 
 def test_plan_runs_the_sweep_first_then_picks_the_best_lr_by_the_last_three_evaluations():
     todo = plan([])
-    assert len(todo) == 12 and {t[0] for t in todo} == {"sweep"}
+    assert len(todo) == 16 and {t[0] for t in todo} == {"sweep"}
     assert [t[1] for t in todo[:4]] == list(VARIANTS)                      # centre lrs first, one per variant
     rows = [_row(v, 1, lr, 0.5) for v, lrs in SWEEP_LRS.items() for lr in lrs]
-    # popo: its 1e-3 run ends lower but has the better last three evaluations (0.9, 0.9, 0.6 vs 0.5 x 3)
-    popo_lr = SWEEP_LRS["popo"][1]
+    # popo: its lowest-lr run ends lower but has the better last three evaluations (0.9, 0.9, 0.6 vs 0.5 x 3)
+    popo_lr = min(SWEEP_LRS["popo"])
     rows = [r for r in rows if not (r["variant"] == "popo" and r["lr"] == popo_lr)]
     rows.append(_row("popo", 1, popo_lr, 0.6, curve=[[25, 0.9], [50, 0.9], [75, 0.6]]))
     assert best_lr(rows, "popo") == popo_lr
     edge_note = next(x for x in markdown(rows, {"sweep": "s", "main": "m", "ablations": "a"}).splitlines()
                      if x.startswith("Best lr at the edge"))
-    assert "popo (0.001)" in edge_note and "grpo" not in edge_note   # the others tie and keep the centre lr
+    assert f"popo ({popo_lr:g})" in edge_note and "grpo" not in edge_note   # the others tie and keep the centre lr
     assert best_lr([r for r in rows if r["lr"] != SWEEP_LRS["popo"][2]], "popo") is None  # a sweep run missing
     todo = plan(rows)
-    assert len(todo) == 4 * 4 + 6 * 5                                      # 58 in all, minus the 12 done
+    assert len(todo) == 4 * 4 + 6 * 5                                      # 62 in all, minus the 16 done
     assert todo[:4] == [("main", v, 2, best_lr(rows, v)) for v in VARIANTS]
     assert {t[3] for t in todo if t[0] == "ablation"} == {popo_lr}
     assert [t[1] for t in todo if t[0] == "ablation"][:6] == list(ABLATIONS)
@@ -120,7 +120,7 @@ def test_write_study_report_replaces_only_its_section(tmp_path):
     write_study_report(rows, results_path="rows.json", md_path=str(md), img_dir=str(tmp_path / "img"))
     text = md.read_text()
     assert text.startswith(f"# before\nkept\n{BEGIN}\n") and text.endswith(f"{END}\nafter, kept\n")
-    assert "old text" not in text and "Rows so far: 13 of the 58 runs" in text
+    assert "old text" not in text and "Rows so far: 17 of the 62 runs" in text
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [f"fidelity_{k}.png" for k in ("ablations", "main", "sweep")]
     md.write_text("no markers\n")
     with pytest.raises(SystemExit, match="marker"):
