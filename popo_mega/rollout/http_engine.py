@@ -145,7 +145,8 @@ class HttpEngine:
     def _post_generate(self, url: str, body: dict, n: int) -> list[Completion]:
         try:
             r = self._session().post(f"{url}/generate", json=body, headers=self._headers(), timeout=self.timeout)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            # ChunkedEncodingError: the server died while sending the body (a kill -9 mid-response)
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         if r.status_code >= 500:
             raise _Retryable(f"HTTP {r.status_code}: {r.text[:300]}")
