@@ -65,6 +65,9 @@ class HttpEngine:
     tp_sizes:           ranks each server joins the weight-update group with (None: each server's
                         ``/server_info`` tp_size)
     master_address:     this host's address as the servers reach it (None: ``trainer_address``)
+    pause_mode:         what ``sync_weights`` does to requests in flight: "retract" (recomputed on the
+                        new weights, cache flushed), "in_place" (go on over their old K/V cache, no
+                        flush) or "abort" (see ``sync_weights``; the run's ``rollout.pause_mode``)
     servers:            ServerProcess objects this engine launched and stops on ``close()``
     """
 
@@ -111,6 +114,8 @@ class HttpEngine:
         self.unprobed: dict[str, str] = {}      # servers whose weights cannot be read back -> why
         self._seed_checked: set[str] = set()    # servers asked whether they honour sampling_seed
         self.seeds_ignored: dict[str, str] = {}  # servers that do not -> why
+        self._paused_as = self.pause_mode       # the pause in force during a sync (_from_disk may retract)
+        self._warned_disk_retract = False
 
     # ---- plumbing ----
     def _headers(self) -> dict:
@@ -219,14 +224,45 @@ class HttpEngine:
         return results
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        """pause_generation -> send (tensor and/or distributed, or disk) -> flush_cache -> continue_generation -> checks."""
+        """pause_generation(``pause_mode``) -> send (tensor and/or distributed, or disk) -> flush_cache
+        (not in "in_place") -> continue_generation -> checks. Requests in flight survive it.
+
+        What each pause mode (SGLang 0.5.23 ``/pause_generation``, ``PauseGenerationReqInput``) means
+        for the requests in flight and for the server's prefix (radix) cache:
+
+        - "retract" (the default): the running rows go back to the waiting queue with their tokens,
+          their K/V cache freed (``Scheduler.pause_generation``); the flush after the send empties the
+          prefix cache, so after ``continue_generation`` every row is prefilled again over prompt +
+          tokens so far ON THE NEW WEIGHTS: only the tokens already sampled come from the old ones.
+          Costs one prefill per row in flight; the cache holds nothing of the old weights.
+        - "in_place": the rows stay in the running batch with their K/V cache and go on decoding from it
+          with the new weights (no recompute): a token sampled after the sync comes from the new
+          weights attending to the OLD weights' K/V of everything before it. No ``/flush_cache``:
+          SGLang refuses it while rows are held in place (``Scheduler.flush_cache`` flushes only when
+          ``is_fully_idle``, which needs ``running_batch.is_empty()``: sglang/srt/managers/
+          scheduler.py:5518-5520 and :5345; the in_place pause leaves ``running_batch`` as it is,
+          scheduler.py:5821-5831; io_struct.py:1936 "flush_cache will fail if there are any requests
+          in the running_batch"), so flushing would fail the sync. Hence the prefix cache also keeps
+          what the old weights computed: a later request sharing a cached prefix reuses that K/V
+          until the next flush (a "retract" sync, or ``flush_cache()`` while idle). A disk sync
+          cannot be done in place (``/update_weights_from_disk`` flushes, see ``_from_disk``): it
+          retracts the rows first, with a warning.
+        - "abort" (accepted, not a config choice): the requests in flight are aborted (their
+          ``generate`` raises RolloutServerError); then as "retract".
+
+        Either way every response says which tokens which version sampled: its ``meta_info``
+        ``weight_versions`` spans, kept in ``Completion.meta`` (``engine.versions_of``). "retract"
+        runs are unchanged by the pause-mode choice (bit for bit the syncs of before).
+        """
         urls = self.live_urls()
         if not urls:
             raise RolloutServerError("sync_weights: no live rollout server")
+        self._paused_as = self.pause_mode
         self.pause_generation()
         try:
             report = self._send(named_tensors, str(version), urls)
-            self.flush_cache()
+            if self._paused_as != "in_place":
+                self.flush_cache()
         finally:
             self.continue_generation()
         verify_weight_version(urls, report.version, api_key=self.api_key)
@@ -239,6 +275,23 @@ class HttpEngine:
                               "Qwen2): its syncs are checked by weight version only", stacklevel=2)
         self._version, self.last_sync = report.version, report
 
+    def _from_disk(self, urls: list[str], named_tensors, version: str) -> SyncReport:
+        """``sync_from_disk``, after retracting rows paused in place: ``/update_weights_from_disk``'s body
+        asks for ``flush_cache: true`` (SGLang's default), which SGLang refuses while rows are held in
+        place AFTER loading the weights ("Weights were updated, but the cache was not flushed",
+        ``flush_cache_after_weight_update``, scheduler_components/weight_updater.py:120), failing the
+        sync. A second ``/pause_generation`` in "retract" mode retracts the held rows (SGLang's
+        ``pause_generation`` retracts whatever is in ``running_batch``)."""
+        if self._paused_as == "in_place":
+            if not self._warned_disk_retract:
+                self._warned_disk_retract = True
+                warnings.warn("pause_mode in_place: a weight sync through update_weights_from_disk flushes the "
+                              "cache, which SGLang refuses while rows are paused in place; the rows in flight are "
+                              "retracted for it (recomputed on the new weights)", stacklevel=3)
+            self._post_all("/pause_generation", pause_generation_request("retract"))
+            self._paused_as = "retract"
+        return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+
     def _send(self, named_tensors, version: str, urls: list[str]) -> SyncReport:
         """Tensor sync for ``tensor_urls``, distributed for the rest; in "auto" mode fall back to disk
         when the group cannot form.
@@ -250,7 +303,7 @@ class HttpEngine:
         """
         fallback = self.sync_method == "auto" and bool(self.disk_dir)
         if self.sync_method == "disk" or (fallback and self._distributed_failed):
-            return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+            return self._from_disk(urls, named_tensors, version)
         by_tensor = [u for u in urls if u in self.tensor_urls]
         by_group = [u for u in urls if u not in self.tensor_urls]
         try:
@@ -266,7 +319,7 @@ class HttpEngine:
                 raise
             self._distributed_failed = True
             warnings.warn(f"distributed weight sync unavailable ({exc}); using update_weights_from_disk")
-            return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+            return self._from_disk(urls, named_tensors, version)
         syncs = []
         if by_tensor:
             if self._tensor_sync is None or self._tensor_sync.urls != by_tensor:
@@ -285,7 +338,7 @@ class HttpEngine:
             if fallback:
                 self._distributed_failed = True
                 if isinstance(named_tensors, (list, tuple)):
-                    return sync_from_disk(urls, named_tensors, version, self.disk_dir, api_key=self.api_key)
+                    return self._from_disk(urls, named_tensors, version)
             raise WeightSyncError(f"{exc} -- the servers may hold partly updated weights under their old version; "
                                   "sync again (a list of tensors can be replayed through the disk fallback)") from None
 

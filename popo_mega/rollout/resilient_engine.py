@@ -70,7 +70,7 @@ class ResilientEngine:
                                max_retries=r.retries, sync_method="disk" if r.sync == "disk" else "auto",
                                disk_dir=os.path.join(run_dir, "weights_sync"), bucket_bytes=r.bucket_mb << 20,
                                sync_backend="nccl" if self.rt.device.type == "cuda" else "gloo",
-                               verify_probes=r.verify_sync)
+                               verify_probes=r.verify_sync, pause_mode=r.pause_mode)
 
     # ---- relaunch (rank 0) ----
     def _relaunch(self, why: str) -> bool:
