@@ -45,7 +45,13 @@ class Completion:
     output_logprobs:  [L] log-prob of each sampled token under the engine's weights at sampling time,
                       as SGLang returns them in ``meta_info.output_token_logprobs``
     finish_reason:    "stop" or "length" (SGLang's ``finish_reason.type``)
-    weight_version:   the engine's weight version when the response was sampled
+    weight_version:   the engine's weight version when the response finished (its last token's)
+    meta:             from ``meta_info``: ``id``, ``prompt_tokens``, ``num_retractions`` (times a
+                      "retract" pause recomputed the row) and ``weight_versions``: SGLang 0.5.23's
+                      spans ``[{"version": str, "start": int, "end": int}, ...]``, contiguous from 0,
+                      token ``t`` sampled by the version whose ``start <= t < end``; several spans when
+                      a weight sync happened while the response was sampled (a partial rollout);
+                      None when the server sends none (``versions_of``)
     """
 
     output_ids: list[int]
@@ -53,6 +59,26 @@ class Completion:
     finish_reason: str
     weight_version: str | None = None
     meta: dict = field(default_factory=dict)
+
+
+def versions_of(completion: Completion) -> list[str]:
+    """The distinct weight versions that sampled ``completion``'s tokens, in the order they did.
+
+    From ``meta["weight_versions"]`` (SGLang's spans, see ``Completion``): one entry for a response
+    sampled by one version, ``["v3", "v4"]`` for one whose first tokens came from v3 and the rest
+    from v4 (a weight sync while it was in flight). Spans of zero tokens count only when they are
+    all there is (a response with no tokens keeps its one span, as SGLang does). Without spans (a
+    server that sends none) it is ``[weight_version]``, or ``[]`` when that is unknown too.
+    """
+    spans = completion.meta.get("weight_versions") if completion.meta else None
+    if not spans:
+        return [] if completion.weight_version is None else [completion.weight_version]
+    used = [s for s in spans if s["end"] > s["start"]] or spans[:1]
+    out: list[str] = []
+    for span in used:
+        if span["version"] not in out:
+            out.append(span["version"])
+    return out
 
 
 @runtime_checkable

@@ -85,7 +85,33 @@ def _one_completion(obj: Any, where: str) -> Completion:
     return Completion(output_ids=ids, output_logprobs=logprobs, finish_reason=kind,
                       weight_version=meta.get("weight_version"),
                       meta={"id": meta.get("id"), "prompt_tokens": meta.get("prompt_tokens"),
-                            "weight_versions": meta.get("weight_versions")})
+                            "num_retractions": meta.get("num_retractions"),
+                            "weight_versions": _weight_version_spans(meta.get("weight_versions"), len(ids), where)})
+
+
+def _weight_version_spans(spans: Any, tokens: int, where: str) -> list[dict] | None:
+    """``meta_info.weight_versions`` checked (None when absent): SGLang's spans are contiguous from
+    token 0 (``compute_weight_version_spans`` starts each where the previous ended;
+    ``add_weight_versions_to_meta_info`` clips them to the output), so a span list that is not says
+    the server is not speaking SGLang's protocol and ``engine.versions_of`` would misreport a
+    rollout's versions."""
+    if spans is None:
+        return None
+    bad = ProtocolError(f"{where}: meta_info.weight_versions must be a list of {{version: str, start: int, end: int}} "
+                        f"contiguous from 0 over the {tokens} output tokens, got {spans!r:.200}")
+    if not isinstance(spans, list) or not spans:
+        raise bad
+    out, at = [], 0
+    for span in spans:
+        if not isinstance(span, dict) or not isinstance(span.get("version"), str):
+            raise bad
+        start, end = span.get("start"), span.get("end")
+        if (not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool)
+                or isinstance(end, bool) or start != at or end < start or end > tokens):
+            raise bad
+        out.append({"version": span["version"], "start": start, "end": end})
+        at = end
+    return out
 
 
 def completions_from_response(body: Any, n: int, where: str = "/generate") -> list[Completion]:
