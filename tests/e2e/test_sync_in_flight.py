@@ -64,9 +64,10 @@ def models(tmp_path_factory):
 
 @contextlib.contextmanager
 def _held_server(path: str, rows: int):
-    """An embedded server on ``path`` (version "v0") over HTTP whose decode loop waits, once every one
-    of ``rows`` rows has ``K`` tokens, for a pause. Yields (url, gate, flush_modes): ``gate`` is set
-    when the loop waits; ``flush_modes`` gets the pause mode in force at each ``/flush_cache``."""
+    """An embedded server on ``path`` (version "v0") over HTTP whose decode loop waits for the requests of
+    all ``rows`` rows to arrive, then, once every row has ``K`` tokens, for a pause. Yields (url, gate,
+    flush_modes): ``gate`` is set when the loop waits for the pause; ``flush_modes`` gets the pause mode
+    in force at each ``/flush_cache``."""
     from popo_mega.rollout.server import RolloutServer, ServerArgs
 
     srv = RolloutServer(ServerArgs(model_path=path, device="cpu", weight_version="v0", strict_sglang=True,
@@ -75,14 +76,15 @@ def _held_server(path: str, rows: int):
     forward, pending = srv.model.forward, srv.pending
 
     def held_forward(*args, **kwargs):
+        end = time.monotonic() + 60
+        # every request reaches the server before the first row decodes on (they join between steps)
+        while not gate.is_set() and len(srv._collected) + len(srv.queue) < rows and time.monotonic() < end:
+            time.sleep(0.001)
         seqs = [seq for seq, _ in list(srv._collected)]
         if not gate.is_set() and len(seqs) == rows and min(len(s.output_ids) for s in seqs) >= K:
             gate.set()
-            end = time.monotonic() + 60
             while srv.pause_mode is None and time.monotonic() < end:
                 time.sleep(0.001)
-        elif not gate.is_set():
-            time.sleep(0.002)  # the rows of the other requests join before the first one is far ahead
         return forward(*args, **kwargs)
 
     def counted_pending():
