@@ -210,6 +210,23 @@ def test_in_place_disk_sync_retracts_the_rows_first(models, tmp_path):
     assert flush_modes == ["retract"]
 
 
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_the_run_engine_pauses_as_rollout_pause_mode_says(tmp_path, mode):
+    """``ResilientEngine._connect`` hands ``rollout.pause_mode`` to the HttpEngine the run syncs through
+    (before, every run paused in the HttpEngine default, "retract", whatever the config said)."""
+    import types
+
+    from popo_mega.config import config_from_dict
+    from popo_mega.rollout.resilient_engine import ResilientEngine
+
+    cfg = config_from_dict({"rollout": {"pause_mode": mode}})
+    servers = types.SimpleNamespace(urls=["http://127.0.0.1:9"], local=[], nodes=[0], master_address="127.0.0.1")
+    rt = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
+    engine = ResilientEngine(None, servers, rt, None, None, max_restarts=0, colocated=False, serving=None, version="v0")
+    engine._connect(cfg, str(tmp_path))
+    assert engine.http.pause_mode == mode
+
+
 def test_versions_of_reads_the_spans():
     """The distinct versions in span order; an empty span does not count unless it is the only one;
     without spans, the completion's weight_version."""
