@@ -141,6 +141,11 @@ class RolloutConfig:
     master_address: Optional[str] = None    # this host as the servers' weight-update ranks dial it; unset:
                                             # 127.0.0.1 if every server is local, else the routed interface's
     max_server_restarts: int = 3            # dead launched servers relaunched per run before giving up
+    max_staleness: int = 0                  # k: the rollouts of steps t+1 .. t+k are sampled while step t
+                                            # trains (train/rollout_pipeline.py); 0: on-policy, one phase at a time
+    pause_mode: Literal["retract", "in_place"] = "retract"   # how a weight sync pauses generation in flight
+                                            # (SGLang /pause_generation): retract re-computes the rows' K/V on
+                                            # the new weights and flushes the cache; in_place keeps it (no flush)
 
 
 @_cfg
@@ -394,6 +399,7 @@ _RANGES = (
     ("rollout.retries", ">= 0", "retries per request"),
     ("rollout.bucket_mb", ">= 1", "weight-sync bucket size"),
     ("rollout.max_server_restarts", ">= 0", "relaunches per run"),
+    ("rollout.max_staleness", ">= 0", "steps a rollout may lag the policy it trains"),
     ("data.prompts_per_step", ">= 1", "prompts per step"),
     ("data.max_prompt_tokens", ">= 1", "the longest prompt kept"),
     ("train.steps", ">= 0", "0 trains nothing"),
@@ -449,6 +455,12 @@ def _check_values(cfg: Config) -> None:
         # OptimizerConfig.__post_init__ asserts that path has the distributed optimizer.
         raise ConfigError(f"{where}: key 'train.optimizer_cpu_offload' needs parallel.distributed_optimizer: true "
                           "(megatron-core offloads through its precision-aware distributed optimizer)")
+    if cfg.rollout.max_staleness > 0 and cfg.placement.mode == "colocated":
+        # train/rollout_pipeline.py samples while the policy steps; colocated servers have released
+        # their memory to the step by then (rollout/resilient_engine.py released_for_step)
+        raise ConfigError(f"{where}: key 'rollout.max_staleness' is {cfg.rollout.max_staleness} with placement.mode "
+                          "colocated: colocated servers give their memory to the policy step, so they cannot sample "
+                          "while it runs; use max_staleness: 0 or placement.mode: disaggregated")
     if t.updates_per_rollout < 1:   # train/loop.py run(): the updates of one rollout batch
         raise ConfigError(f"{where}: key 'train.updates_per_rollout' must be >= 1, got {t.updates_per_rollout}")
     if not 0 <= cfg.algorithm.grpo.beta_kl < float("inf"):   # train/step.py: k3 KL to the reference

@@ -298,6 +298,9 @@ def start_run_servers(cfg, rt, log_dir: str | None = None) -> RunServers:
         return RunServers([], list(r.urls), "127.0.0.1",
                           [0 if urlparse(u).hostname in _LOOPBACK else None for u in r.urls])
     extra = ("--enable-deterministic-inference",) if r.deterministic else ()  # both backends: strict embedded too
+    # the servers load model.hf_path: the weights of step 0, named as the loop names the versions it
+    # syncs (SGLang's --weight-version, "default" otherwise), so that a rollout's version says its step
+    extra = (*extra, "--weight-version", "step0")
     common = dict(host=r.host, api_key=r.api_key, random_seed=cfg.train.seed, log_dir=log_dir, extra_args=extra)
     if rt.device.type != "cuda":
         if cfg.placement.mode == "colocated" and r.backend != "sglang":

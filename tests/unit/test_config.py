@@ -116,6 +116,16 @@ def test_sequence_parallel_needs_tensor_parallelism(tmp_path):
     check_layout(load_config(path, ["parallel.tensor=2"]), world_size=2)  # fine
 
 
+def test_staleness_is_a_count_of_steps_and_not_for_colocated_servers(tmp_path):
+    path = _write(tmp_path, {"rollout": {"max_staleness": 2}, "placement": {"mode": "colocated"}})
+    with pytest.raises(ConfigError, match=r"'rollout\.max_staleness' is 2 with placement\.mode colocated") as e:
+        load_config(path)
+    assert path in str(e.value)
+    with pytest.raises(ConfigError, match=r"'rollout\.max_staleness' must be >= 0"):
+        load_config(path, ["rollout.max_staleness=-1", "placement.mode=disaggregated"])
+    assert load_config(path, ["placement.mode=disaggregated"]).rollout.max_staleness == 2
+
+
 def test_no_config_value_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("POPO_TRAIN_LR", "0.5")
     monkeypatch.setenv("TRAIN_LR", "0.5")

@@ -190,6 +190,7 @@ def test_cpu_run_servers_get_the_memory_saver_only_when_colocated(fake_start, mo
     flags = _flags(cmd)
     assert ("--enable-memory-saver" in flags) is saver and "--enable-weights-cpu-backup" not in flags
     assert flags["--enable-deterministic-inference"] is True   # the run's other flags stay
+    assert flags["--weight-version"] == "step0"   # what model.hf_path holds, named as the loop's syncs
 
 
 class _Rt:
