@@ -62,6 +62,11 @@ class Evaluation:
     def _sync_policy(self, step: int) -> None:
         self.engine.sync(self.trainer.model, f"step{step}-policy")
 
+    def due(self, prev: int, step: int) -> bool:
+        """Whether the batch that moved the run from ``prev`` to ``step`` has an evaluation due."""
+        return bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)) or any(
+            benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps) for k in range(prev + 1, step + 1))
+
     def after_batch(self, prev: int, step: int) -> dict:
         """The evaluations due after the batch that moved the run from step ``prev`` to ``step``
         (eval.interval crossed; benchmarks per ``benchmark_eval_due``), BEFORE the loop's weight sync:

@@ -53,6 +53,7 @@ def run(cfg: Config, log=print) -> RunResult:
     from popo_mega.rollout.resilient_engine import ResilientEngine
     from popo_mega.train.batch import shard_for_data_parallel
     from popo_mega.train.evaluation import Evaluation
+    from popo_mega.train.rollout_pipeline import RolloutPipeline
     from popo_mega.train.rollout_worker import RolloutWorker
     from popo_mega.train.run_setup import Interrupt, RunSetup, start_runtime
     from popo_mega.train.step import PolicyTrainer
@@ -62,11 +63,12 @@ def run(cfg: Config, log=print) -> RunResult:
     trainer = PolicyTrainer(cfg, rt, build_from_hf(cfg.model, rt, sequence_parallel=cfg.parallel.sequence_parallel))
     resumed = setup.resume(trainer)
     served = trainer.weights_to_serve(ema=cfg.rollout.weights == "ema")  # the served EMA copy (or the policy)
-    interrupt, engine, worker, evaluation, final_acc = Interrupt(), None, None, None, None
+    interrupt, engine, worker, pipeline, evaluation, final_acc = Interrupt(), None, None, None, None, None
     try:
         engine = ResilientEngine.launch(cfg, rt, trainer.arch, trainer.layout, setup.run_dir, log,
                                         serving=served, version=f"step{trainer.step}")
         worker = RolloutWorker(cfg, setup, trainer.objective, engine, interrupt)
+        pipeline = RolloutPipeline(worker, engine, k=cfg.rollout.max_staleness, steps=cfg.train.steps, interrupt=interrupt)
         evaluation = Evaluation(cfg, setup, engine, trainer)
         on_rank0(lambda: (worker.start(), evaluation.start(worker.verifier, fresh_run=resumed is None),
                           setup.start_metrics(trainer)), rt.rank, rt.world_size)
@@ -74,13 +76,13 @@ def run(cfg: Config, log=print) -> RunResult:
             engine.sync(served, f"step{trainer.step}")
         step = trainer.step
         while step < cfg.train.steps:
-            batch = engine.on_rank0(lambda: worker.collect(step), "rollout")  # rank 0: rollout -> reward -> select
+            batch = engine.on_rank0(lambda: pipeline.take(step), "rollout")  # rank 0: rollout -> reward -> select
             if batch.interrupted:  # SIGTERM/SIGINT: keep what was learnt, then exit
                 if rt.rank == 0:
                     log(f"[popo-train] interrupted at step {step}: writing a checkpoint before exit")
-                setup.checkpoint(trainer)
+                setup.checkpoint(trainer, cursor=pipeline.cursor(step))  # this batch is sampled again
                 break
-            prev, updates = step, min(cfg.train.updates_per_rollout, cfg.train.steps - step)
+            prev, updates, t_train = step, min(cfg.train.updates_per_rollout, cfg.train.steps - step), time.time()
             if not trainer.objective.trainable(batch.samples):  # the whole batch (POPO: no positive), every rank
                 stats = trainer.skip(updates)
             else:
@@ -93,22 +95,25 @@ def run(cfg: Config, log=print) -> RunResult:
                         trainer.target_pass(share)  # POPO: the EMA's features and log-probs (Eq. P3)
                         stats = trainer.policy_step(share)  # forward/backward, optimizer, LR schedule
                         trainer.update_ema(stats)  # Eq. P6 (the served view reads it at the sync)
-            step = trainer.step
-            evaluated = evaluation.after_batch(prev, step)  # an EMA-serving run's policy (synced in first)
-            t_sync = time.time()
-            engine.sync(served, f"step{step}")  # the served weights; evaluation.metrics then evaluates them
-            setup.log(step, batch.metrics, stats, lambda: {"sync_s": time.time() - t_sync,
-                                                           "server_restarts": float(engine.restarts),
-                                                           **engine.pop_memory_s(),  # colocated: release/resume
-                                                           **evaluation.metrics(evaluated, step)})
+            step, train_s = trainer.step, time.time() - t_train
+            with pipeline.quiet(evaluation.due(prev, step)):  # no rollout in flight while evaluations swap weights
+                evaluated = evaluation.after_batch(prev, step)  # an EMA-serving run's policy (synced in first)
+                t_sync = time.time()
+                engine.sync(served, f"step{step}")  # the served weights; evaluation.metrics then evaluates them
+                pipeline.served(step)  # rollout.max_staleness: the rollouts of step + k may start
+                setup.log(step, batch.metrics, stats, lambda: {"sync_s": time.time() - t_sync, "train_s": train_s,
+                                                               "server_restarts": float(engine.restarts),
+                                                               **engine.pop_memory_s(),  # colocated: release/resume
+                                                               **evaluation.metrics(evaluated, step)})
             if setup.save_due(prev, step):
-                setup.checkpoint(trainer)
+                setup.checkpoint(trainer, cursor=pipeline.cursor(step))  # before the batches in flight
+        pipeline.close()  # the producer has sampled every step by now
         final_acc = evaluation.final(step)
     finally:
         interrupt.restore()
         with contextlib.ExitStack() as closing:  # each closes even if one before it fails; last in, first run
             closing.callback(rt_mod.shutdown)
-            for part in (engine, evaluation, worker, setup):  # the servers; benchmarks; grader; rank 0's logger
+            for part in (engine, evaluation, worker, pipeline, setup):  # servers; benchmarks; grader; producer; log
                 if part is not None:
                     closing.callback(part.close)
     report_png = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from popo_mega.config import Config
-from popo_mega.rollout.engine import SamplingParams, sample_seed
+from popo_mega.rollout.engine import SamplingParams, sample_seed, versions_of
 from popo_mega.train.refill import Rollouts, refill, stream_rollouts
 
 __all__ = ["RolloutBatch", "RolloutWorker", "greedy_accuracy"]
@@ -31,13 +31,16 @@ class RolloutBatch:
 
     samples:        the objective's selection (RolloutSamples; every rank takes its DP share)
     metrics:        the batch's metrics (reward, positive rate, lengths, selection counts, rollout_s)
-    weight_version: the engine's weight version the rollouts were sampled with
+    weight_version: the engine's weight version when the batch was complete
+    versions:       per rollout (all of them, not only the selected), the weight versions its tokens
+                    were sampled with, in order (more than one: a sync came during its generation)
     interrupted:    SIGTERM/SIGINT arrived: the loop checkpoints and stops instead of training
     """
 
     samples: list
     metrics: dict = field(default_factory=dict)
     weight_version: str | None = None
+    versions: list = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -94,6 +97,7 @@ class RolloutWorker:
         samples, stats = self.select(graded, step)
         return RolloutBatch(samples, {**stats, **fill_stats, "rollout_s": time.time() - t0},
                             weight_version=http.weight_version(),
+                            versions=[versions_of(c) for group in graded.completions for c in group],
                             interrupted=bool(self.interrupt is not None and self.interrupt.requested))
 
     def reward(self, prompts, completions) -> Rollouts:

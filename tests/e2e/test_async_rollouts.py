@@ -1,0 +1,49 @@
+"""rollout.max_staleness = 1 on the real path (popo-train, its embedded server, the quickstart config on
+the micro task): the rollouts of step t + 1 are sampled while step t trains, and a kill -9 with a
+batch in flight resumes from the checkpoint with that batch sampled again from the same prompts."""
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.e2e.runs import REPO, read_metrics, train_args
+
+STEPS = 6
+PROMPTS_PER_STEP = 4  # train_args: data.prompts_per_step=4
+
+
+def test_k1_runs_one_step_ahead_and_a_kill_9_resumes_with_the_batch_in_flight_sampled_again(base, tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = train_args(base, run_dir, STEPS, ["rollout.max_staleness=1"])
+    complete = os.path.join(run_dir, "checkpoints", "step_00000004")
+    log = open(tmp_path / "killed.log", "w+")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not os.path.isdir(complete):
+            time.sleep(0.01)
+        seen = os.path.isdir(complete)
+        os.killpg(proc.pid, signal.SIGKILL)  # the producer has batch 5 sampled or in flight by now
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.seek(0)
+        out = log.read()
+    assert seen, f"the step-4 checkpoint never appeared:\n{out[-3000:]}"
+    before = read_metrics(run_dir)
+    assert [row["step"] for row in before][:4] == [1, 2, 3, 4]
+    # one step ahead, never more: batch t (t >= 1) sampled from step t - 1's weights (its first tokens)
+    assert [row["staleness"] for row in before[1:4]] == [1.0, 1.0, 1.0], [row.get("staleness") for row in before]
+
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "step_00000004 at step 4" in r.stdout
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    # the prompts drawn before each step's batch: PROMPTS_PER_STEP per step, none skipped or repeated,
+    # the resumed steps 5-6 included (the checkpoint kept the cursor before batch 5, not the stream's)
+    assert [row["prompt_cursor"] for row in rows] == [float(PROMPTS_PER_STEP * s) for s in range(STEPS)]
+    assert all(row["staleness"] <= 1.0 for row in rows[1:])
+    assert all(row["rollout_wait_s"] >= 0.0 and row["train_s"] > 0.0 for row in rows)
