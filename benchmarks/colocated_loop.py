@@ -66,14 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(REPO, "runs", "colocated_loop"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "colocated_loop_cpu.json"))
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.base, "config.json")):
-        from popo_mega.config import load_config
-        from popo_mega.quickstart import BASE_HIGH, BASE_LOW
-        from popo_mega.train.prompts import synthetic_task
-        from popo_mega.train.warmstart import warm_start
+    sys.path.insert(0, REPO)
+    from benchmarks.fidelity_study import ensure_base
 
-        cfg = load_config(os.path.join(REPO, "configs", "quickstart_cpu.yaml"), [])
-        warm_start(synthetic_task(cfg.data), args.base, low=BASE_LOW, high=BASE_HIGH, seed=0)
+    ensure_base(args.base)
     os.makedirs(args.work, exist_ok=True)
     runs = [_run(mode, args.base, args.work, args.steps)
             for _ in range(args.reps) for mode in ("disaggregated", "colocated")]
