@@ -30,7 +30,9 @@ from tests.e2e.runs import REPO, read_metrics, train_args
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loop_k0_baseline.json")
 STEPS = 20
-TIMINGS = {"wall_time", "elapsed_s", "step_time_s", "rollouts_per_s", "tokens_per_s", "rollout_s", "sync_s"}
+TIMINGS = {"wall_time", "elapsed_s", "step_time_s", "rollouts_per_s", "tokens_per_s", "rollout_s", "sync_s",
+           "train_s", "rollout_wait_s"}
+PROMPTS_PER_STEP = 4  # train_args: data.prompts_per_step=4
 
 
 def base_digest(base: str) -> str:
@@ -44,7 +46,8 @@ def run_k0(base: str, run_dir: str) -> list[dict]:
 
     os.makedirs(run_dir, exist_ok=True)
     (server,) = launch_servers("embedded", base, random_seed=0, log_dir=run_dir,
-                               extra_args=("--enable-deterministic-inference", "--max-running-requests", "1"))
+                               extra_args=("--enable-deterministic-inference", "--max-running-requests", "1",
+                                           "--weight-version", "step0"))  # as the run's own launch names it
     try:
         r = subprocess.run(train_args(base, run_dir, STEPS, ["train.save_interval=0", "eval.interval=10",
                                                              f'rollout.urls=["{server.url}"]']),
@@ -63,6 +66,11 @@ def test_the_rebuilt_loop_reproduces_the_old_loop(base, tmp_path):
     rows = run_k0(base, str(tmp_path / "run"))
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     for old, new in zip(recorded["rows"], rows):
+        # what asynchronous rollouts added, at k = 0: every rollout sampled from its own step's weights
+        # (the step before the one it trains), none across a sync, the prompts drawn in order
+        added = {k: new.pop(k) for k in ("staleness", "staleness_mean", "partial_rollouts", "prompt_cursor")}
+        assert added == {"staleness": 0.0, "staleness_mean": 0.0, "partial_rollouts": 0.0,
+                         "prompt_cursor": float(PROMPTS_PER_STEP * (old["step"] - 1))}, (old["step"], added)
         assert sorted(new) == sorted(old), f"step {old['step']}: metric keys differ"
         differing = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
         assert not differing, f"step {old['step']}: {differing}"
