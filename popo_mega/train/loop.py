@@ -107,7 +107,7 @@ def run(cfg: Config, log=print) -> RunResult:
                                                                **evaluation.metrics(evaluated, step)})
             if setup.save_due(prev, step):
                 setup.checkpoint(trainer, cursor=pipeline.cursor(step))  # before the batches in flight
-        pipeline.close()  # the producer has sampled every step by now
+        pipeline.close(timeout_s=None)  # after an interrupt: its batch in flight, before evaluating
         final_acc = evaluation.final(step)
     finally:
         interrupt.restore()

@@ -170,9 +170,12 @@ class RolloutPipeline:
             self._cond.wait_for(lambda: not self._busy or step in self._cursors)
             return dict(self._cursors.get(step) or self.worker.setup.stream.state_dict())
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the producer after its current collect (it is a daemon thread: a collect still running
-        after ``timeout_s`` ends with the servers, which the engine stops next)."""
+    def close(self, timeout_s: float | None = 5.0) -> None:
+        """Stop the producer after its current collect. The loop's own call waits for it
+        (``timeout_s=None``: a run interrupted with a batch in flight evaluates next, and evaluations
+        must not overlap a collect; the engine's request timeout bounds it). On an error path the
+        default gives it 5 s: it is a daemon thread, and a collect still running ends with the
+        servers, which the engine stops next."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()

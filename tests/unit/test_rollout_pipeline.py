@@ -161,3 +161,15 @@ def test_checkpoint_cursor_is_before_the_first_batch_not_trained():
     batch = pipe.take(3)  # an interrupt now: the checkpoint is before batch 3, which is sampled again
     assert batch.metrics["prompt_cursor"] == 3 * P and pipe.cursor(3)["position"] == 3 * P
     pipe.close()
+
+
+def test_close_waits_for_the_collect_in_flight_and_starts_no_other():
+    """The loop's close after an interrupt: the batch in flight finishes before the final evaluation."""
+    engine = FakeEngine()
+    worker = FakeWorker(engine)
+    worker.gate = {1: threading.Event()}
+    pipe = RolloutPipeline(worker, engine, k=2, steps=6)
+    pipe.take(0)
+    threading.Timer(0.2, worker.gate[1].set).start()
+    pipe.close(timeout_s=None)
+    assert not pipe._thread.is_alive() and {s for s, _, _ in worker.log} == {0, 1}  # 2 was allowed, not started
