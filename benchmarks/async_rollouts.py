@@ -80,6 +80,31 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def plot(result: dict, path: str) -> None:
+    """Held-out accuracy against training seconds and against steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in result["runs"]:
+        steps = [s for s, _ in r["heldout_curve"]]
+        acc = [100 * a for _, a in r["heldout_curve"]]
+        label = f"k={r['k']}" + (f" ({r['note']})" if r.get("note") else "")
+        by_step.plot(steps, acc, marker=".", label=label)
+        by_time.plot([r["train_elapsed_s"] * s / r["steps"] for s in steps], acc, marker=".", label=label)
+    by_time.set_xlabel("training seconds (steps x mean step time)")
+    by_step.set_xlabel("step")
+    for ax in (by_time, by_step):
+        ax.set_ylabel("held-out greedy accuracy, policy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"rollout.max_staleness on the CPU quickstart ({result['device']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default=os.path.join(REPO, "runs", "quickstart", "base"))
@@ -89,7 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--work", default=os.path.join(REPO, "runs", "async_rollouts"))
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "async_rollouts_cpu.json"))
+    p.add_argument("--png", default=os.path.join(REPO, "docs", "img", "async_rollouts_cpu.png"))
+    p.add_argument("--plot-only", action="store_true", help="redraw --png from --out without running")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.out) as f:
+            plot(json.load(f), args.png)
+        return 0
     sys.path.insert(0, REPO)
     from benchmarks.fidelity_study import ensure_base
 
@@ -105,7 +136,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"[async-rollouts] wrote {args.out}: {json.dumps(result['summary'])}")
+    plot(result, args.png)
+    print(f"[async-rollouts] wrote {args.out} and {args.png}: {json.dumps(result['summary'])}")
     return 0
 
 

@@ -36,7 +36,8 @@ def _run(mode: str, base: str, out_dir: str, steps: int) -> dict:
     run_dir = os.path.join(out_dir, f"{mode}-{int(time.time())}")
     cmd = [sys.executable, "-m", "popo_mega.train.cli", "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
            f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}", "eval.interval=0",
-           "train.save_interval=0", "train.tensorboard=false", f"placement.mode={mode}"]
+           "train.save_interval=0", "train.tensorboard=false", f"placement.mode={mode}",
+           "rollout.max_staleness=0"]  # colocated servers cannot sample while the step runs
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - t0

@@ -16,7 +16,10 @@ def train_args(base, run_dir, steps, extra=(), nproc: int = 1):
     return [*launcher, "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
             f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}", "train.save_interval=2",
             "train.keep_last=1", "data.prompts_per_step=4", "rollout.group_size=4", "eval.interval=2",
-            "algorithm.popo.predictor_hidden=32", *TASK, *extra]
+            "algorithm.popo.predictor_hidden=32", *TASK,
+            # on-policy (the quickstart samples one step ahead): these tests compare runs step for step,
+            # and a rollout in flight across a sync depends on timing; test_async_rollouts.py runs k = 1
+            "rollout.max_staleness=0", *extra]
 
 
 def read_metrics(run_dir):

@@ -37,13 +37,16 @@ def test_k1_runs_one_step_ahead_and_a_kill_9_resumes_with_the_batch_in_flight_sa
     # one step ahead, never more: batch t (t >= 1) sampled from step t - 1's weights (its first tokens)
     assert [row["staleness"] for row in before[1:4]] == [1.0, 1.0, 1.0], [row.get("staleness") for row in before]
 
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    # resumed with one step more than the killed run had (a user training on): steps 5-7
+    r = subprocess.run(train_args(base, run_dir, STEPS + 1, ["rollout.max_staleness=1"]), capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "step_00000004 at step 4" in r.stdout
     rows = read_metrics(run_dir)
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 2))  # the killed run's step 5 (if any) replaced
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [f"step_{STEPS + 1:08d}"]  # keep_last=1
     # the prompts drawn before each step's batch: PROMPTS_PER_STEP per step, none skipped or repeated,
-    # the resumed steps 5-6 included (the checkpoint kept the cursor before batch 5, not the stream's)
-    assert [row["prompt_cursor"] for row in rows] == [float(PROMPTS_PER_STEP * s) for s in range(STEPS)]
+    # the resumed steps 5-7 included (the checkpoint kept the cursor before batch 5, not the stream's)
+    assert [row["prompt_cursor"] for row in rows] == [float(PROMPTS_PER_STEP * s) for s in range(STEPS + 1)]
     assert all(row["staleness"] <= 1.0 for row in rows[1:])
     assert all(row["rollout_wait_s"] >= 0.0 and row["train_s"] > 0.0 for row in rows)
