@@ -26,28 +26,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.quickstart_runs import quickstart_run  # noqa: E402
 PHASES = ("rollout_s", "train_s", "sync_s", "rollout_wait_s")
 
 
 def _run(k: int, base: str, work: str, steps: int, eval_interval: int, rep: int) -> dict:
     run_dir = os.path.join(work, f"k{k}-rep{rep}-{int(time.time())}")
-    cmd = [sys.executable, "-m", "popo_mega.train.cli", "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
-           f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}",
-           f"eval.interval={eval_interval}", "train.save_interval=0", "train.tensorboard=false",
-           f"rollout.max_staleness={k}"]
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"[async-rollouts] k={k} run failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    final = next((float(line.split(":")[1].strip().rstrip("%")) / 100 for line in r.stdout.splitlines()
+    rows, wall, stdout = quickstart_run(base, run_dir, [f"train.steps={steps}", f"eval.interval={eval_interval}",
+                                                        f"rollout.max_staleness={k}"], f"async-rollouts k={k}")
+    final = next((float(line.split(":")[1].strip().rstrip("%")) / 100 for line in stdout.splitlines()
                   if line.startswith("final accuracy:")), None)
     curve = [[row["step"], row["heldout_accuracy"]] for row in rows if "heldout_accuracy" in row]
     to_90 = next((row["elapsed_s"] for row in rows if row.get("heldout_accuracy", 0.0) >= 0.9), None)

@@ -25,26 +25,19 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.quickstart_runs import quickstart_run  # noqa: E402
 
 
 def _run(mode: str, base: str, out_dir: str, steps: int) -> dict:
     run_dir = os.path.join(out_dir, f"{mode}-{int(time.time())}")
-    cmd = [sys.executable, "-m", "popo_mega.train.cli", "--config", os.path.join(REPO, "configs", "quickstart_cpu.yaml"),
-           f"model.hf_path={base}", f"train.output_dir={run_dir}", f"train.steps={steps}", "eval.interval=0",
-           "train.save_interval=0", "train.tensorboard=false", f"placement.mode={mode}",
-           "rollout.max_staleness=0"]  # colocated servers cannot sample while the step runs
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"[colocated-loop] {mode} run failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows, wall, _ = quickstart_run(base, run_dir, [f"train.steps={steps}", "eval.interval=0", f"placement.mode={mode}",
+                                                   "rollout.max_staleness=0"],  # colocated servers cannot sample
+                                   f"colocated-loop {mode}")                      # while the step runs
     later = rows[1:]   # step 1 pays the first-call costs
 
     def med(key):
