@@ -4,6 +4,7 @@ EMA update -> weight sync -> log / eval / checkpoint, each a named call on a sma
     RunSetup         (run_setup.py)       tokenizer, prompt stream, held-out set, checkpoints, metrics log
     ResilientEngine  (rollout/resilient_engine.py)  the servers; relaunch + re-sync inside; collective
     RolloutWorker    (rollout_worker.py)  rank 0: rollout -> reward -> select, one RolloutBatch
+    RolloutPipeline  (rollout_pipeline.py)  rank 0: the batches, up to rollout.max_staleness steps ahead
     PolicyTrainer    (step.py)            reference / target pass, policy step, EMA update, served EMA
     Evaluation       (evaluation.py)      held-out and benchmark evaluation of eval.model's weights
 
@@ -11,8 +12,9 @@ Rank 0 owns the engine's client, the rewards and the prompt cursor; it broadcast
 and every rank takes its data-parallel share (a rank with an empty share joins the step with an empty
 micro-batch; the step is skipped only when the whole batch has nothing to train on). A failure of rank
 0's work reaches every rank (train/rank0.py). The rollout side (``engine.on_rank0(worker.collect)``)
-and the trainer side meet only in the RolloutBatch, which carries the weight version it was sampled
-with, and in ``engine.sync(trainer.served)``, which reads the served EMA copy, never the live policy.
+and the trainer side meet only in the RolloutBatch, which carries the weight versions it was sampled
+with, and in ``engine.sync(trainer.served)``, which reads the served EMA copy, never the live policy;
+so with ``rollout.max_staleness: k`` a producer thread samples the next k batches while a step trains.
 """
 
 from __future__ import annotations
