@@ -39,3 +39,29 @@ def wait_for_steps(proc, run_dir, steps: int, timeout_s: float = 240.0) -> None:
                 if sum(1 for _ in f) >= steps:
                     return
         time.sleep(0.2)
+
+
+def kill_9_when(args, path: str, log_path: str, timeout_s: float = 240.0) -> tuple[bool, int, str]:
+    """Run ``args`` (a popo-train command) in its own process group and SIGKILL the whole group, as a
+    scheduler would, the moment ``path`` exists (or after ``timeout_s``, or when it exits): megatron's
+    checkpoint writer leaves a multiprocessing manager process behind the trainer; the embedded server
+    exits by itself. Returns (whether ``path`` was seen, the return code, the output)."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline and proc.poll() is None and not os.path.exists(path):
+                time.sleep(0.002)
+            seen = os.path.exists(path)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            log.seek(0)
+            return seen, proc.returncode, log.read()

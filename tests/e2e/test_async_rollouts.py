@@ -3,11 +3,9 @@ the micro task): the rollouts of step t + 1 are sampled while step t trains, and
 batch in flight resumes from the checkpoint with that batch sampled again from the same prompts."""
 
 import os
-import signal
 import subprocess
-import time
 
-from tests.e2e.runs import REPO, read_metrics, train_args
+from tests.e2e.runs import REPO, kill_9_when, read_metrics, train_args
 
 STEPS = 6
 PROMPTS_PER_STEP = 4  # train_args: data.prompts_per_step=4
@@ -17,20 +15,8 @@ def test_k1_runs_one_step_ahead_and_a_kill_9_resumes_with_the_batch_in_flight_sa
     run_dir = str(tmp_path / "run")
     args = train_args(base, run_dir, STEPS, ["rollout.max_staleness=1"])
     complete = os.path.join(run_dir, "checkpoints", "step_00000004")
-    log = open(tmp_path / "killed.log", "w+")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and not os.path.isdir(complete):
-            time.sleep(0.01)
-        seen = os.path.isdir(complete)
-        os.killpg(proc.pid, signal.SIGKILL)  # the producer has batch 5 sampled or in flight by now
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        log.seek(0)
-        out = log.read()
+    # the producer has batch 5 sampled or in flight when step 4's checkpoint is complete
+    seen, _, out = kill_9_when(args, complete, str(tmp_path / "killed.log"))
     assert seen, f"the step-4 checkpoint never appeared:\n{out[-3000:]}"
     before = read_metrics(run_dir)
     assert [row["step"] for row in before][:4] == [1, 2, 3, 4]

@@ -10,11 +10,10 @@ the same config sample the same rollouts as long as their served weights agree. 
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.e2e.runs import REPO, read_metrics, train_args
+from tests.e2e.runs import REPO, kill_9_when, read_metrics, train_args
 
 STEPS = 6
 SEED = ["train.seed=7", "model.make_vocab_size_divisible_by=8"]  # 100 ids: TP=2 shards both hold real ids
@@ -60,25 +59,9 @@ def test_kill_9_while_checkpointing_then_resume_continues_the_run(base, referenc
     run_dir = str(tmp_path / "run")
     ckpts = os.path.join(run_dir, "checkpoints")
     partial = os.path.join(ckpts, ".tmp_step_00000004")
-    log = open(tmp_path / "killed.log", "w+")
-    # its own process group, killed as a whole as a scheduler would: megatron's checkpoint writer
-    # leaves a multiprocessing manager process behind the trainer; the embedded server exits by itself
-    proc = subprocess.Popen(train_args(base, run_dir, STEPS, SEED), stdout=log, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and not os.path.isdir(partial):
-            time.sleep(0.002)
-        seen = os.path.isdir(partial)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        log.seek(0)
-        out = log.read()
+    seen, rc, out = kill_9_when(train_args(base, run_dir, STEPS, SEED), partial, str(tmp_path / "killed.log"))
     assert seen, f"the step-4 checkpoint was never seen in progress:\n{out[-3000:]}"
-    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert rc == -signal.SIGKILL, out[-3000:]
     assert "step_00000004" not in os.listdir(ckpts), "the kill came after the checkpoint was complete"
 
     r = subprocess.run(train_args(base, run_dir, STEPS, SEED), capture_output=True, text=True, timeout=300, cwd=REPO)
