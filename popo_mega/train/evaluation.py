@@ -62,10 +62,15 @@ class Evaluation:
     def _sync_policy(self, step: int) -> None:
         self.engine.sync(self.trainer.model, f"step{step}-policy")
 
+    def _due(self, prev: int, step: int) -> dict:
+        """The evaluations the batch that moved the run from ``prev`` to ``step`` has due."""
+        return {"heldout_due": bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)),
+                "bench_due": any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps)
+                                 for k in range(prev + 1, step + 1))}
+
     def due(self, prev: int, step: int) -> bool:
-        """Whether the batch that moved the run from ``prev`` to ``step`` has an evaluation due."""
-        return bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)) or any(
-            benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps) for k in range(prev + 1, step + 1))
+        """Whether that batch has any evaluation due (the loop keeps rollouts out of it)."""
+        return any(self._due(prev, step).values())
 
     def after_batch(self, prev: int, step: int) -> dict:
         """The evaluations due after the batch that moved the run from step ``prev`` to ``step``
@@ -76,9 +81,7 @@ class Evaluation:
         weights of the sync before, and a colocated server whose weights were freed for the step
         had none. Returns the due evaluations and rank 0's metrics ({} elsewhere)."""
         rt = self.trainer.rt
-        out = {"heldout_due": bool(self.setup.heldout and crossed(prev, step, self.cfg.eval.interval)),
-               "bench_due": any(benchmark_eval_due(self.cfg.eval, k, self.cfg.train.steps)
-                                for k in range(prev + 1, step + 1))}
+        out = self._due(prev, step)
         if not self.policy_synced_in or not (out["heldout_due"] or out["bench_due"]):
             return out
         self._sync_policy(step)
