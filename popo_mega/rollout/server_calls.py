@@ -15,11 +15,13 @@ its deadline (its thread is left behind; requests' own timeout ends it later).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import threading
 import time
 from collections.abc import Callable
 
 import requests
+import urllib3
 
 
 class ServerCalls:
@@ -116,19 +118,37 @@ class SessionPool:
             s.close()
 
 
+def closed_without_answer(exc: Exception) -> bool:
+    """The server closed the connection before answering (``RemoteDisconnected``, a reset, a broken
+    pipe), as opposed to refusing it or not answering in time. What a kept connection meets when the
+    server's idle timeout closes it just as a request goes out (SGLang 0.5.23's uvicorn closes idle
+    keep-alive connections after 5 s: ``SGLANG_TIMEOUT_KEEP_ALIVE``, srt/environ.py:337, passed as
+    ``timeout_keep_alive`` in srt/entrypoints/http_server.py:2956; urllib3 only notices a close that
+    arrived before the send): the request was not served, and a control post may be sent again."""
+    inner = exc.args[0] if isinstance(exc, requests.ConnectionError) and exc.args else None
+    cause = inner.args[1] if isinstance(inner, urllib3.exceptions.ProtocolError) and len(inner.args) > 1 else None
+    return isinstance(cause, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+
+
 def post_all(urls: list[str], path: str, body: dict | None, *, sessions: SessionPool, headers: dict,
              timeout_s: float | tuple[float, float], ok: tuple[int, ...] = (200,),
              error: type[Exception] = RuntimeError) -> list[requests.Response]:
     """POST ``body`` to ``path`` on every server at once; the responses in url order, or ``error``
     naming every server that answered another status, failed to connect or did not answer within
     ``timeout_s`` (requests' timeout: seconds, or (connect, read)). Each server's session comes from
-    ``sessions`` (one per URL, reused by the next call)."""
+    ``sessions`` (one per URL, reused by the next call); a post whose connection the server closed
+    before answering is sent once more (``closed_without_answer``). The control posts (pause,
+    continue, flush, memory release/resume) are safe to repeat."""
     def call(url):
-        try:
-            with sessions.session(url) as session:
-                r = session.post(f"{url}{path}", json=body or {}, headers=headers, timeout=timeout_s)
-        except requests.RequestException as exc:
-            raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
+        for attempt in (1, 2):
+            try:
+                with sessions.session(url) as session:
+                    r = session.post(f"{url}{path}", json=body or {}, headers=headers, timeout=timeout_s)
+                break
+            except requests.RequestException as exc:
+                if attempt == 1 and closed_without_answer(exc):
+                    continue  # once more, on a new connection (the pool dropped the closed one)
+                raise RuntimeError(f"{type(exc).__name__}: {exc}") from None
         if r.status_code not in ok:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         return r

@@ -110,3 +110,63 @@ def test_post_all_reuses_one_connection_per_server_across_calls():
         pool.close()
         for s in servers:
             s.shutdown()
+
+
+def _closing_server(answer_from: int):
+    """A server that closes connections 1 .. answer_from - 1 right after reading the request (no
+    answer: what a kept connection meets when the server's idle timeout closes it as a post goes out)
+    and answers 200 "ok" on the later ones. Returns (url, number of requests seen, stop)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    seen, stop = [0], threading.Event()
+
+    def serve():
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    seen[0] += 1
+                    if seen[0] >= answer_from:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", seen, stop
+
+
+def test_post_all_sends_again_once_when_the_server_closed_without_answering():
+    url, seen, stop = _closing_server(answer_from=2)
+    try:
+        (r,) = post_all([url], "/pause_generation", {}, sessions=SessionPool(), headers={}, timeout_s=5)
+        assert r.text == "ok" and seen[0] == 2
+    finally:
+        stop.set()
+    url, seen, stop = _closing_server(answer_from=3)  # closed twice: once more only, then named
+    try:
+        with pytest.raises(_Boom, match=f"/flush_cache failed: {url}: ConnectionError.*RemoteDisconnected"):
+            post_all([url], "/flush_cache", {}, sessions=SessionPool(), headers={}, timeout_s=5, error=_Boom)
+        assert seen[0] == 2
+    finally:
+        stop.set()
+
+
+def test_post_all_does_not_repeat_a_refused_connection():
+    import socket
+
+    from popo_mega.rollout.server_calls import closed_without_answer
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed on leaving: nothing listens there any more
+    with pytest.raises(_Boom, match="ConnectionError"):
+        post_all([f"http://127.0.0.1:{port}"], "/continue_generation", {}, sessions=SessionPool(), headers={},
+                 timeout_s=5, error=_Boom)
+    import requests
+    try:
+        requests.post(f"http://127.0.0.1:{port}/x", timeout=5)
+    except requests.ConnectionError as exc:
+        assert not closed_without_answer(exc)  # refused: the server is not there, do not retry
