@@ -5,6 +5,8 @@ batch in flight resumes from the checkpoint with that batch sampled again from t
 import os
 import subprocess
 
+import pytest
+
 from tests.e2e.runs import REPO, kill_9_when, read_metrics, train_args
 
 STEPS = 6
@@ -36,3 +38,17 @@ def test_k1_runs_one_step_ahead_and_a_kill_9_resumes_with_the_batch_in_flight_sa
     assert [row["prompt_cursor"] for row in rows] == [float(PROMPTS_PER_STEP * s) for s in range(STEPS + 1)]
     assert all(row["staleness"] <= 1.0 for row in rows[1:])
     assert all(row["rollout_wait_s"] >= 0.0 and row["train_s"] > 0.0 for row in rows)
+
+
+@pytest.mark.extended  # ~60 s; CI's k = 1 test above runs the same pipeline in one process
+def test_k1_under_tensor_parallelism_samples_one_step_ahead(base, tmp_path):
+    """Two ranks (TP=2): rank 0's producer samples ahead while both ranks train; every rank gets
+    rank 0's batch (broadcast), and no rank waits for a collective the producer thread would own."""
+    run_dir = str(tmp_path / "run")
+    r = subprocess.run(train_args(base, run_dir, 5, ["rollout.max_staleness=1", "parallel.tensor=2"], nproc=2),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["staleness"] for row in rows] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert [row["prompt_cursor"] for row in rows] == [float(PROMPTS_PER_STEP * s) for s in range(5)]
