@@ -127,40 +127,21 @@ def test_an_embedded_server_exits_with_its_launcher(tmp_path):
         launcher.kill()
 
 
-def _dies_mid_body(replies: int = 4) -> tuple[str, threading.Thread]:
-    """A server that answers each request with a 200 header announcing 1,793 bytes, sends 10 and
-    closes the socket: what the client sees when a server is killed while sending its answer."""
-    import socket
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(30)
-
-    def serve():
-        with listener:
-            for _ in range(replies):
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 1793\r\n\r\n{\"text\": \"")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
-
-
 def test_a_server_that_dies_mid_answer_is_a_server_failure():
     """The body is cut short (requests raises ChunkedEncodingError, neither a ConnectionError nor a
     Timeout): the engine reports a RolloutServerError naming the server, which is what the run's
     ResilientEngine relaunches on; a raw requests error would end the run (CI, stop 18)."""
     from popo_mega.rollout.http_engine import HttpEngine, RolloutServerError
 
-    url, thread = _dies_mid_body(replies=1)
+    from tests.raw_http import raw_server
+
+    # a 200 header announcing 1,793 bytes, 10 of them, and the socket closes: a kill while it answers
+    url, _, stop = raw_server(lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: 1793\r\n\r\n{\"text\": \"")
     engine = HttpEngine([url], failover=False, max_in_flight=1, request_timeout_s=10)
-    with pytest.raises(RolloutServerError, match="failover is off") as err:
-        engine.generate([[1, 2]], SamplingParams(temperature=0.0, max_new_tokens=4))
+    try:
+        with pytest.raises(RolloutServerError, match="failover is off") as err:
+            engine.generate([[1, 2]], SamplingParams(temperature=0.0, max_new_tokens=4))
+    finally:
+        stop.set()
     assert url in str(err.value) and "ChunkedEncodingError" in str(err.value)
-    thread.join(timeout=10)

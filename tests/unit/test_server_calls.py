@@ -113,30 +113,13 @@ def test_post_all_reuses_one_connection_per_server_across_calls():
 
 
 def _closing_server(answer_from: int):
-    """A server that closes connections 1 .. answer_from - 1 right after reading the request (no
-    answer: what a kept connection meets when the server's idle timeout closes it as a post goes out)
-    and answers 200 "ok" on the later ones. Returns (url, number of requests seen, stop)."""
-    import socket
+    """Closes connections 1 .. answer_from - 1 right after reading the request (no answer: what a kept
+    connection meets when the server's idle timeout closes it as a post goes out) and answers 200
+    "ok" on the later ones. Returns (url, number of requests seen, stop)."""
+    from tests.raw_http import raw_server
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    seen, stop = [0], threading.Event()
-
-    def serve():
-        with listener:
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                with conn:
-                    conn.recv(65536)
-                    seen[0] += 1
-                    if seen[0] >= answer_from:
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-
-    threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}", seen, stop
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    return raw_server(lambda n: ok if n >= answer_from else b"")
 
 
 def test_post_all_sends_again_once_when_the_server_closed_without_answering():
