@@ -367,6 +367,20 @@ def test_update_weight_version_aborts_by_default(dirs, expected):
     assert out["meta_info"]["finish_reason"]["type"] == "abort" and len(out["output_ids"]) < MAX_NEW
 
 
+def _post_once_decoding(srv, url: str, body: dict, result: dict, key: str) -> threading.Thread:
+    """POST ``body`` to ``url`` in a thread (its response into ``result[key]``); return once ``srv``
+    decodes a batch (at most ~6 s)."""
+    import requests
+
+    client = threading.Thread(target=lambda: result.update({key: requests.post(url, json=body, timeout=60)}))
+    client.start()
+    for _ in range(3000):
+        if srv.in_batch:
+            break
+        time.sleep(0.002)
+    return client
+
+
 def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
     """The HTTP app: /pause_generation in_place answers once the rows are parked, /ready is 503 and
     /flush_cache 400 meanwhile, a disk update with SGLang's default flush_cache is 400 with SGLang's
@@ -385,13 +399,7 @@ def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
             result = {}
             body = {"input_ids": prompt, "return_logprob": True,
                     "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}}
-            client = threading.Thread(target=lambda: result.update(r=requests.post(f"{url}/generate", json=body,
-                                                                                   timeout=60)))
-            client.start()
-            for _ in range(3000):
-                if srv.in_batch:
-                    break
-                time.sleep(0.002)
+            client = _post_once_decoding(srv, f"{url}/generate", body, result, "r")
             r = requests.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=30)
             assert r.status_code == 200 and r.json() == {"message": "Generation paused successfully.", "status": "ok"}
             assert requests.get(f"{url}/ready", timeout=5).status_code == 503
@@ -405,13 +413,7 @@ def test_pause_routes_over_http_and_sglang_reads_the_answers(dirs, expected):
             out = result["r"].json()
             abort_body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW,
                                                                    "ignore_eos": True}}
-            client = threading.Thread(target=lambda: result.update(a=requests.post(f"{url}/generate", json=abort_body,
-                                                                                   timeout=60)))
-            client.start()
-            for _ in range(3000):
-                if srv.in_batch:
-                    break
-                time.sleep(0.002)
+            client = _post_once_decoding(srv, f"{url}/generate", abort_body, result, "a")
             assert requests.post(f"{url}/pause_generation", json={}, timeout=30).status_code == 200  # default: abort
             client.join(60)
             aborted = result["a"]
