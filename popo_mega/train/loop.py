@@ -69,7 +69,7 @@ def run(cfg: Config, log=print) -> RunResult:
     try:
         engine = ResilientEngine.launch(cfg, rt, trainer.arch, trainer.layout, setup.run_dir, log,
                                         serving=served, version=f"step{trainer.step}")
-        worker = RolloutWorker(cfg, setup, trainer.objective, engine, interrupt)
+        worker = RolloutWorker(cfg, setup, trainer.objective, engine)
         pipeline = RolloutPipeline(worker, engine, k=cfg.rollout.max_staleness, steps=cfg.train.steps, interrupt=interrupt)
         evaluation = Evaluation(cfg, setup, engine, trainer)
         on_rank0(lambda: (worker.start(), evaluation.start(worker.verifier, fresh_run=resumed is None),

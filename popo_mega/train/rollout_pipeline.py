@@ -104,39 +104,25 @@ class RolloutPipeline:
                 cursor = self._cursors[step]
         batch.metrics.update(staleness_metrics(batch.versions, step), rollout_wait_s=time.time() - t0,
                              prompt_cursor=float(cursor["epoch"] * cursor["size"] + cursor["position"]))
-        if self.interrupt is not None and self.interrupt.requested:
-            batch.interrupted = True  # the batch may have been sampled before the signal came
+        batch.interrupted = bool(self.interrupt is not None and self.interrupt.requested)  # sampled before or after it
         return batch
 
     def _take_async(self, step: int):
         with self._cond:
             if self._served is None:
                 self._served = step  # the engine serves the trained step's weights (fresh or resumed)
-            if step not in self._ready and not self._alive():
-                if self._error is not None:
+            while step not in self._ready:
+                if self._error is not None:  # the producer failed at ``step`` (it collects in order)
                     failed, error, restarts = self._error
                     self._error = None
+                    self._thread.join()
                     if not (failed == step and self.engine.restarts != restarts):
                         raise error  # the ResilientEngine relaunches a server, re-syncs, and takes again
-                self._start(step)
-            self._cond.wait_for(lambda: step in self._ready or self._error is not None)
-            if step not in self._ready:
-                return self._take_async_failed(step)
+                    # else a relaunch came while it sampled (by a sync that met the dead server): again
+                if not self._alive():
+                    self._start(step)
+                self._cond.wait_for(lambda: step in self._ready or self._error is not None)
             return self._ready.pop(step)
-
-    def _take_async_failed(self, step: int):
-        """The producer failed at ``step`` (the one taken: the steps before it were taken already)."""
-        self._thread.join()
-        failed, error, restarts = self._error
-        if failed == step and self.engine.restarts != restarts:  # a relaunch came while it sampled: again
-            self._error = None
-            self._start(step)
-            self._cond.wait_for(lambda: step in self._ready or self._error is not None)
-            if step in self._ready:
-                return self._ready.pop(step)
-            failed, error, restarts = self._error
-        self._error = None
-        raise error
 
     def served(self, step: int) -> None:
         """The engine serves the weights of step ``step`` now: the producer may sample step ``step + k``."""

@@ -34,7 +34,8 @@ class RolloutBatch:
     weight_version: the engine's weight version when the batch was complete
     versions:       per rollout (all of them, not only the selected), the weight versions its tokens
                     were sampled with, in order (more than one: a sync came during its generation)
-    interrupted:    SIGTERM/SIGINT arrived: the loop checkpoints and stops instead of training
+    interrupted:    SIGTERM/SIGINT arrived by the time the loop took it (RolloutPipeline.take): the
+                    loop checkpoints and stops instead of training
     """
 
     samples: list
@@ -56,9 +57,8 @@ class RolloutWorker:
     """The rollout, its rewards and the selection, on rank 0 (see the module docstring). ``engine``:
     the run's ``ResilientEngine`` (rank 0 samples through ``engine.http``)."""
 
-    def __init__(self, cfg: Config, setup, objective, engine, interrupt=None):
+    def __init__(self, cfg: Config, setup, objective, engine):
         self.cfg, self.setup, self.objective, self.engine = cfg, setup, objective, engine
-        self.interrupt = interrupt
         self.verifier = None  # math-verify in a process pool with per-item deadlines (not the synthetic task)
 
     def start(self) -> None:
@@ -97,8 +97,7 @@ class RolloutWorker:
         samples, stats = self.select(graded, step)
         return RolloutBatch(samples, {**stats, **fill_stats, "rollout_s": time.time() - t0},
                             weight_version=http.weight_version(),
-                            versions=[versions_of(c) for group in graded.completions for c in group],
-                            interrupted=bool(self.interrupt is not None and self.interrupt.requested))
+                            versions=[versions_of(c) for group in graded.completions for c in group])
 
     def reward(self, prompts, completions) -> Rollouts:
         """Grade every response against its prompt's gold answer (exact match on the synthetic task,

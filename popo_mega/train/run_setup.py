@@ -120,12 +120,11 @@ class RunSetup:
         interval = self.cfg.train.save_interval
         return bool(interval) and (crossed(prev, step, interval) or step == self.cfg.train.steps)
 
-    def checkpoint(self, trainer, cursor: dict | None = None) -> None:
+    def checkpoint(self, trainer, cursor: dict) -> None:
         """Save the trainer and rank 0's prompt cursor (collective). ``cursor``: rank 0's cursor before
-        the first batch not trained (``RolloutPipeline.cursor``); None: the stream's position."""
+        the first batch not trained (``RolloutPipeline.cursor``; the stream itself may be ahead)."""
         from popo_mega.train.checkpoint import save_checkpoint
 
-        cursor = self.stream.state_dict() if cursor is None else cursor
         if self.rt.world_size > 1:
             cursor = broadcast_object(cursor)  # rank 0 owns the cursor
         path = save_checkpoint(trainer, self.ckpt_root, extra={"data": cursor}, keep_last=self.cfg.train.keep_last)
