@@ -369,9 +369,16 @@ def test_update_weight_version_aborts_by_default(dirs, expected):
 
 def _post_once_decoding(srv, url: str, body: dict, result: dict, key: str) -> threading.Thread:
     """POST ``body`` to ``url`` in a thread (its response into ``result[key]``); return once ``srv``
-    decodes a batch (at most ~6 s)."""
+    decodes a batch (at most ~6 s). A previous request's answer can reach its client before its batch
+    ends, so first wait for that batch to end: else a pause could land before this request is admitted,
+    and a request that arrives while paused waits for /continue_generation (as in SGLang)."""
     import requests
 
+    for _ in range(3000):
+        if not srv.in_batch:
+            break
+        time.sleep(0.002)
+    assert not srv.in_batch, "the previous batch did not end within ~6 s"
     client = threading.Thread(target=lambda: result.update({key: requests.post(url, json=body, timeout=60)}))
     client.start()
     for _ in range(3000):
