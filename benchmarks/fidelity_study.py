@@ -6,6 +6,10 @@ ablations, on the quickstart's synthetic task with 5 seeds each. Replaces benchm
     python benchmarks/fidelity_study.py --dry-run       # print what is left, in order
     python benchmarks/fidelity_study.py --report        # docs/results.md's study section + PNGs from the rows
 
+Two runners may share the matrix (one core each): each claims its next run with a claim file
+(``OUT/<run>.claim``, holding its pid; a dead runner's claim is taken over) and merges its row into
+the results file under a lock, so neither runs what the other has claimed or overwrites its rows.
+
 Every run is a real ``popo-train`` process of ``configs/quickstart_cpu.yaml`` from the same
 warm-started base (``runs/quickstart/base``, ~43 % held-out; built as the quickstart builds it when
 missing), with the same rollout budget (``STEPS`` x 32 prompts x G = 8), differing only in the
@@ -70,6 +74,8 @@ exit; the run restarts next time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -164,6 +170,86 @@ def load_rows(path: str) -> list[dict]:
         rows = json.load(f)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"variant", "seed", "lr"} <= set(r) for r in rows):
         raise SystemExit(f"{path}: expected a list of row objects with variant, seed, lr")
+    return rows
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(out: str, name: str) -> bool:
+    """Take ``name`` for this process (``OUT/<name>.claim`` holds the pid); False if a live runner holds
+    it. A claim whose pid is gone (a runner killed with -9) is taken over."""
+    path = os.path.join(out, name + ".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = int(f.read().strip() or 0)
+            except (FileNotFoundError, ValueError):
+                holder = 0
+            if holder == os.getpid() or (holder and _pid_alive(holder)):
+                return holder == os.getpid()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def unclaim(out: str, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, name + ".claim"))
+
+
+def claimed_by_others(out: str) -> set[str]:
+    """Run names a live runner other than this one holds."""
+    names = set()
+    for entry in os.listdir(out) if os.path.isdir(out) else ():
+        if entry.endswith(".claim"):
+            try:
+                with open(os.path.join(out, entry)) as f:
+                    pid = int(f.read().strip() or 0)
+            except (FileNotFoundError, ValueError):
+                continue
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                names.add(entry[:-len(".claim")])
+    return names
+
+
+def next_run(results: str, out: str) -> tuple[str, str, int, float] | None:
+    """The first run of the plan that no runner has finished or holds, claimed for this process.
+    The rows are read again after the claim: a runner writes its row before it lets go of the claim,
+    so a run finished between the first read and the claim is seen and let go."""
+    for t in plan(load_rows(results)):
+        name = run_name(*t[1:])
+        if not claim(out, name):
+            continue
+        if any((r["variant"], r["seed"], r["lr"]) == t[1:] for r in load_rows(results)):
+            unclaim(out, name)
+            continue
+        return t
+    return None
+
+
+def add_row(path: str, row: dict) -> list[dict]:
+    """Append ``row`` to the results file under an exclusive lock, re-reading it first (another runner
+    may have written since); returns the rows now on disk."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = load_rows(path) + [row]
+        write_rows(path, rows)
     return rows
 
 
@@ -334,8 +420,9 @@ def main(argv=None) -> int:
         write_study_report(rows, results_path=args.results)
         return 0
     if args.dry_run:
+        busy = claimed_by_others(os.path.abspath(args.out))
         for t in plan(rows):
-            print(*t)
+            print(*t, "(running: claimed)" if run_name(*t[1:]) in busy else "")
         print(f"({len(rows)} rows done; stages (b)/(c) are listed once the sweep picks their lr)")
         return 0
 
@@ -357,18 +444,27 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     n = 0
-    while (todo := plan(rows)) and (args.max_runs is None or n < args.max_runs):
+    while args.max_runs is None or n < args.max_runs:
         _exit_if_stopped()
-        stage, variant, seed, lr = todo[0]
-        row = run_one(stage, variant, seed, lr, base=os.path.abspath(args.base), code=code, commit=commit,
-                      out=args.out, steps=args.steps, eval_every=args.eval_every)
-        rows.append(row)
-        write_rows(args.results, rows)
+        pick = next_run(args.results, args.out)
+        if pick is None:
+            break
+        stage, variant, seed, lr = pick
+        name = run_name(variant, seed, lr)
+        try:
+            row = run_one(stage, variant, seed, lr, base=os.path.abspath(args.base), code=code, commit=commit,
+                          out=args.out, steps=args.steps, eval_every=args.eval_every)
+            rows = add_row(args.results, row)
+        finally:
+            unclaim(args.out, name)
         n += 1
-        print(f"[fidelity] {run_name(variant, seed, lr)}: {row['initial_accuracy']} -> final {row['final_accuracy']}, "
+        print(f"[fidelity] {name}: {row['initial_accuracy']} -> final {row['final_accuracy']}, "
               f"steps to 80 %: {row['steps_to_80']}, {row['tokens_per_step']:.0f} tokens/step, {row['wall_s']:.0f} s "
-              f"({row['cpu_s'] / row['wall_s']:.2f} cores); {len(todo) - 1} left", flush=True)
-    print("[fidelity] nothing left to run" if not plan(rows) else "[fidelity] stopped at --max-runs", flush=True)
+              f"({row['cpu_s'] / row['wall_s']:.2f} cores); {len(plan(rows))} left", flush=True)
+    left = plan(load_rows(args.results))
+    print("[fidelity] nothing left to run" if not left else
+          "[fidelity] stopped at --max-runs" if args.max_runs is not None and n >= args.max_runs else
+          f"[fidelity] {len(left)} left, all claimed by other runners", flush=True)
     return 0
 
 

@@ -125,3 +125,56 @@ def test_write_study_report_replaces_only_its_section(tmp_path):
     md.write_text("no markers\n")
     with pytest.raises(SystemExit, match="marker"):
         write_study_report(rows, results_path="rows.json", md_path=str(md), img_dir=str(tmp_path / "img"))
+
+
+def _bare_row(variant, seed, lr):
+    return {"variant": variant, "seed": seed, "lr": lr}
+
+
+def test_two_runners_never_take_the_same_run_and_never_lose_a_row(tmp_path):
+    """Runner B's claims and rows as a second process would leave them: A skips what B holds, takes
+    over a dead runner's claim, lets go of a run B finished between A's read and A's claim, and
+    merges its row with B's instead of overwriting them."""
+    import subprocess
+    import sys
+
+    from benchmarks.fidelity_study import add_row, claim, load_rows, next_run, run_name, unclaim
+
+    out, results = str(tmp_path / "out"), str(tmp_path / "rows.json")
+    (tmp_path / "out").mkdir()
+    first = plan([])[0]                                       # the first sweep run
+    second = plan([])[1]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # runner B, alive
+    try:
+        (tmp_path / "out" / f"{run_name(*first[1:])}.claim").write_text(str(other.pid))
+        assert next_run(results, out) == second               # B holds the first: A takes the second
+        assert not claim(out, run_name(*first[1:]))
+    finally:
+        other.kill()
+        other.wait()
+    # B died (kill -9 leaves its claim): A takes its run over
+    unclaim(out, run_name(*second[1:]))
+    assert next_run(results, out) == first
+    unclaim(out, run_name(*first[1:]))
+    # B finished the first run and wrote its row: A's next pick is the second, and A's row joins B's
+    assert add_row(results, _bare_row(*first[1:])) == [_bare_row(*first[1:])]
+    assert next_run(results, out) == second
+    add_row(results, _bare_row(*second[1:]))
+    assert load_rows(results) == [_bare_row(*first[1:]), _bare_row(*second[1:])]
+
+
+def test_a_run_finished_between_the_read_and_the_claim_is_let_go(tmp_path, monkeypatch):
+    import benchmarks.fidelity_study as study
+
+    out, results = str(tmp_path), str(tmp_path / "rows.json")
+    first, second = plan([])[:2]
+    real_claim = study.claim
+
+    def claim_after_the_other_runner_wrote(out_, name):  # B writes the first run's row just before A's claim
+        if name == study.run_name(*first[1:]) and not study.load_rows(results):
+            study.add_row(results, _bare_row(*first[1:]))
+        return real_claim(out_, name)
+
+    monkeypatch.setattr(study, "claim", claim_after_the_other_runner_wrote)
+    assert study.next_run(results, out) == second
+    assert not (tmp_path / f"{study.run_name(*first[1:])}.claim").exists()
