@@ -31,7 +31,6 @@ class RolloutBatch:
 
     samples:        the objective's selection (RolloutSamples; every rank takes its DP share)
     metrics:        the batch's metrics (reward, positive rate, lengths, selection counts, rollout_s)
-    weight_version: the engine's weight version when the batch was complete
     versions:       per rollout (all of them, not only the selected), the weight versions its tokens
                     were sampled with, in order (more than one: a sync came during its generation)
     interrupted:    SIGTERM/SIGINT arrived by the time the loop took it (RolloutPipeline.take): the
@@ -40,7 +39,6 @@ class RolloutBatch:
 
     samples: list
     metrics: dict = field(default_factory=dict)
-    weight_version: str | None = None
     versions: list = field(default_factory=list)
     interrupted: bool = False
 
@@ -96,7 +94,6 @@ class RolloutWorker:
             raise
         samples, stats = self.select(graded, step)
         return RolloutBatch(samples, {**stats, **fill_stats, "rollout_s": time.time() - t0},
-                            weight_version=http.weight_version(),
                             versions=[versions_of(c) for group in graded.completions for c in group])
 
     def reward(self, prompts, completions) -> Rollouts:

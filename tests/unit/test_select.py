@@ -147,9 +147,6 @@ class ScriptedEngine:
         self.calls.append((len(prompt_ids), sampling.seed))
         return [[_c([ord(ch) for ch in t], [-1.0] * len(t)) for t in texts] for _ in prompt_ids]
 
-    def weight_version(self):
-        return "v7"
-
 
 class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
@@ -174,7 +171,7 @@ def test_loop_refill_with_a_scripted_engine_stops_at_max_refill_rounds():
     engine = ScriptedEngine([["7", "7"]] * 4)  # all correct: never informative
     batch = _worker(cfg, stream, engine).collect(5)
     samples, st = batch.samples, batch.metrics
-    assert batch.weight_version == "v7" and not batch.interrupted
+    assert not batch.interrupted
     assert samples == [] and st["refill_rounds"] == 2.0 and st["informative_shortfall"] == 3.0
     assert len(engine.calls) == 3 and len(engine.script) == 1  # the first round + 2 refill rounds
     assert [n for n, _ in engine.calls] == [3, 3, 3] and stream.position == 9
