@@ -261,7 +261,11 @@ class MathVerifier:
     start_method:  multiprocessing start method. "fork" (default, as torch's DataLoader workers):
                    cheap replacements and no re-import of the caller's ``__main__`` (scripts without a
                    main guard, stdin, notebooks work); "forkserver" / "spawn" keep workers apart from
-                   the parent's threads but need an importable ``__main__`` behind a main guard
+                   the parent's threads but need an importable ``__main__`` behind a main guard.
+                   "forkserver" preloads this module and math-verify in the server, so a worker (a
+                   replacement too) forks from that single-threaded server, cheaply, never from the
+                   caller: the trainer uses it, whose replacements are made from the rollout
+                   producer's thread (rollout.max_staleness >= 1) while gloo and HTTP threads run
     grade_fn:      (response, gold, deadline_s) -> (score, status); a module-level function
                    (defaults to ``grade``; tests inject a hanging one)
     ``stats`` accumulates ScoreStats over the verifier's life. Use as a context manager or call close().
@@ -279,6 +283,8 @@ class MathVerifier:
         self._ctx = mp.get_context(start_method)
         if start_method == "fork" and grade_fn is grade:
             _math_verify()  # import once here: forked workers inherit it instead of each importing it
+        if start_method == "forkserver":  # takes effect when the server starts (the first such pool)
+            self._ctx.set_forkserver_preload([__name__, "math_verify"])
         self.deadline_s = float(deadline_s)
         self.grade_fn = grade_fn
         self.stats = ScoreStats()

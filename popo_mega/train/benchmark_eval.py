@@ -74,7 +74,8 @@ class BenchmarkEval:
         if verifier is None and any(b.name != SYNTHETIC for b in self.benchmarks):
             from popo_mega.rewards.math import MathVerifier
 
-            verifier = self._own_verifier = MathVerifier(num_workers=2)
+            # forkserver: workers and their replacements never fork the threaded trainer
+            verifier = self._own_verifier = MathVerifier(num_workers=2, start_method="forkserver")
         self.verifier = verifier
 
     def describe(self) -> str:

@@ -64,7 +64,8 @@ class RolloutWorker:
         if not self.setup.synthetic:
             from popo_mega.rewards.math import MathVerifier
 
-            self.verifier = MathVerifier(num_workers=2)
+            # forkserver: workers and their replacements never fork the threaded trainer
+            self.verifier = MathVerifier(num_workers=2, start_method="forkserver")
 
     def sampling(self, step: int) -> SamplingParams:
         r = self.cfg.rollout

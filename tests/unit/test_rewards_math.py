@@ -190,3 +190,27 @@ def test_workers_do_not_run_the_parents_sigterm_handler(tmp_path):
         v.close()
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_forkserver_pool_replaces_a_stuck_worker_from_a_thread_without_forking_the_caller():
+    """The trainer's pool (start_method "forkserver"): workers, a replacement made from a non-main
+    thread too, are children of the fork server, not of this (threaded) process, and grade."""
+    v = MathVerifier(num_workers=1, deadline_s=1.0, start_method="forkserver", grade_fn=_grade_hang_or_die)
+    out = {}
+    try:
+        first = v._workers[0].proc
+        th = threading.Thread(target=lambda: out.update(r=v.score_batch_with_stats(["hang", "a"], ["x", "a"])))
+        th.start()
+        th.join(60)
+        scores, stats = out["r"]
+        assert scores == [0.0, 1.0] and stats.timeouts == 1 and v.restarts == 1
+        replacement = v._workers[0].proc
+        assert replacement.pid != first.pid
+        with open(f"/proc/{replacement.pid}/stat") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert parent != os.getpid()     # forked by the server, which this process started
+        assert v.score_batch(["b"], ["b"]) == [1.0]
+    finally:
+        v.close()
+    with MathVerifier(num_workers=1, deadline_s=10, start_method="forkserver") as real:  # math-verify itself
+        assert real.score_batch([r"\boxed{\frac{2}{4}}", r"\boxed{3}"], ["0.5", "4"]) == [1.0, 0.0]
