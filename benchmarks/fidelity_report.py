@@ -179,30 +179,54 @@ def components_note(groups) -> list[str]:
     return out
 
 
+def _probe_sentence(variant: str, rows: list[dict], best: float, lr: float) -> str:
+    """What the edge probe (half the lowest lr, seed 1) says about the optimum of ``variant``."""
+    from benchmarks.fidelity_study import sweep_score
+
+    def seed1(at):
+        return next((r for r in rows if r["variant"] == variant and r["seed"] == 1 and r["lr"] == at), None)
+
+    probe, chosen = seed1(lr), seed1(best)
+    if probe is None:
+        return f"Edge probe {variant} at lr {lr:g}: not run yet."
+    a, b = sweep_score(probe), sweep_score(chosen)
+    where = ("the optimum may lie below the grid: the comparisons use the grid's best" if a > b else
+             "the grid's lowest lr stands as the best")
+    return (f"Edge probe {variant} at lr {lr:g} (seed 1): score {_pct(a)} against {_pct(b)} at {best:g}; "
+            f"{where}.")
+
+
 def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
-    from benchmarks.fidelity_study import SWEEP_LRS, TOTAL_RUNS, sweep_score
+    from benchmarks.fidelity_study import SWEEP_LRS, TOTAL_RUNS, probe_lr, sweep_score
 
     groups = study_groups(rows)
     best = _sweep_choice(rows)
     steps = sorted({r["steps"] for r in rows})
-    out = [f"Rows so far: {len(rows)} of the {TOTAL_RUNS} runs (steps per run: {', '.join(map(str, steps)) or '-'}; "
+    probes = {v: probe_lr(rows, v) for v in SWEEP_LRS}
+    n_probes = sum(lr is not None for lr in probes.values())
+    out = [f"Rows so far: {len(rows)} of the {TOTAL_RUNS} runs"
+           + (f" and {n_probes} edge probes" if n_probes else "") + f" (steps per run: {', '.join(map(str, steps)) or '-'}; "
            f"threads per run: {', '.join(str(t) for t in sorted({r['threads'] for r in rows})) or '-'}; "
            f"code: {', '.join(sorted({r['commit'][:12] for r in rows})) or '-'}).", ""]
     out += ["**lr sweep (seed 1).** Score = mean of the last three held-out evaluations; the best lr is in bold.", "",
             "| variant | lr | final | score (last 3) | best | served EMA, final | steps to 50% |", "|---|---|---|---|---|---|---|"]
     for v, lrs in SWEEP_LRS.items():
-        for lr in sorted(lrs):
+        for lr in sorted([*lrs, *([probes[v]] if probes[v] is not None else [])]):
             r = next((r for r in rows if r["variant"] == v and r["seed"] == 1 and r["lr"] == lr), None)
             if r is None:
-                out.append(f"| {v} | {lr:g} | not run yet | | | | |")
+                out.append(f"| {v} | {lr:g}{' (edge probe)' if lr == probes[v] else ''} | not run yet | | | | |")
                 continue
             mark = "**" if best[v] == lr else ""
+            mark_probe = " (edge probe)" if lr == probes[v] else ""
             served = _pct(r["curve_served"][-1][1]) if r.get("curve_served") else "—"
-            out.append(f"| {v} | {mark}{lr:g}{mark} | {_pct(r['final_accuracy'])} | {_pct(sweep_score(r))} | "
+            out.append(f"| {v} | {mark}{lr:g}{mark}{mark_probe} | {_pct(r['final_accuracy'])} | {_pct(sweep_score(r))} | "
                        f"{_pct(r['best_accuracy'])} | {served} | {first_step(r['curve'], 0.5) or '—'} |")
     edge = [f"{v} ({best[v]:g})" for v, lrs in SWEEP_LRS.items() if best[v] in (min(lrs), max(lrs))]
     if edge:
         out += ["", f"Best lr at the edge of its grid (a wider sweep could find a better one): {', '.join(edge)}."]
+    for v, lr in probes.items():
+        if lr is not None:
+            out += ["", _probe_sentence(v, rows, best[v], lr)]
     out += ["", f"![lr sweep, seed 1]({pngs['sweep']})", ""]
     out += ["**Main variants (at their best lr) and ablations (at POPO's lr).** Final accuracy of the online policy: "
             "mean over the seeds run so far, 95% bootstrap interval of the mean; served EMA: the final accuracy of "

@@ -27,6 +27,10 @@ The matrix, in the order it runs (so that a partial study is already useful):
   (b) the four main variants at their best lr, seeds 2-5, seed by seed (seed 2 of all four, then 3...).
   (c) the six ablations at POPO's best lr, seeds 1-5, seed by seed.
   16 + 16 + 30 = 62 runs (``TOTAL_RUNS``).
+  (d) edge probes: a main variant whose best lr is the lowest of its grid gets one seed-1 run at half
+      that lr, to say whether the optimum lies below the grid. A probe never changes the best lr
+      (``best_lr`` reads only ``SWEEP_LRS``: the seeds and ablations already run stay comparable);
+      the report shows it beside the sweep.
 
 Steps: ``STEPS = 200``. Measured first (2026-11-28): a 400-step POPO probe on one thread ran at
 ~2 s per step while other sessions loaded the machine (load average 6 on 2 cores), and the study's
@@ -148,6 +152,12 @@ def best_lr(rows: list[dict], variant: str) -> float | None:
     return max(SWEEP_LRS[variant], key=lambda lr: sweep_score(got[lr]))
 
 
+def probe_lr(rows: list[dict], variant: str) -> float | None:
+    """Half the sweep's best lr when that best is the lowest of ``variant``'s grid (stage (d)), else None."""
+    best = best_lr(rows, variant)
+    return best / 2 if best is not None and best == min(SWEEP_LRS[variant]) else None
+
+
 def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
     """(stage, variant, seed, lr) still to run, in order. Stages (b) and (c) need the sweep's best lrs,
     so they appear once the sweep rows they need exist."""
@@ -160,6 +170,7 @@ def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
     if best["popo"] is not None:
         for seed in SEEDS:
             todo += [("ablation", v, seed, best["popo"]) for v in ABLATIONS]
+    todo += [("probe", v, 1, lr) for v in VARIANTS if (lr := probe_lr(rows, v)) is not None]
     return [t for t in todo if (t[1], t[2], t[3]) not in done]
 
 

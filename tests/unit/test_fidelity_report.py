@@ -81,7 +81,8 @@ def test_plan_runs_the_sweep_first_then_picks_the_best_lr_by_the_last_three_eval
     assert f"popo ({popo_lr:g})" in edge_note and "grpo" not in edge_note   # the others tie and keep the centre lr
     assert best_lr([r for r in rows if r["lr"] != SWEEP_LRS["popo"][2]], "popo") is None  # a sweep run missing
     todo = plan(rows)
-    assert len(todo) == 4 * 4 + 6 * 5                                      # 62 in all, minus the 16 done
+    assert len(todo) == 4 * 4 + 6 * 5 + 1                                  # 62 in all, minus the 16 done, + a probe
+    assert todo[-1] == ("probe", "popo", 1, popo_lr / 2)                   # popo's best is its grid's lowest lr
     assert todo[:4] == [("main", v, 2, best_lr(rows, v)) for v in VARIANTS]
     assert {t[3] for t in todo if t[0] == "ablation"} == {popo_lr}
     assert [t[1] for t in todo if t[0] == "ablation"][:6] == list(ABLATIONS)
@@ -178,3 +179,22 @@ def test_a_run_finished_between_the_read_and_the_claim_is_let_go(tmp_path, monke
     monkeypatch.setattr(study, "claim", claim_after_the_other_runner_wrote)
     assert study.next_run(results, out) == second
     assert not (tmp_path / f"{study.run_name(*first[1:])}.claim").exists()
+
+
+def test_an_edge_probe_is_reported_and_never_moves_the_best_lr():
+    """popo's best is the lowest lr of its grid: one seed-1 probe at half of it is planned; its row,
+    even with a higher score, leaves the best lr (and so every planned seed and ablation) where it was,
+    and the report says the optimum may lie below the grid; a lower score says the edge stands."""
+    low = min(SWEEP_LRS["popo"])
+    rows = [_row(v, 1, lr, 0.5) for v, lrs in SWEEP_LRS.items() for lr in lrs if (v, lr) != ("popo", low)]
+    rows.append(_row("popo", 1, low, 0.6, curve=[[25, 0.6], [50, 0.6], [75, 0.6]]))
+    assert ("probe", "popo", 1, low / 2) in plan(rows)
+    before = plan(rows)
+    for probe_final, says in [(0.7, "the optimum may lie below the grid"), (0.55, "the grid's lowest lr stands")]:
+        with_probe = rows + [_row("popo", 1, low / 2, probe_final, curve=[[25, probe_final]] * 3)]
+        assert best_lr(with_probe, "popo") == low
+        assert plan(with_probe) == [t for t in before if t[0] != "probe" or t[1] != "popo"]
+        md = markdown(with_probe, {"sweep": "s", "main": "m", "ablations": "a"})
+        line = next(x for x in md.splitlines() if x.startswith("Edge probe popo"))
+        assert f"score {100 * probe_final:.1f}% against 60.0% at {low:g}" in line and says in line
+        assert f"| popo | {low / 2:g} (edge probe) |" in md
