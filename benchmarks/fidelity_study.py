@@ -194,28 +194,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive flock on ``path`` (created if missing) for the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _holder(claim_path: str) -> int | None:
+    try:
+        with open(claim_path) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def claim(out: str, name: str) -> bool:
-    """Take ``name`` for this process (``OUT/<name>.claim`` holds the pid); False if a live runner holds
-    it. A claim whose pid is gone (a runner killed with -9) is taken over."""
+    """Take ``name`` for this process (``OUT/<name>.claim`` holds the pid); False if another live runner
+    holds it. A claim whose pid is gone (a runner killed with -9) is taken over. Claims are made under
+    one lock (``OUT/.claims.lock``), so two runners never both take the same run."""
     path = os.path.join(out, name + ".claim")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = int(f.read().strip() or 0)
-            except (FileNotFoundError, ValueError):
-                holder = 0
-            if holder == os.getpid() or (holder and _pid_alive(holder)):
-                return holder == os.getpid()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
+    with _locked(os.path.join(out, ".claims.lock")):
+        holder = _holder(path)
+        if holder is not None and holder != os.getpid() and _pid_alive(holder):
+            return False
+        with open(path, "w") as f:
             f.write(str(os.getpid()))
-        return True
-    return False
+    return True
 
 
 def unclaim(out: str, name: str) -> None:
@@ -228,12 +234,8 @@ def claimed_by_others(out: str) -> set[str]:
     names = set()
     for entry in os.listdir(out) if os.path.isdir(out) else ():
         if entry.endswith(".claim"):
-            try:
-                with open(os.path.join(out, entry)) as f:
-                    pid = int(f.read().strip() or 0)
-            except (FileNotFoundError, ValueError):
-                continue
-            if pid and pid != os.getpid() and _pid_alive(pid):
+            pid = _holder(os.path.join(out, entry))
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
                 names.add(entry[:-len(".claim")])
     return names
 
@@ -257,8 +259,7 @@ def add_row(path: str, row: dict) -> list[dict]:
     """Append ``row`` to the results file under an exclusive lock, re-reading it first (another runner
     may have written since); returns the rows now on disk."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path + ".lock"):
         rows = load_rows(path) + [row]
         write_rows(path, rows)
     return rows

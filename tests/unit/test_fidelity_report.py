@@ -198,3 +198,24 @@ def test_an_edge_probe_is_reported_and_never_moves_the_best_lr():
         line = next(x for x in md.splitlines() if x.startswith("Edge probe popo"))
         assert f"score {100 * probe_final:.1f}% against 60.0% at {low:g}" in line and says in line
         assert f"| popo | {low / 2:g} (edge probe) |" in md
+
+
+def test_two_processes_racing_for_the_same_runs_never_both_take_one(tmp_path):
+    """Two runner processes claim the same 200 names from the same instant: each name goes to exactly
+    one of them (both stay alive until both are done, so no claim is taken over from a dead one)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from benchmarks.fidelity_study import claim\n"
+            "start = float(sys.argv[3])\n"
+            "while time.time() < start: pass\n"
+            "got = [i for i in range(200) if claim(sys.argv[2], f'run{i}')]\n"
+            "print(' '.join(map(str, got)), flush=True); time.sleep(2.0)")
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path), str(start)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    got = [set(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
+    assert not got[0] & got[1] and got[0] | got[1] == set(range(200))
