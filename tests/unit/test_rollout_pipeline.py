@@ -1,7 +1,11 @@
 """RolloutPipeline (rollout.max_staleness = k): the producer samples ahead by at most k weight versions,
 hands failures to the step that failed and starts again there with the same prompts, stays out of
 evaluations, and gives a checkpoint the cursor of the first batch not trained. A fake worker records
-when each collect ran and what the engine served then; every expectation is counted by hand."""
+when each collect ran and what the engine served then; every expectation is counted by hand.
+
+No expectation rests on how soon the producer thread runs: a test that needs it to have reached a
+point waits for that point (``FakeWorker.reached``, ``_wait_logged``). Before, fixed sleeps of 50-100
+ms stood in for it, and a producer woken 60 ms late (a loaded 2-core machine) failed six tests."""
 
 import threading
 import time
@@ -24,20 +28,26 @@ class FakeEngine:
 
 class FakeWorker:
     """collect(step) draws P prompts; it records (step, served step at its start, prompt ids) and can
-    be told to fail once at a step, or to wait on an event."""
+    be told to fail once at a step, or to wait on an event (``reached(step)`` is set as it starts to)."""
 
     def __init__(self, engine, n_prompts=100):
         self.engine = engine
         self.setup = type("Setup", (), {})()
         self.setup.stream = PromptStream([Prompt([i], str(i), str(i)) for i in range(n_prompts)], seed=0)
         self.log, self.fail_at, self.gate = [], set(), {}
+        self._reached = {}
         self.lock = threading.Lock()
+
+    def reached(self, step) -> threading.Event:
+        """Set once collect(step) waits at its gate (setdefault: both threads get the one event)."""
+        return self._reached.setdefault(step, threading.Event())
 
     def collect(self, step):
         cursor = self.setup.stream.state_dict()
         served = self.engine.serving
         prompts = self.setup.stream.next_batch(P)
         if step in self.gate:
+            self.reached(step).set()
             self.gate[step].wait(10)
         if step in self.fail_at:
             self.fail_at.discard(step)
@@ -46,6 +56,16 @@ class FakeWorker:
         with self.lock:
             self.log.append((step, served, [p.ids[0] for p in prompts]))
         return RolloutBatch(samples=[step], metrics={}, versions=[[f"step{served}"]] * 2)
+
+
+def _wait_logged(worker, step, timeout_s=10.0):
+    """Until ``worker`` has logged collect(step) (or ``timeout_s``: the assertions after say what went wrong)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with worker.lock:
+            if any(s == step for s, _, _ in worker.log):
+                return
+        time.sleep(0.001)
 
 
 def _train(pipeline, engine, first, last, between=None):
@@ -83,11 +103,19 @@ def test_k0_collects_in_the_callers_thread_one_step_at_a_time():
 @pytest.mark.parametrize("k", [1, 2])
 def test_k_steps_ahead_never_more(k):
     """Each batch s is sampled from weights of step >= s - k, and the producer does run ahead: with a
-    slow trainer, batch s + 1 was sampled before the trainer took it, from step s - k + 1's weights."""
+    slow trainer, batch s + 1 was sampled before the trainer took it, from step s - k + 1's weights.
+    The trainer of step t is as slow as it takes the producer to log batch t + k (a fixed 50 ms let a
+    late producer read the next step's weights); a producer that does not run ahead still fails: it
+    samples batch t + k after the trainer moved on, or never (the wait ends after 10 s)."""
     engine = FakeEngine()
     worker = FakeWorker(engine)
     pipe = RolloutPipeline(worker, engine, k=k, steps=8)
-    batches = _train(pipe, engine, 0, 8, between=lambda step: time.sleep(0.05))
+
+    def slow_trainer(step):
+        if step + k < 8:
+            _wait_logged(worker, step + k)
+
+    batches = _train(pipe, engine, 0, 8, between=slow_trainer)
     pipe.close()
     assert [b.samples for b in batches] == [[s] for s in range(8)]
     served_at_start = {s: v for s, v, _ in worker.log}
@@ -120,6 +148,7 @@ def test_a_failure_during_a_relaunch_for_another_reason_is_sampled_again_without
     worker.fail_at, worker.gate = {1}, {1: threading.Event()}
     pipe = RolloutPipeline(worker, engine, k=1, steps=3)
     pipe.take(0)
+    assert worker.reached(1).wait(10)  # step 1 is sampling (else the relaunch would come before it)
     engine.restarts += 1  # a sync met the dead server first and relaunched it, while step 1 sampled
     worker.gate[1].set()
     assert pipe.take(1).samples == [1]
@@ -132,6 +161,7 @@ def test_quiet_waits_for_the_running_collect_and_starts_none():
     worker.gate = {1: threading.Event()}
     pipe = RolloutPipeline(worker, engine, k=2, steps=4)
     pipe.take(0)  # the producer goes on to step 1 (served 0 >= 1 - 2) and waits at its gate
+    assert worker.reached(1).wait(10)
     entered = threading.Event()
 
     def evaluate():
@@ -155,7 +185,7 @@ def test_checkpoint_cursor_is_before_the_first_batch_not_trained():
     worker = FakeWorker(engine)
     pipe = RolloutPipeline(worker, engine, k=1, steps=6)
     _train(pipe, engine, 0, 3)
-    time.sleep(0.1)  # the producer has sampled step 3 (served 3 >= 3 - 1) and waits to sample step 4
+    _wait_logged(worker, 4)  # the producer has sampled steps 3 and 4 (served 3 >= 4 - 1) and waits to sample 5
     assert worker.setup.stream.state_dict()["position"] == 5 * P  # steps 0-4 drawn, 0-2 trained
     assert pipe.cursor(3)["position"] == 3 * P
     batch = pipe.take(3)  # an interrupt now: the checkpoint is before batch 3, which is sampled again
@@ -170,6 +200,7 @@ def test_close_waits_for_the_collect_in_flight_and_starts_no_other():
     worker.gate = {1: threading.Event()}
     pipe = RolloutPipeline(worker, engine, k=2, steps=6)
     pipe.take(0)
+    assert worker.reached(1).wait(10)  # step 1 is in flight (else close would come before it started)
     threading.Timer(0.2, worker.gate[1].set).start()
     pipe.close(timeout_s=None)
     assert not pipe._thread.is_alive() and {s for s, _, _ in worker.log} == {0, 1}  # 2 was allowed, not started
