@@ -63,7 +63,8 @@ def _server(path, **kw):
 
 
 def _slowed(srv, seconds=0.004):
-    """Each forward takes a few ms more, so a pause lands mid-generation on a loaded machine too."""
+    """Each forward takes a few ms more, so a pause lands mid-generation on a loaded machine too (the
+    HTTP test: its pause goes out as the batch starts, 60 slowed steps before its end)."""
     forward = srv.model.forward
 
     def slow(*args, **kwargs):
@@ -71,6 +72,28 @@ def _slowed(srv, seconds=0.004):
         return forward(*args, **kwargs)
 
     srv.model.forward = slow
+
+
+def _held(srv, tokens: int) -> None:
+    """The first forward at which every unfinished row has ``tokens`` tokens waits (at most 60 s) until a
+    pause or an abort is asked for (``pause_mode`` set, or ``abort_all`` marking the running rows), so
+    the pause lands mid-generation however late its caller runs; every other forward runs at once.
+    Before, each forward took 4 ms more, and a caller that ran 0.5 s late after seeing the tokens
+    (a loaded machine) paused a 30-token row after its last token."""
+    forward, passed = srv.model.forward, threading.Event()
+
+    def held(*args, **kwargs):
+        if not passed.is_set():
+            rows = [s for s, slot in list(srv._collected) if not slot["done"].is_set()]
+            if rows and min(len(s.output_ids) for s in rows) >= tokens:
+                passed.set()
+                end = time.monotonic() + 60
+                while (srv.pause_mode is None and not srv._abort_running and not srv.stopping.is_set()
+                       and time.monotonic() < end):
+                    time.sleep(0.001)
+        return forward(*args, **kwargs)
+
+    srv.model.forward = held
 
 
 def _start(srv, prompt, body=None, **sp):
@@ -96,11 +119,12 @@ def _finish(srv, plan, jobs, t0):
 
 @contextlib.contextmanager
 def _mid_generation(path, prompt, tokens: int, mode: str | None = None, body=None, **server_kw):
-    """A server decoding ``prompt`` (or ``body``; slowed), once its row has ``tokens`` tokens, paused
-    in ``mode`` if given; yields (server, plan, jobs, t0) and stops the server after."""
+    """A server decoding ``prompt`` (or ``body``; held at ``tokens`` tokens until a pause or an abort),
+    once its row has ``tokens`` tokens, paused in ``mode`` if given; yields (server, plan, jobs, t0) and
+    stops the server after."""
     srv = _server(path, **server_kw)
     try:
-        _slowed(srv)
+        _held(srv, tokens)
         plan, jobs, t0 = _start(srv, prompt, body)
         _wait_tokens(jobs[0][0], tokens)
         if mode is not None:
@@ -186,7 +210,7 @@ def test_abort_pause_answers_running_and_queued_requests(dirs, expected):
 
     srv._between_steps = spy
     try:
-        _slowed(srv)
+        _held(srv, 3)
         plan, jobs, t0 = _start(srv, prompt)
         plan2, jobs2, _ = _start(srv, [9, 8])
         _wait_tokens(jobs[0][0], 3)
