@@ -193,14 +193,17 @@ def test_non_finite_logprobs_are_null_in_the_response(server):
 
 def test_health_fails_while_generation_is_stuck(model_dir):
     """/health answered 200 while one request held the server (issue 15): now a running batch that
-    makes no progress for --stall-timeout-s turns it 503, through the real HTTP app."""
+    makes no progress for --stall-timeout-s turns it 503, through the real HTTP app. The stall is
+    timed from the stuck forward's start (its heartbeat came just before), not from the submit: a
+    scheduler that took over 1 s to reach it left a fixed 1.5 s sleep under the 0.5 s stall."""
     import requests
 
     srv = _server(model_dir, stall_timeout_s=0.5)
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     forward = srv.model.forward
 
     def stuck(*args, **kwargs):
+        entered.set()
         release.wait(30)
         return forward(*args, **kwargs)
 
@@ -210,7 +213,8 @@ def test_health_fails_while_generation_is_stuck(model_dir):
             url = f"http://127.0.0.1:{port}"
             assert requests.get(f"{url}/health", timeout=5).status_code == 200
             jobs = srv.submit(srv.plan({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}}))
-            time.sleep(1.5)
+            assert entered.wait(30), "the batch never started"
+            time.sleep(1.0)
             r = requests.get(f"{url}/health", timeout=5)
             assert r.status_code == 503 and "no progress" in r.text
             release.set()
