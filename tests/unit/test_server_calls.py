@@ -31,6 +31,8 @@ def test_a_failing_and_a_silent_server_are_both_named_within_the_deadline():
 
     t0 = time.monotonic()
     calls = ServerCalls(["good", "bad", "silent"], call)
+    while calls.pending() != ["silent"] and time.monotonic() < t0 + 4:  # good and bad have answered (a thread
+        time.sleep(0.001)  # a loaded machine runs 0.5 s late is rightly named "no answer": not what this checks)
     with pytest.raises(_Boom) as err:
         calls.wait(0.5, "begin_weight_update", _Boom)
     took = time.monotonic() - t0
