@@ -488,9 +488,11 @@ def test_retracted_row_recomputes_its_prompt_logprobs_and_keeps_its_own(dirs):
 
 
 def test_a_batch_winding_down_does_not_hold_a_flush_or_a_release(dirs):
-    """Right after the last answer the scheduler still finishes its batch (one more admit call,
-    slowed here to 0.3 s); /flush_cache and /release_memory_occupation count unanswered requests,
-    so neither is refused then. Before, the scheduler's busy flag refused them in that window."""
+    """Right after the last answer the scheduler still finishes its batch (one more admit call, held
+    here until a weight operation waits for the model lock, at most 30 s); /flush_cache and
+    /release_memory_occupation count unanswered requests, so neither is refused then. Before, the
+    scheduler's busy flag refused them in that window. (A fixed 0.3 s hold failed "batch not over
+    yet" when this thread ran that late after its answer.)"""
     base, _ = dirs
     srv = _server(base)
     batching = srv._continuous_batching
@@ -501,7 +503,9 @@ def test_a_batch_winding_down_does_not_hold_a_flush_or_a_release(dirs):
 
         def late_admit(step):
             if all(slot["done"].is_set() for slot in slots.values()):
-                time.sleep(0.3)
+                end = time.monotonic() + 30
+                while not srv._lock_waiters and time.monotonic() < end:  # until release_memory waits
+                    time.sleep(0.001)
             return admit(step)
 
         return {**callbacks, "admit": late_admit}
