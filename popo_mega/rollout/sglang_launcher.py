@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from popo_mega.runtime import free_port
+from popo_mega.runtime import free_port, free_ports
 
 
 def sglang_available() -> bool:
@@ -210,7 +210,7 @@ def launch_servers(kind: str, model_path: str, *, num_servers: int = 1, host: st
         num_servers = len(slots)
         if node_gpus is None:
             raise ValueError("launch_servers: slots need node_gpus (the node's GPUs as CUDA names them)")
-    ports = ports or [free_port(host) for _ in range(num_servers)]
+    ports = ports or free_ports(num_servers, host)  # distinct: two servers never race for one port
     if len(ports) != num_servers:
         raise ValueError(f"launch_servers: {len(ports)} ports for {num_servers} servers")
     started: list[ServerProcess] = []
