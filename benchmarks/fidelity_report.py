@@ -93,7 +93,9 @@ def summary(group_rows: list[dict]) -> dict:
     s = {"n": len(finals), "seeds": [r["seed"] for r in group_rows], "mean": mean, "lo": lo, "hi": hi,
          "min": min(finals), "max": max(finals),
          "tokens_per_step": float(np.mean([r["tokens_per_step"] for r in group_rows])),
-         "wall_s": float(np.mean([r["wall_s"] for r in group_rows]))}
+         "wall_s": float(np.mean([r["wall_s"] for r in group_rows])),
+         # CPU seconds of trainer + server: the cost that does not depend on what else the machine ran
+         "cpu_s": float(np.mean([r["cpu_s"] for r in group_rows])) if all("cpu_s" in r for r in group_rows) else None}
     for t in THRESHOLDS:
         reached = [x for x in (first_step(r["curve"], t / 100) for r in group_rows) if x is not None]
         s[f"reached_{t}"] = len(reached)
@@ -231,18 +233,20 @@ def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
     out += ["**Main variants (at their best lr) and ablations (at POPO's lr).** Final accuracy of the online policy: "
             "mean over the seeds run so far, 95% bootstrap interval of the mean; served EMA: the final accuracy of "
             "the weights the rollout engine served, for the variants that serve the EMA; steps to X%: mean over "
-            "the runs that reached it (evaluated every 25 steps).", "",
+            "the runs that reached it (evaluated every 25 steps); wall depends on what else the machine ran, CPU "
+            "(trainer and server, one thread each) does not.", "",
             "| variant | lr | seeds so far | final accuracy, mean | 95% interval | min-max | served EMA, mean "
-            + "".join(f"| steps to {t}% " for t in THRESHOLDS) + "| trained tokens/step | wall, mean |",
-            "|---" * (9 + len(THRESHOLDS)) + "|"]
+            + "".join(f"| steps to {t}% " for t in THRESHOLDS) + "| trained tokens/step | wall, mean | CPU, mean |",
+            "|---" * (10 + len(THRESHOLDS)) + "|"]
     for kind, v, lr, g in groups:
         s = summary(g)
         served = "—" if s["served_mean"] is None else _pct(s["served_mean"])
         out.append(f"| {v} | {lr:g} | {s['n']} ({', '.join(map(str, s['seeds']))}) | {_pct(s['mean'])} | {_interval(s)} | "
                    f"{_pct(s['min'])}-{_pct(s['max'])} | {served} | " + "".join(f"{_steps(s, t)} | " for t in THRESHOLDS)
-                   + f"{s['tokens_per_step']:.0f} | {s['wall_s']:.0f} s |")
+                   + f"{s['tokens_per_step']:.0f} | {s['wall_s']:.0f} s | "
+                   + ("—" if s["cpu_s"] is None else f"{s['cpu_s']:.0f} s") + " |")
     if not groups:
-        out.append("| (no variant has finished its sweep yet) " + "| " * (8 + len(THRESHOLDS)) + "|")
+        out.append("| (no variant has finished its sweep yet) " + "| " * (9 + len(THRESHOLDS)) + "|")
     out += ["", f"![main variants]({pngs['main']})", "", f"![ablations]({pngs['ablations']})", "",
             "**Which differences are larger than the seed noise** (generated from the rows above):", ""]
     out += [f"- {line}" for line in comparisons(groups)] or ["- nothing to compare yet."]
