@@ -199,15 +199,22 @@ def _probe_sentence(variant: str, rows: list[dict], best: float, lr: float) -> s
 
 
 def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
-    from benchmarks.fidelity_study import SWEEP_LRS, TOTAL_RUNS, probe_lr, sweep_score
+    from benchmarks.fidelity_study import ABLATIONS, SEEDS, SWEEP_LRS, TOTAL_RUNS, VARIANTS, probe_lr, sweep_score
 
     groups = study_groups(rows)
     best = _sweep_choice(rows)
     steps = sorted({r["steps"] for r in rows})
     probes = {v: probe_lr(rows, v) for v in SWEEP_LRS}
-    n_probes = sum(lr is not None for lr in probes.values())
-    out = [f"Rows so far: {len(rows)} of the {TOTAL_RUNS} runs"
-           + (f" and {n_probes} edge probes" if n_probes else "") + f" (steps per run: {', '.join(map(str, steps)) or '-'}; "
+    matrix = {(v, 1, lr) for v, lrs in SWEEP_LRS.items() for lr in lrs}
+    matrix |= {(v, s, best[v]) for v in VARIANTS for s in SEEDS if best[v] is not None}
+    matrix |= {(a, s, best["popo"]) for a in ABLATIONS for s in SEEDS if best["popo"] is not None}
+    probe_keys = {(v, 1, lr) for v, lr in probes.items() if lr is not None}
+    keys = [(r["variant"], r["seed"], r["lr"]) for r in rows]
+    n_other = sum(k not in matrix and k not in probe_keys for k in keys)
+    out = [f"Rows so far: {sum(k in matrix for k in keys)} of the {TOTAL_RUNS} runs"
+           + (f", {sum(k in probe_keys for k in keys)} of {len(probe_keys)} edge probes" if probe_keys else "")
+           + (f", and {n_other} run(s) at an lr the sweep did not pick (kept in the data, not in the tables)"
+              if n_other else "") + f" (steps per run: {', '.join(map(str, steps)) or '-'}; "
            f"threads per run: {', '.join(str(t) for t in sorted({r['threads'] for r in rows})) or '-'}; "
            f"code: {', '.join(sorted({r['commit'][:12] for r in rows})) or '-'}).", ""]
     out += ["**lr sweep (seed 1).** Score = mean of the last three held-out evaluations; the best lr is in bold.", "",

@@ -198,6 +198,10 @@ def test_an_edge_probe_is_reported_and_never_moves_the_best_lr():
         line = next(x for x in md.splitlines() if x.startswith("Edge probe popo"))
         assert f"score {100 * probe_final:.1f}% against 60.0% at {low:g}" in line and says in line
         assert f"| popo | {low / 2:g} (edge probe) |" in md
+    # the count line: 16 sweep rows of the matrix, the probe, and a seed-2 run at an lr not picked
+    orphan = _row("popo", 2, max(SWEEP_LRS["popo"]), 0.3)
+    md = markdown(with_probe + [orphan], {"sweep": "s", "main": "m", "ablations": "a"})
+    assert md.startswith("Rows so far: 16 of the 62 runs, 1 of 1 edge probes, and 1 run(s) at an lr the sweep")
 
 
 def test_two_processes_racing_for_the_same_runs_never_both_take_one(tmp_path):
