@@ -181,14 +181,16 @@ def components_note(groups) -> list[str]:
     return out
 
 
+def _seed1_row(rows: list[dict], variant: str, lr: float) -> dict | None:
+    """The seed-1 row of ``variant`` at ``lr`` (a sweep run or an edge probe), or None."""
+    return next((r for r in rows if r["variant"] == variant and r["seed"] == 1 and r["lr"] == lr), None)
+
+
 def _probe_sentence(variant: str, rows: list[dict], best: float, lr: float) -> str:
     """What the edge probe (half the lowest lr, seed 1) says about the optimum of ``variant``."""
     from benchmarks.fidelity_study import sweep_score
 
-    def seed1(at):
-        return next((r for r in rows if r["variant"] == variant and r["seed"] == 1 and r["lr"] == at), None)
-
-    probe, chosen = seed1(lr), seed1(best)
+    probe, chosen = _seed1_row(rows, variant, lr), _seed1_row(rows, variant, best)
     if probe is None:
         return f"Edge probe {variant} at lr {lr:g}: not run yet."
     a, b = sweep_score(probe), sweep_score(chosen)
@@ -199,19 +201,18 @@ def _probe_sentence(variant: str, rows: list[dict], best: float, lr: float) -> s
 
 
 def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
-    from benchmarks.fidelity_study import ABLATIONS, SEEDS, SWEEP_LRS, TOTAL_RUNS, VARIANTS, probe_lr, sweep_score
+    from benchmarks.fidelity_study import SWEEP_LRS, TOTAL_RUNS, matrix, probe_lr, sweep_score
 
     groups = study_groups(rows)
     best = _sweep_choice(rows)
     steps = sorted({r["steps"] for r in rows})
     probes = {v: probe_lr(rows, v) for v in SWEEP_LRS}
-    matrix = {(v, 1, lr) for v, lrs in SWEEP_LRS.items() for lr in lrs}
-    matrix |= {(v, s, best[v]) for v in VARIANTS for s in SEEDS if best[v] is not None}
-    matrix |= {(a, s, best["popo"]) for a in ABLATIONS for s in SEEDS if best["popo"] is not None}
-    probe_keys = {(v, 1, lr) for v, lr in probes.items() if lr is not None}
+    runs = matrix(rows)
+    probe_keys = {t[1:] for t in runs if t[0] == "probe"}
+    matrix_keys = {t[1:] for t in runs if t[0] != "probe"}
     keys = [(r["variant"], r["seed"], r["lr"]) for r in rows]
-    n_other = sum(k not in matrix and k not in probe_keys for k in keys)
-    out = [f"Rows so far: {sum(k in matrix for k in keys)} of the {TOTAL_RUNS} runs"
+    n_other = sum(k not in matrix_keys and k not in probe_keys for k in keys)
+    out = [f"Rows so far: {sum(k in matrix_keys for k in keys)} of the {TOTAL_RUNS} runs"
            + (f", {sum(k in probe_keys for k in keys)} of {len(probe_keys)} edge probes" if probe_keys else "")
            + (f", and {n_other} run(s) at an lr the sweep did not pick (kept in the data, not in the tables)"
               if n_other else "") + f" (steps per run: {', '.join(map(str, steps)) or '-'}; "
@@ -221,14 +222,14 @@ def markdown(rows: list[dict], pngs: dict[str, str]) -> str:
             "| variant | lr | final | score (last 3) | best | served EMA, final | steps to 50% |", "|---|---|---|---|---|---|---|"]
     for v, lrs in SWEEP_LRS.items():
         for lr in sorted([*lrs, *([probes[v]] if probes[v] is not None else [])]):
-            r = next((r for r in rows if r["variant"] == v and r["seed"] == 1 and r["lr"] == lr), None)
-            if r is None:
-                out.append(f"| {v} | {lr:g}{' (edge probe)' if lr == probes[v] else ''} | not run yet | | | | |")
-                continue
+            r = _seed1_row(rows, v, lr)
             mark = "**" if best[v] == lr else ""
-            mark_probe = " (edge probe)" if lr == probes[v] else ""
+            label = f"{mark}{lr:g}{mark}" + (" (edge probe)" if lr == probes[v] else "")
+            if r is None:
+                out.append(f"| {v} | {label} | not run yet | | | | |")
+                continue
             served = _pct(r["curve_served"][-1][1]) if r.get("curve_served") else "—"
-            out.append(f"| {v} | {mark}{lr:g}{mark}{mark_probe} | {_pct(r['final_accuracy'])} | {_pct(sweep_score(r))} | "
+            out.append(f"| {v} | {label} | {_pct(r['final_accuracy'])} | {_pct(sweep_score(r))} | "
                        f"{_pct(r['best_accuracy'])} | {served} | {first_step(r['curve'], 0.5) or '—'} |")
     edge = [f"{v} ({best[v]:g})" for v, lrs in SWEEP_LRS.items() if best[v] in (min(lrs), max(lrs))]
     if edge:

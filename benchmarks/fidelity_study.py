@@ -158,10 +158,10 @@ def probe_lr(rows: list[dict], variant: str) -> float | None:
     return best / 2 if best is not None and best == min(SWEEP_LRS[variant]) else None
 
 
-def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
-    """(stage, variant, seed, lr) still to run, in order. Stages (b) and (c) need the sweep's best lrs,
-    so they appear once the sweep rows they need exist."""
-    done = {(r["variant"], r["seed"], r["lr"]) for r in rows}
+def matrix(rows: list[dict]) -> list[tuple[str, str, int, float]]:
+    """Every (stage, variant, seed, lr) of the study as far as ``rows`` determine it, in run order, done
+    or not. Stages (b), (c) and (d) need the sweep's best lrs, so they appear once the sweep rows they
+    need exist."""
     width = max(map(len, SWEEP_LRS.values()))
     todo = [("sweep", v, 1, lr) for i in range(width) for v, lrs in SWEEP_LRS.items() for lr in lrs[i:i + 1]]
     best = {v: best_lr(rows, v) for v in VARIANTS}
@@ -171,7 +171,13 @@ def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
         for seed in SEEDS:
             todo += [("ablation", v, seed, best["popo"]) for v in ABLATIONS]
     todo += [("probe", v, 1, lr) for v in VARIANTS if (lr := probe_lr(rows, v)) is not None]
-    return [t for t in todo if (t[1], t[2], t[3]) not in done]
+    return todo
+
+
+def plan(rows: list[dict]) -> list[tuple[str, str, int, float]]:
+    """The runs of ``matrix(rows)`` still to do, in order."""
+    done = {(r["variant"], r["seed"], r["lr"]) for r in rows}
+    return [t for t in matrix(rows) if t[1:] not in done]
 
 
 def load_rows(path: str) -> list[dict]:
